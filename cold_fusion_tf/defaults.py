@@ -1,0 +1,65 @@
+"""Config defaults shared by every configs/*.py: the paper's recipe family and the store settings.
+
+Every field is documented here; configs override what differs.
+"""
+
+import ml_collections
+
+from cold_fusion_tf.data import DEMO_DATA_DIR
+
+
+def recipe(**overrides):
+  """Fine-tuning recipe (ColD Fusion: AdamW, linear schedule, 0.6% warm-up, decay 0.01)."""
+  r = ml_collections.ConfigDict(dict(
+      learning_rate=5e-5,       # peak learning rate (the paper: 5e-5 RoBERTa, 2e-5 BERT)
+      warmup_fraction=0.006,    # share of steps of linear warm-up
+      weight_decay=0.01,        # AdamW decay; not on LayerNorm weights and biases
+      adam_epsilon=1e-8,
+      clip_norm=1.0,            # global gradient clipping (0 disables)
+      batch_size=32,            # global batch size
+      eval_batch_size=64,
+      epochs=1.0,               # passes over the training data (the paper: at most 10)
+      max_steps=0,              # cap on optimizer steps (0: no cap)
+      max_length=128,           # tokens per example (pairs are truncated longest-first)
+      eval_every_steps=0,       # dev evaluation period in steps (0: once per epoch)
+      patience_evals=0,         # early stop after this many evaluations without gain (0: off)
+      seed=0,
+      jit_compile=False,        # XLA-compile the train step
+      log_every_seconds=30.0,
+  ))
+  r.update(overrides)
+  return r
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  # Where base 0 comes from: a Hugging Face directory, a hub name (roberta-base), or
+  # package:<python package>/<folder> for a model shipped in a Python package.
+  config.model = ml_collections.ConfigDict(dict(source="roberta-base"))
+  config.data = ml_collections.ConfigDict(dict(
+      dirs=[DEMO_DATA_DIR],   # folders searched for named datasets
+      columns={},             # CSV/TSV column names, e.g. {"text": "sentence", "label": "y"}
+      max_examples={"train": 0, "dev": 0, "test": 0},  # caps per split (0: all)
+  ))
+  config.recipe = recipe()
+  # One contributor (python -m cold_fusion_tf.train).
+  config.task = ""            # dataset name, folder, or tfds:<name>
+  config.contributor_id = ""  # defaults to the dataset name
+  # Fusion (python -m cold_fusion_tf.fuse).
+  config.fusion = ml_collections.ConfigDict(dict(
+      method="mean",          # mean (the paper), weighted, trimmed_mean, median, ...
+      params={},              # method parameters
+      min_contributions=1,    # quorum: fewer valid contributions publish nothing
+  ))
+  # The whole loop (python -m cold_fusion_tf.run).
+  config.pool = []            # datasets contributors are sampled from (held-in)
+  config.heldout = []         # datasets never trained on, only evaluated
+  config.iterations = 1       # fusion iterations to reach (LATEST = iterations at the end)
+  config.contributors_per_iteration = 2
+  config.seed = 0             # sampling of contributors
+  config.eval = ml_collections.ConfigDict(dict(
+      recipe=recipe(),
+      seeds=1,                # fine-tuning seeds per (base, task)
+      enabled=True,
+  ))
+  return config

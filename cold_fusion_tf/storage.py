@@ -1,0 +1,211 @@
+"""Storage backends for a store URI: a local directory or ``gs://bucket/prefix``.
+
+A backend speaks in relative object names (``bases/000001/model.safetensors``) and offers
+exactly what the store protocol needs: whole-object reads and writes, streaming transfers
+to and from local files, listing, and two atomic primitives: an exclusive create and a
+compare-and-swap on one small object (used for ``LATEST``).
+
+Every object name the code builds is checked by :func:`check_object_name` before use.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.paths import check_object_name
+
+
+class Storage(abc.ABC):
+  """The operations the store protocol is built on."""
+
+  uri: str
+
+  @abc.abstractmethod
+  def read_bytes(self, name: str) -> bytes:
+    """The whole object; raises FileNotFoundError if it is missing."""
+
+  @abc.abstractmethod
+  def write_bytes(self, name: str, data: bytes) -> None:
+    """Writes (or replaces) an object; readers never see a partial object."""
+
+  @abc.abstractmethod
+  def exists(self, name: str) -> bool:
+    """Whether the object exists."""
+
+  @abc.abstractmethod
+  def list_children(self, prefix: str) -> list[str]:
+    """Sorted names of the immediate children (objects or folders) under ``prefix``."""
+
+  @abc.abstractmethod
+  def download(self, name: str, local_path: str) -> None:
+    """Streams an object into a local file (written atomically)."""
+
+  @abc.abstractmethod
+  def upload(self, local_path: str, name: str) -> None:
+    """Streams a local file into an object."""
+
+  @abc.abstractmethod
+  def create_exclusive(self, name: str, data: bytes) -> bool:
+    """Creates the object only if it does not exist; False if it already did."""
+
+  @abc.abstractmethod
+  def read_versioned(self, name: str) -> tuple[Optional[bytes], object]:
+    """(contents or None if missing, a version token for :meth:`compare_and_swap`)."""
+
+  @abc.abstractmethod
+  def compare_and_swap(self, name: str, data: bytes, token: object) -> bool:
+    """Writes ``data`` only if the object is still at ``token``; False if it moved."""
+
+  @abc.abstractmethod
+  def delete_prefix(self, prefix: str) -> None:
+    """Removes every object under ``prefix`` (used to clear incomplete directories)."""
+
+  def local_path(self, name: str) -> Optional[str]:
+    """A local filesystem path for the object when the backend has one, else None."""
+    del name
+    return None
+
+
+class LocalStorage(Storage):
+  """A store in a local directory.
+
+  Writes go to a temporary file in the same directory and are renamed into place, so a
+  reader sees either the old or the new object. The compare-and-swap holds an exclusive
+  lock file while it checks and renames.
+  """
+
+  def __init__(self, root: str):
+    self.root = os.path.abspath(root)
+    self.uri = self.root
+
+  def _path(self, name: str) -> str:
+    check_object_name(name)
+    return os.path.join(self.root, *name.split("/")) if name else self.root
+
+  def local_path(self, name: str) -> Optional[str]:
+    return self._path(name)
+
+  def read_bytes(self, name: str) -> bytes:
+    with open(self._path(name), "rb") as f:
+      return f.read()
+
+  def write_bytes(self, name: str, data: bytes) -> None:
+    path = self._path(name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+      with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    except BaseException:
+      _remove_quietly(tmp)
+      raise
+
+  def exists(self, name: str) -> bool:
+    return os.path.exists(self._path(name))
+
+  def list_children(self, prefix: str) -> list[str]:
+    path = self._path(prefix)
+    if not os.path.isdir(path):
+      return []
+    return sorted(n for n in os.listdir(path) if not n.startswith(".tmp-"))
+
+  def download(self, name: str, local_path: str) -> None:
+    src = self._path(name)
+    if not os.path.exists(src):
+      raise FileNotFoundError(src)
+    os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+    tmp = local_path + ".partial"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, local_path)
+
+  def upload(self, local_path: str, name: str) -> None:
+    path = self._path(name)
+    if os.path.abspath(local_path) == path:
+      return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    os.close(fd)
+    try:
+      shutil.copyfile(local_path, tmp)
+      os.replace(tmp, path)
+    except BaseException:
+      _remove_quietly(tmp)
+      raise
+
+  def create_exclusive(self, name: str, data: bytes) -> bool:
+    path = self._path(name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Write the content aside, then hard-link it into place: link() fails if the
+    # name exists, so exactly one of several racing creators wins, with full content.
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+      with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+      try:
+        os.link(tmp, path)
+      except FileExistsError:
+        return False
+      return True
+    finally:
+      _remove_quietly(tmp)
+
+  def read_versioned(self, name: str) -> tuple[Optional[bytes], object]:
+    try:
+      data = self.read_bytes(name)
+    except FileNotFoundError:
+      return None, None
+    return data, data
+
+  def compare_and_swap(self, name: str, data: bytes, token: object) -> bool:
+    path = self._path(name)
+    lock = path + ".lock"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+      fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      return False
+    try:
+      current, _ = self.read_versioned(name)
+      if current != token:
+        return False
+      self.write_bytes(name, data)
+      return True
+    finally:
+      os.close(fd)
+      _remove_quietly(lock)
+
+  def delete_prefix(self, prefix: str) -> None:
+    path = self._path(prefix)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+
+
+def _remove_quietly(path: str) -> None:
+  try:
+    os.remove(path)
+  except FileNotFoundError:
+    pass
+
+
+def open_storage(uri: str) -> Storage:
+  """The backend for a store URI (``gs://bucket/prefix`` or a local directory)."""
+  if not uri:
+    raise UserError("The store is empty: pass --store=DIR (a local directory) or --store=gs://bucket/prefix.")
+  if uri.startswith("gs://"):
+    from cold_fusion_tf import gcs_storage  # pylint: disable=g-import-not-at-top
+    return gcs_storage.GCSStorage.from_uri(uri)
+  if "://" in uri:
+    raise UserError(f"Unsupported store URI {uri!r}: use a local directory or gs://bucket/prefix.")
+  return LocalStorage(uri)

@@ -1,0 +1,358 @@
+"""The store protocol shared by contributors and the fuser (format version 1).
+
+::
+
+  <store>/
+    run.json                          written once: architecture, tokenizer, settings, version
+    bases/000000/                     a Hugging Face model directory ...
+        config.json, model.safetensors, tokenizer files
+        manifest.json                 ... complete only once this is written (LAST)
+    LATEST                            newest complete iteration, moved by compare-and-swap
+    contributions/000003/<id>/
+        body.safetensors
+        contribution.json             written LAST
+    evaluations/000003.json           scores of base 3 (written by run/evaluate)
+    report.md, report.csv, report.png
+
+Everything read back is untrusted: JSON schemas, names, sizes and sha256 are checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+from typing import Optional
+
+from cold_fusion_tf import __version__
+from cold_fusion_tf import paths
+from cold_fusion_tf import storage as storage_lib
+from cold_fusion_tf import weights
+from cold_fusion_tf.errors import UserError
+
+FORMAT_VERSION = 1
+RUN_FILE = "run.json"
+LATEST_FILE = "LATEST"
+MANIFEST = "manifest.json"
+CONTRIBUTION = "contribution.json"
+BODY = "body.safetensors"
+MODEL = "model.safetensors"
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_MAX_JSON_BYTES = 4 << 20
+
+
+class LostRace(Exception):
+  """Another process published this iteration first (not an error for the caller)."""
+
+
+@dataclasses.dataclass
+class Contribution:
+  contributor_id: str
+  meta: dict
+  body_name: str  # object name of body.safetensors
+
+
+def _json_bytes(obj) -> bytes:
+  return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _parse_json(data: bytes, where: str) -> dict:
+  if len(data) > _MAX_JSON_BYTES:
+    raise UserError(f"{where}: larger than {_MAX_JSON_BYTES} bytes; not a store file.")
+  try:
+    obj = json.loads(data.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"{where}: not valid UTF-8 JSON ({e}).") from e
+  if not isinstance(obj, dict):
+    raise UserError(f"{where}: expected a JSON object.")
+  return obj
+
+
+def _require(obj: dict, key: str, types, where: str):
+  value = obj.get(key)
+  if not isinstance(value, types) or isinstance(value, bool) and bool not in (
+      types if isinstance(types, tuple) else (types,)):
+    raise UserError(f"{where}: field {key!r} is missing or has the wrong type "
+                    f"({type(value).__name__}).")
+  return value
+
+
+def check_sha(value, where: str) -> str:
+  if not isinstance(value, str) or not _SHA.match(value):
+    raise UserError(f"{where}: {value!r} is not a sha256 hex digest.")
+  return value
+
+
+def check_manifest(obj: dict, where: str) -> dict:
+  """Schema of a base manifest."""
+  if obj.get("format_version") != FORMAT_VERSION:
+    raise UserError(f"{where}: format_version {obj.get('format_version')!r}; this code reads "
+                    f"version {FORMAT_VERSION}. Upgrade cold_fusion_tf or use a matching store.")
+  _require(obj, "iteration", int, where)
+  files = _require(obj, "files", dict, where)
+  for required in ("config.json", MODEL):
+    if required not in files:
+      raise UserError(f"{where}: files lacks {required}.")
+  for name, info in files.items():
+    paths.check_path_part(name, f"{where}: file name")
+    if name == MANIFEST or not isinstance(info, dict):
+      raise UserError(f"{where}: bad entry for file {name!r}.")
+    check_sha(info.get("sha256"), f"{where}: files.{name}.sha256")
+    size = info.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+      raise UserError(f"{where}: files.{name}.size is not a non-negative integer.")
+  return obj
+
+
+def check_contribution_meta(obj: dict, where: str) -> dict:
+  """Schema of contribution.json."""
+  if obj.get("format_version") != FORMAT_VERSION:
+    raise UserError(f"{where}: format_version {obj.get('format_version')!r} is not "
+                    f"{FORMAT_VERSION}.")
+  _require(obj, "base_iteration", int, where)
+  check_sha(obj.get("base_sha256"), f"{where}: base_sha256")
+  check_sha(obj.get("body_sha256"), f"{where}: body_sha256")
+  paths.check_path_part(_require(obj, "contributor_id", str, where), f"{where}: contributor_id")
+  paths.check_path_part(_require(obj, "dataset", str, where), f"{where}: dataset")
+  examples = _require(obj, "num_examples", int, where)
+  if examples <= 0:
+    raise UserError(f"{where}: num_examples must be positive, got {examples}.")
+  _require(obj, "steps", int, where)
+  _require(obj, "dev_metrics", dict, where)
+  return obj
+
+
+class Store:
+  """A ColD Fusion store at a URI (local directory or gs://bucket/prefix)."""
+
+  def __init__(self, uri: str, cache_dir: Optional[str] = None):
+    self.uri = uri
+    self.storage = storage_lib.open_storage(uri)
+    self.cache_dir = cache_dir or os.path.join(
+        os.environ.get("COLD_FUSION_CACHE", os.path.expanduser("~/.cache/cold_fusion_tf")),
+        hashlib.sha256(uri.encode()).hexdigest()[:16])
+
+  # ------------------------------------------------------------------ run.json
+  def exists(self) -> bool:
+    return self.storage.exists(RUN_FILE)
+
+  def run_info(self) -> dict:
+    try:
+      data = self.storage.read_bytes(RUN_FILE)
+    except FileNotFoundError:
+      raise UserError(f"{self.uri} is not a ColD Fusion store (no {RUN_FILE}). Create one with "
+                      "`python -m cold_fusion_tf.run --config=... --store=...` or "
+                      "`python -m cold_fusion_tf.init --store=... --model=...`.") from None
+    info = _parse_json(data, f"{self.uri}/{RUN_FILE}")
+    if info.get("format_version") != FORMAT_VERSION:
+      raise UserError(f"{self.uri}/{RUN_FILE}: store format version "
+                      f"{info.get('format_version')!r}; this code reads version {FORMAT_VERSION}.")
+    _require(info, "model_type", str, f"{self.uri}/{RUN_FILE}")
+    return info
+
+  def create(self, source_dir: str, run_settings: dict) -> bool:
+    """Writes run.json and publishes base 0 from a checked HF model directory.
+
+    Returns False if the store already existed (then nothing is written). A store whose
+    creation was interrupted (run.json but no LATEST) is completed.
+    """
+    config = _parse_json(open(os.path.join(source_dir, "config.json"), "rb").read(),
+                         os.path.join(source_dir, "config.json"))
+    if not self.exists():
+      leftovers = [n for n in self.storage.list_children("") if n not in ("bases",)]
+      if leftovers:
+        raise UserError(f"{self.uri} is not empty and not a ColD Fusion store (found "
+                        f"{leftovers[:5]}); use an empty directory or an existing store.")
+      info = {"format_version": FORMAT_VERSION, "model_type": config["model_type"],
+              "source_model": run_settings.get("source_model", ""),
+              "settings": run_settings, "code_version": __version__}
+      self.storage.create_exclusive(RUN_FILE, _json_bytes(info))
+    if self.latest() is not None:
+      return False
+    try:
+      self.publish_base(0, source_dir, {"parent": None,
+                                        "source_model": run_settings.get("source_model", "")})
+    except LostRace:
+      pass
+    return True
+
+  # ------------------------------------------------------------------ bases
+  def latest(self) -> Optional[int]:
+    """The newest complete iteration, or None before base 0 is published."""
+    try:
+      raw = self.storage.read_bytes(LATEST_FILE)
+    except FileNotFoundError:
+      return None
+    return self._parse_latest(raw)
+
+  def _parse_latest(self, raw: bytes) -> int:
+    text = raw.decode("ascii", errors="replace").strip()
+    if not (text.isdigit() and len(text) <= 6):
+      raise UserError(f"{self.uri}/{LATEST_FILE}: {text[:40]!r} is not an iteration number.")
+    return int(text)
+
+  def require_latest(self) -> int:
+    self.run_info()
+    latest = self.latest()
+    if latest is None:
+      raise UserError(f"{self.uri}: no base has been published yet (no {LATEST_FILE}).")
+    return latest
+
+  def base_prefix(self, iteration: int) -> str:
+    return f"bases/{paths.iteration_name(iteration)}"
+
+  def manifest(self, iteration: int) -> dict:
+    name = f"{self.base_prefix(iteration)}/{MANIFEST}"
+    try:
+      data = self.storage.read_bytes(name)
+    except FileNotFoundError:
+      raise UserError(f"{self.uri}/{name}: missing; base {iteration} is not complete.") from None
+    manifest = check_manifest(_parse_json(data, f"{self.uri}/{name}"), f"{self.uri}/{name}")
+    if manifest["iteration"] != iteration:
+      raise UserError(f"{self.uri}/{name}: says iteration {manifest['iteration']}, expected "
+                      f"{iteration}.")
+    return manifest
+
+  def base_sha256(self, iteration: int) -> str:
+    return self.manifest(iteration)["files"][MODEL]["sha256"]
+
+  def base_dir(self, iteration: int) -> str:
+    """A local directory holding base ``iteration``, every file checked against the manifest."""
+    manifest = self.manifest(iteration)
+    prefix = self.base_prefix(iteration)
+    local = self.storage.local_path(prefix)
+    if local is None:
+      local = os.path.join(self.cache_dir, prefix)
+      os.makedirs(local, exist_ok=True)
+    for name, info in sorted(manifest["files"].items()):
+      path = os.path.join(local, name)
+      if self.storage.local_path(prefix) is None:
+        fresh = (os.path.exists(path) and os.path.getsize(path) == info["size"]
+                 and weights.sha256_file(path) == info["sha256"])
+        if fresh:
+          continue
+        try:
+          self.storage.download(f"{prefix}/{name}", path)
+        except FileNotFoundError:
+          raise UserError(f"{self.uri}/{prefix}/{name}: listed in the manifest but missing.") from None
+      if not os.path.exists(path):
+        raise UserError(f"{self.uri}/{prefix}/{name}: listed in the manifest but missing.")
+      if os.path.getsize(path) != info["size"] or weights.sha256_file(path) != info["sha256"]:
+        raise UserError(f"{self.uri}/{prefix}/{name}: size or sha256 does not match the manifest; "
+                        "the base is corrupt. Republish it or restore the file.")
+    return local
+
+  def publish_base(self, iteration: int, local_dir: str, manifest_fields: dict) -> dict:
+    """Uploads a base directory, writes its manifest, then moves LATEST (compare-and-swap).
+
+    Raises LostRace if LATEST had already moved past ``iteration - 1``.
+    """
+    expected_latest = None if iteration == 0 else iteration - 1
+    raw, token = self.storage.read_versioned(LATEST_FILE)
+    current = None if raw is None else self._parse_latest(raw)
+    if current != expected_latest:
+      raise LostRace(f"LATEST is {current}, not {expected_latest}")
+    prefix = self.base_prefix(iteration)
+    files = {}
+    for name in sorted(os.listdir(local_dir)):
+      path = os.path.join(local_dir, name)
+      if name == MANIFEST or not os.path.isfile(path) or name.endswith(".partial"):
+        continue
+      paths.check_path_part(name, "Base file name")
+      files[name] = {"sha256": weights.sha256_file(path), "size": os.path.getsize(path)}
+      self.storage.upload(path, f"{prefix}/{name}")
+    manifest = {"format_version": FORMAT_VERSION, "iteration": iteration, "files": files,
+                "code_version": __version__, **manifest_fields}
+    check_manifest(manifest, "new manifest")
+    self.storage.write_bytes(f"{prefix}/{MANIFEST}", _json_bytes(manifest))
+    if not self.storage.compare_and_swap(LATEST_FILE, f"{iteration}\n".encode(), token):
+      raise LostRace(f"LATEST moved while publishing iteration {iteration}")
+    return manifest
+
+  # ------------------------------------------------------------------ contributions
+  def contribution_prefix(self, iteration: int, contributor_id: str) -> str:
+    paths.check_path_part(contributor_id, "Contributor id")
+    return f"contributions/{paths.iteration_name(iteration)}/{contributor_id}"
+
+  def has_contribution(self, iteration: int, contributor_id: str) -> bool:
+    return self.storage.exists(f"{self.contribution_prefix(iteration, contributor_id)}/{CONTRIBUTION}")
+
+  def put_contribution(self, iteration: int, contributor_id: str, body_path: str,
+                       meta: dict) -> dict:
+    """Uploads body.safetensors, then contribution.json (exclusive create: once per id)."""
+    prefix = self.contribution_prefix(iteration, contributor_id)
+    if self.has_contribution(iteration, contributor_id):
+      raise UserError(f"{self.uri}/{prefix}: contributor {contributor_id!r} already contributed "
+                      f"to iteration {iteration}; use another --config.contributor_id.")
+    meta = {"format_version": FORMAT_VERSION, "base_iteration": iteration,
+            "contributor_id": contributor_id, "body_sha256": weights.sha256_file(body_path),
+            "body_size": os.path.getsize(body_path), "code_version": __version__, **meta}
+    check_contribution_meta(meta, "new contribution")
+    self.storage.upload(body_path, f"{prefix}/{BODY}")
+    if not self.storage.create_exclusive(f"{prefix}/{CONTRIBUTION}", _json_bytes(meta)):
+      raise UserError(f"{self.uri}/{prefix}: another process contributed as {contributor_id!r} "
+                      "at the same time; its contribution stands.")
+    return meta
+
+  def contributions(self, iteration: int) -> tuple[list[Contribution], list[dict]]:
+    """(complete contributions with parsed metadata, rejections for unreadable ones)."""
+    folder = f"contributions/{paths.iteration_name(iteration)}"
+    found, rejected = [], []
+    for cid in self.storage.list_children(folder):
+      try:
+        paths.check_path_part(cid, "Contributor id")
+      except UserError as e:
+        rejected.append({"id": cid, "reason": str(e)})
+        continue
+      prefix = f"{folder}/{cid}"
+      try:
+        data = self.storage.read_bytes(f"{prefix}/{CONTRIBUTION}")
+      except FileNotFoundError:
+        continue  # incomplete: invisible
+      try:
+        meta = check_contribution_meta(_parse_json(data, f"{prefix}/{CONTRIBUTION}"),
+                                       f"{prefix}/{CONTRIBUTION}")
+        if meta["contributor_id"] != cid:
+          raise UserError(f"{prefix}/{CONTRIBUTION}: contributor_id {meta['contributor_id']!r} "
+                          f"does not match its folder {cid!r}.")
+      except UserError as e:
+        rejected.append({"id": cid, "reason": str(e)})
+        continue
+      found.append(Contribution(cid, meta, f"{prefix}/{BODY}"))
+    return found, rejected
+
+  def fetch_body(self, contribution: Contribution, workdir: str) -> str:
+    """A local path of a contribution's body (downloaded for remote stores)."""
+    local = self.storage.local_path(contribution.body_name)
+    if local is not None:
+      if not os.path.exists(local):
+        raise UserError(f"{self.uri}/{contribution.body_name}: missing.")
+      return local
+    path = os.path.join(workdir, f"{contribution.contributor_id}.safetensors")
+    try:
+      self.storage.download(contribution.body_name, path)
+    except FileNotFoundError:
+      raise UserError(f"{self.uri}/{contribution.body_name}: missing.") from None
+    return path
+
+  # ------------------------------------------------------------------ evaluations, reports
+  def write_json(self, name: str, obj) -> None:
+    self.storage.write_bytes(name, _json_bytes(obj))
+
+  def read_json(self, name: str) -> Optional[dict]:
+    try:
+      data = self.storage.read_bytes(name)
+    except FileNotFoundError:
+      return None
+    return _parse_json(data, f"{self.uri}/{name}")
+
+  def write_file(self, name: str, local_path: str) -> None:
+    self.storage.upload(local_path, name)
+
+
+def staging_dir(prefix: str) -> tempfile.TemporaryDirectory:
+  """A temporary local directory for building a base or a body before upload."""
+  return tempfile.TemporaryDirectory(prefix=f"cold_fusion_{prefix}_")

@@ -1,0 +1,102 @@
+"""TensorFlow Datasets as a task source (``tfds:glue/rte``, ``tfds:super_glue/cb``, ...).
+
+Splits follow the model-recycling convention: where a benchmark hides its test labels
+(GLUE, SuperGLUE), the official validation split is the test set and the dev set is
+min(1000, 10%) of train (seed 0); the rest of train is trained on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cold_fusion_tf.data import Split, TaskData
+from cold_fusion_tf.errors import UserError
+
+# Which features hold the first and second text; anything not listed falls back to the
+# string features in declaration order.
+TEXT_FIELDS = {
+    "glue/cola": ("sentence", None), "glue/sst2": ("sentence", None),
+    "glue/mrpc": ("sentence1", "sentence2"), "glue/qqp": ("question1", "question2"),
+    "glue/stsb": ("sentence1", "sentence2"), "glue/mnli": ("premise", "hypothesis"),
+    "glue/qnli": ("question", "sentence"), "glue/rte": ("sentence1", "sentence2"),
+    "glue/wnli": ("sentence1", "sentence2"), "super_glue/boolq": ("question", "passage"),
+    "super_glue/cb": ("premise", "hypothesis"), "super_glue/rte": ("premise", "hypothesis"),
+    "imdb_reviews": ("text", None), "ag_news_subset": ("description", None),
+    "yelp_polarity_reviews": ("text", None), "snli": ("premise", "hypothesis"),
+    "anli": ("context", "hypothesis"), "esnli": ("premise", "hypothesis"),
+}
+VALIDATION_SPLIT = {"glue/mnli": "validation_matched", "anli": "validation_r1"}
+
+
+def load(name: str, data_dir: str | None = None) -> TaskData:
+  """Loads a TFDS dataset as a task (downloads and prepares it on first use)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # tfds raises several types for unknown names
+    raise UserError(f"tfds:{name}: not a TensorFlow Datasets name ({e}).") from e
+  builder.download_and_prepare()
+  features = builder.info.features
+  if "label" not in features:
+    raise UserError(f"tfds:{name}: has no 'label' feature; only classification and "
+                    "regression datasets can be used.")
+  label_feature = features["label"]
+  label_names = list(getattr(label_feature, "names", []) or [])
+  kind = "classification" if label_names else "regression"
+  text_key, pair_key = _text_fields(name, features)
+  available = set(builder.info.splits.keys())
+  validation = VALIDATION_SPLIT.get(name.split(":")[0], "validation")
+  train = _read(builder, "train", text_key, pair_key, kind, tfds)
+  if validation in available:
+    test = _read(builder, validation, text_key, pair_key, kind, tfds)
+    dev_size = min(1000, max(1, len(train) // 10))
+    order = np.random.default_rng(0).permutation(len(train))
+    dev, train = _take(train, order[:dev_size]), _take(train, order[dev_size:])
+  elif "test" in available:
+    test = _read(builder, "test", text_key, pair_key, kind, tfds)
+    order = np.random.default_rng(0).permutation(len(train))
+    dev_size = min(1000, max(1, len(train) // 10))
+    dev, train = _take(train, order[:dev_size]), _take(train, order[dev_size:])
+  else:
+    raise UserError(f"tfds:{name}: needs a validation or test split; it has {sorted(available)}.")
+  for split_name, split in (("train", train), ("dev", dev), ("test", test)):
+    if len(split) == 0:
+      raise UserError(f"tfds:{name}: the {split_name} split has no labelled examples.")
+  return TaskData(name.replace("/", "."), kind, label_names,
+                  {"train": train, "dev": dev, "test": test}, f"tfds:{name}")
+
+
+def _text_fields(name, features):
+  key = name.split(":")[0]
+  if key in TEXT_FIELDS:
+    return TEXT_FIELDS[key]
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  strings = [k for k, f in features.items()
+             if isinstance(f, tfds.features.Text) or getattr(f, "dtype", None) == "string"]
+  if not strings:
+    raise UserError(f"tfds:{name}: no text feature found among {list(features)}.")
+  return strings[0], (strings[1] if len(strings) > 1 else None)
+
+
+def _read(builder, split, text_key, pair_key, kind, tfds) -> Split:
+  texts, pairs, labels = [], [], []
+  for example in tfds.as_numpy(builder.as_dataset(split=split)):
+    label = example["label"]
+    if kind == "classification" and int(label) < 0:
+      continue  # hidden test labels
+    texts.append(_decode(example[text_key]))
+    if pair_key:
+      pairs.append(_decode(example[pair_key]))
+    labels.append(label)
+  dtype = np.float32 if kind == "regression" else np.int32
+  return Split(texts, pairs if pair_key else None, np.asarray(labels, dtype=dtype))
+
+
+def _decode(value) -> str:
+  return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _take(split: Split, index) -> Split:
+  return Split([split.texts[i] for i in index],
+               [split.pairs[i] for i in index] if split.pairs is not None else None,
+               split.labels[index])
