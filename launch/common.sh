@@ -100,7 +100,7 @@ parse_flags() {
         if in_list "$name" "${BOOL_FLAGS[@]}"; then
           printf -v "$(flag_var "$name")" '%s' 1
         elif in_list "$name" "${VALUE_FLAGS[@]}"; then
-          (($#)) || usage_error "--$name needs a value"
+          (($#)) && [[ $1 != --* ]] || usage_error "--$name needs a value"
           printf -v "$(flag_var "$name")" '%s' "$1"
           shift
         else

