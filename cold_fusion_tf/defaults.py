@@ -50,6 +50,17 @@ def get_config():
       method="mean",          # mean (the paper), weighted, trimmed_mean, median, ...
       params={},              # method parameters
       min_contributions=1,    # quorum: fewer valid contributions publish nothing
+      # Reject an update whose norm ||body - base|| has a robust z-score above this
+      # (median/MAD; needs >= 3 contributions; 0 disables).
+      max_update_z=3.5,
+      # Server optimizer (DiLoCo / FedOpt): SGD with Nesterov momentum on the fused delta,
+      # its momentum buffer kept in the store (fusion/<iteration>/momentum.safetensors).
+      server_optimizer=ml_collections.ConfigDict(dict(
+          enabled=False, lr=0.7, momentum=0.9, nesterov=True)),
+      max_wait=0.0,           # seconds to wait for the quorum (0: no waiting; --watch: forever)
+      poll_seconds=30.0,      # how often a waiting fuser looks at the store
+      watch_iterations=0,     # --watch stops after publishing this many bases (0: never)
+      workers=0,              # threads for validation and fusion (0: CPUs, at most 8)
   ))
   # The whole loop (python -m cold_fusion_tf.run).
   config.pool = []            # datasets contributors are sampled from (held-in)

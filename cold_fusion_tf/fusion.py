@@ -1,26 +1,132 @@
 """The fusion job: validate the latest iteration's contributions, fuse them tensor by tensor,
 publish the next base.
 
-Memory stays at about one tensor per contribution being read (short-lived memory maps) plus
-one output tensor, whatever the number of contributions; the output is written by a
-streaming safetensors writer, so the same inputs always give the same bytes.
+One fusion of base ``i`` into base ``i+1``:
+
+1. **Validate** every complete contribution to iteration ``i`` (each body is read once, in
+   parallel threads): the schema of ``contribution.json``; the base iteration and sha256 it
+   claims are base ``i``'s (stale work is rejected); its size and sha256; the same tensor
+   names, shapes and dtypes as the base; a well-formed safetensors file (a truncated or
+   corrupt file is rejected); every value finite. Then a body identical to an earlier one
+   (same sha256, another contributor id) counts once, and, with 3 or more contributions, an
+   update whose norm ``||body - base||`` is far above the others' (a robust z-score above
+   ``max_update_z``, see :func:`fusion_methods.robust_z_scores`) is rejected. With fewer than
+   3, z-scores cannot tell an outlier apart and this check is skipped. Every rejection is
+   printed, recorded with its reason, and the fusion goes on with the rest.
+2. **Plan**: the fuser that first creates ``fusion/<i+1>/plan.json`` (an exclusive create)
+   fixes which contributions are fused, which are rejected, and how. Every other attempt at
+   iteration ``i+1`` (a racing fuser, a rerun after a crash) fuses exactly that plan, so all
+   of them write the same bytes. A plan made with other settings is an error: rerun with
+   those settings, or delete the plan if its fuser is gone and nothing was published.
+3. **Fuse**, streaming: tensor by tensor in name order, in chunks of
+   :data:`CHUNK_ELEMENTS` elements for the element-wise methods (``ties`` and ``dare`` work
+   on whole tensors), read with ``pread`` from the files validated in step 1, written by a
+   chunk writer, optionally followed by a server optimizer step whose momentum buffer is
+   stored in ``fusion/<i+1>/momentum.safetensors``. Memory stays at about a chunk per
+   thread and contribution, whatever the number of contributions.
+4. **Publish** with :meth:`Store.publish_base`: the files, then ``manifest.json``, then
+   ``LATEST`` by compare-and-swap. A fuser that loses the race says so and stops.
+
+The manifest records the fused contributions (id, dataset, examples, sha256, dev metrics,
+update norm and z-score), the rejected ones with reasons, the method and its parameters,
+the server optimizer and its state, the parent base and sha256 (and the code version). It
+holds no time stamps, so the same inputs always publish the same bytes.
+
+Test-only fault injection: when the environment variable ``COLD_FUSION_FAULT`` is set, the
+fuser ends the process at once (``os._exit(FAULT_EXIT_CODE)``, no clean-up, like a kill) at a
+named step, or pauses there: ``after_plan``, ``after_state``, ``after_files:<k>`` (after the
+k-th file of the new base is uploaded), ``after_manifest`` (before ``LATEST`` moves), or
+``sleep_before_publish:<seconds>``. The tests use it to show that a killed fusion, run
+again, publishes the same bytes, and that racing fusers publish one base.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import json
+import math
 import os
 import shutil
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from absl import logging
 import numpy as np
 
-from cold_fusion_tf import fusion_methods
+from cold_fusion_tf import fusion_io
+from cold_fusion_tf import fusion_methods as fm
+from cold_fusion_tf import paths
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf import weights
 from cold_fusion_tf.errors import UserError
+
+PLAN = "plan.json"
+STATE = "momentum.safetensors"
+CHUNK_ELEMENTS = 1 << 16
+"""Elements per chunk for element-wise methods (small enough to stay in the CPU caches)."""
+ELEMENTWISE = frozenset({"mean", "weighted", "trimmed_mean", "median", "task_arithmetic"})
+"""Methods whose result at a coordinate depends only on that coordinate: fused in chunks."""
+FAULT_ENV = "COLD_FUSION_FAULT"
+FAULT_EXIT_CODE = 75
+_MAX_REASON = 600
+_MAX_METRICS = 32
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings and results.
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What a fusion job does; :meth:`from_config` reads them from ``config.fusion``."""
+
+  method: str = "mean"
+  params: dict = dataclasses.field(default_factory=dict)
+  min_contributions: int = 1
+  max_update_z: float = fm.ROBUST_Z_THRESHOLD
+  server_optimizer: Optional[dict] = None  # {"lr", "momentum", "nesterov"} when enabled
+  workers: int = 0
+  max_wait: float = 0.0
+  poll_seconds: float = 30.0
+  watch_iterations: int = 0
+
+  def __post_init__(self):
+    fm.get_method(self.method)
+    set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+    set_("params", fm.check_params(self.method, dict(self.params or {})))
+    if self.server_optimizer is not None:
+      set_("server_optimizer", fm.check_params(fm.SERVER_MOMENTUM, dict(self.server_optimizer)))
+    for name, low, kind in (("min_contributions", 1, int), ("workers", 0, int),
+                            ("watch_iterations", 0, int), ("max_update_z", 0, float),
+                            ("max_wait", 0, float), ("poll_seconds", 0.001, float)):
+      value = getattr(self, name)
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+      ok = ok and (kind is float or float(value).is_integer()) and math.isfinite(value)
+      if not ok or value < low:
+        raise UserError(f"config.fusion.{name}={value!r} is invalid: expected "
+                        f"{'an integer' if kind is int else 'a number'} >= {low}.")
+      set_(name, kind(value))
+
+  @classmethod
+  def from_config(cls, fusion) -> "Settings":
+    """From a ``config.fusion`` ConfigDict (see :mod:`cold_fusion_tf.defaults`)."""
+    server = fusion.get("server_optimizer") or {}
+    server = dict(server)
+    enabled = server.pop("enabled", False)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: fusion[k] for k in fields if k in fusion and k != "server_optimizer"}
+    values["params"] = dict(values.get("params") or {})
+    return cls(server_optimizer=server if enabled else None, **values)
+
+  def plan_fields(self) -> dict:
+    """The settings a plan fixes (everything that changes what gets published)."""
+    return {"method": self.method, "params": self.params, "max_update_z": self.max_update_z,
+            "server_optimizer": self.server_optimizer}
+
+  def threads(self) -> int:
+    return self.workers or max(1, min(os.cpu_count() or 1, 8))
 
 
 @dataclasses.dataclass
@@ -29,106 +135,632 @@ class Outcome:
   fused: list[dict]
   rejected: list[dict]
   message: str
+  lost_race: bool = False   # another fuser published this iteration
+  timings: dict = dataclasses.field(default_factory=dict)
 
 
-class _Bodies(Sequence):
-  """The N contributions' versions of one tensor, mapped on access and released after."""
-
-  def __init__(self, files: list[weights.TensorFile], name: str):
-    self.files, self.name = files, name
-
-  def __len__(self):
-    return len(self.files)
-
-  def __getitem__(self, index):
-    return self.files[index].tensor(self.name)
+def plan_name(iteration: int) -> str:
+  return f"fusion/{paths.iteration_name(iteration)}/{PLAN}"
 
 
-def validate_contribution(store: store_lib.Store, contribution: store_lib.Contribution,
-                          iteration: int, base_sha256: str, specs, workdir: str) -> str:
-  """Checks one contribution against the current base; returns its local body path.
+def state_name(iteration: int) -> str:
+  return f"fusion/{paths.iteration_name(iteration)}/{STATE}"
 
-  Stale base, wrong body sha256, truncated or malformed file, other names/shapes/dtypes,
-  non-finite values: each raises UserError with the reason.
-  """
+
+def _json_bytes(obj) -> bytes:
+  return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def _normalized(obj):
+  """``obj`` as it reads back from JSON (tuples become lists, ...), for comparisons."""
+  return json.loads(json.dumps(obj, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation.
+
+
+@dataclasses.dataclass
+class _Checked:
+  contribution: store_lib.Contribution
+  body: fusion_io.BodyFile
+  scan: fusion_io.ScanResult
+
+  @property
+  def norm(self) -> float:
+    return math.sqrt(self.scan.squared_distance)
+
+
+def _rejection(cid: str, dataset, reason: str) -> dict:
+  entry = {"id": str(cid)[:200], "reason": str(reason)[:_MAX_REASON]}
+  if isinstance(dataset, str):
+    entry["dataset"] = dataset[:200]
+  return entry
+
+
+def _specs_difference(got: dict, want: dict) -> Optional[str]:
+  if got == want:
+    return None
+  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  if missing or extra:
+    return (f"tensor names do not match the base (missing {missing[:5]}, unexpected "
+            f"{extra[:5]}); is it a body of the base's architecture?")
+  name = next(n for n in sorted(want) if got[n] != want[n])
+  return (f"tensor {name} is {got[name][1]}{list(got[name][0])}, the base has "
+          f"{want[name][1]}{list(want[name][0])}")
+
+
+def _open_body(store, contribution, workdir) -> fusion_io.BodyFile:
+  """Fetches (remote stores) and opens a contribution's body, checking its size and header."""
   meta = contribution.meta
-  if meta["base_iteration"] != iteration or meta["base_sha256"] != base_sha256:
-    raise UserError(f"stale: trained from base {meta['base_iteration']} "
-                    f"({meta['base_sha256'][:12]}), the current base is {iteration} "
-                    f"({base_sha256[:12]})")
   path = store.fetch_body(contribution, workdir)
-  if weights.sha256_file(path) != meta["body_sha256"]:
+  size = meta.get("body_size")
+  if isinstance(size, int) and not isinstance(size, bool) and os.path.getsize(path) != size:
+    raise UserError(f"body.safetensors has {os.path.getsize(path)} bytes, contribution.json "
+                    f"says {size} (truncated or changed after upload)")
+  return fusion_io.BodyFile(path, source=f"{store.uri}/{contribution.body_name}")
+
+
+def _scan_body(body: fusion_io.BodyFile, meta: dict, base: fusion_io.BodyFile,
+               specs: dict) -> fusion_io.ScanResult:
+  problem = _specs_difference(body.specs(), specs)
+  if problem:
+    raise UserError(problem)
+  result = fusion_io.scan(body, specs, base)
+  if result.sha256 != meta["body_sha256"]:
     raise UserError("body.safetensors does not match the sha256 in contribution.json "
                     "(changed or corrupted after upload)")
-  weights.check_file_against_specs(path, specs, "body.safetensors")
-  tensors = weights.TensorFile(path)
-  for name in specs:
-    if not np.all(np.isfinite(tensors.tensor(name))):
-      raise UserError(f"tensor {name} holds NaN or infinite values")
-  return path
+  if result.nonfinite:
+    raise UserError(f"tensor {result.nonfinite} holds NaN or infinite values")
+  return result
+
+
+def _validate(store, contributions, base, specs, workdir, threads, log) -> tuple[dict, list]:
+  """Checks each contribution's body: ({id: _Checked}, [rejections])."""
+  opened, rejected = {}, []
+
+  def reject(c, error):
+    rejected.append(_rejection(c.contributor_id, c.meta.get("dataset"), error))
+    log(f"rejected {c.contributor_id}: {error}")
+
+  for c in contributions:  # downloads in this thread: one storage client, one thread
+    try:
+      opened[c.contributor_id] = (c, _open_body(store, c, workdir))
+    except UserError as e:
+      reject(c, e)
+  checked = {}
+  with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+    futures = {cid: pool.submit(_scan_body, body, c.meta, base, specs)
+               for cid, (c, body) in opened.items()}
+    for cid in sorted(futures):
+      c, body = opened[cid]
+      try:
+        checked[cid] = _Checked(c, body, futures[cid].result())
+      except UserError as e:
+        body.close()
+        reject(c, e)
+  return checked, rejected
+
+
+def _candidates(store, iteration: int, base_sha: str, log) -> tuple[list, list]:
+  """Complete contributions to ``iteration`` that claim the current base, and rejections
+  (unreadable contribution.json, stale base) that need no body reading."""
+  found, rejected = store.contributions(iteration)
+  for r in rejected:
+    log(f"rejected {r['id']}: {r['reason']}")
+  rejected = [_rejection(r["id"], r.get("dataset"), r["reason"]) for r in rejected]
+  fresh = []
+  for c in sorted(found, key=lambda c: c.contributor_id):
+    meta = c.meta
+    if meta["base_iteration"] != iteration or meta["base_sha256"] != base_sha:
+      reason = (f"stale: trained from base {meta['base_iteration']} "
+                f"({meta['base_sha256'][:12]}), the current base is {iteration} "
+                f"({base_sha[:12]})")
+      rejected.append(_rejection(c.contributor_id, meta["dataset"], reason))
+      log(f"rejected {c.contributor_id}: {reason}")
+      continue
+    fresh.append(c)
+  return fresh, rejected
+
+
+def _select(checked: dict, max_update_z: float, log) -> tuple[list, list, dict]:
+  """Drops repeated bodies and outlier updates: (accepted ids, rejections, {id: z})."""
+  rejected, first_by_sha, kept = [], {}, []
+  for cid in sorted(checked):
+    c = checked[cid]
+    other = first_by_sha.setdefault(c.scan.sha256, cid)
+    if other != cid:
+      reason = f"the same body (sha256 {c.scan.sha256[:12]}) as contributor {other}; counted once"
+      rejected.append(_rejection(cid, c.contribution.meta["dataset"], reason))
+      log(f"rejected {cid}: {reason}")
+      continue
+    kept.append(cid)
+  scores = {}
+  if len(kept) >= 3 and max_update_z > 0:
+    norms = np.array([checked[cid].norm for cid in kept])
+    z = fm.robust_z_scores(norms)
+    median = float(np.median(norms))
+    scores = dict(zip(kept, (float(v) for v in z)))
+    for cid, norm, score in zip(list(kept), norms, z):
+      if score > max_update_z:
+        reason = (f"update norm {norm:.4g} is far above the others' (median {median:.4g}; "
+                  f"robust z-score {score:.3g} > {max_update_z:g})")
+        rejected.append(_rejection(cid, checked[cid].contribution.meta["dataset"], reason))
+        log(f"rejected {cid}: {reason}")
+        kept.remove(cid)
+  return kept, rejected, scores
+
+
+def _metrics(value) -> dict:
+  """The numeric dev metrics of a contribution (untrusted: bounded and finite only)."""
+  out = {}
+  if isinstance(value, dict):
+    for key in sorted(value)[:_MAX_METRICS]:
+      v = value[key]
+      if (isinstance(key, str) and len(key) <= 64 and isinstance(v, (int, float))
+          and not isinstance(v, bool) and math.isfinite(v)):
+        out[key] = v
+  return out
+
+
+def _entry(checked: _Checked, z: Optional[float]) -> dict:
+  meta = checked.contribution.meta
+  return {"id": checked.contribution.contributor_id, "dataset": meta["dataset"],
+          "num_examples": meta["num_examples"], "sha256": checked.scan.sha256,
+          "dev_metrics": _metrics(meta.get("dev_metrics")),
+          "update_norm": checked.norm,
+          "update_z": z if z is not None and math.isfinite(z) else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan.
+
+
+def _check_plan(plan: dict, where: str, iteration: int, base_sha: str) -> dict:
+  """Schema of a plan for ``iteration + 1`` (untrusted store content)."""
+  bad = lambda what: UserError(f"{where}: {what}; delete it to plan again.")  # noqa: E731
+  if plan.get("format_version") != store_lib.FORMAT_VERSION:
+    raise bad(f"format_version {plan.get('format_version')!r}")
+  if plan.get("iteration") != iteration + 1:
+    raise bad(f"iteration {plan.get('iteration')!r}, expected {iteration + 1}")
+  if plan.get("parent") != {"iteration": iteration, "sha256": base_sha}:
+    raise bad(f"made for another parent base ({plan.get('parent')!r})")
+  fusion = plan.get("fusion")
+  if not isinstance(fusion, dict):
+    raise bad("no fusion section")
+  entries, rejected = fusion.get("contributions"), fusion.get("rejected")
+  if not isinstance(entries, list) or not entries or not isinstance(rejected, list):
+    raise bad("contributions or rejected is not a list")
+  seen = set()
+  for e in entries:
+    if not isinstance(e, dict):
+      raise bad("a contribution entry is not an object")
+    paths.check_path_part(e.get("id"), f"{where}: contribution id")
+    store_lib.check_sha(e.get("sha256"), f"{where}: sha256 of {e.get('id')}")
+    if e["id"] in seen:
+      raise bad(f"contributor {e['id']} is listed twice")
+    seen.add(e["id"])
+  for r in rejected:
+    if not (isinstance(r, dict) and isinstance(r.get("id"), str)
+            and isinstance(r.get("reason"), str)):
+      raise bad("a rejected entry is malformed")
+  return plan
+
+
+def _same_entry(mine: dict, planned: dict) -> bool:
+  a, b = dict(mine), dict(planned)
+  a.pop("update_z", None)
+  b.pop("update_z", None)
+  norm_a, norm_b = a.pop("update_norm", None), b.pop("update_norm", None)
+  if not isinstance(norm_b, (int, float)) or not math.isclose(norm_a, norm_b, rel_tol=1e-6,
+                                                                 abs_tol=1e-12):
+    return False
+  return _normalized(a) == _normalized(b)
+
+
+def _follow(plan: dict, where: str, checked: dict, settings: Settings) -> list[str]:
+  """Checks that the plan can be followed with these settings and bodies: the ids to fuse."""
+  theirs = {k: plan["fusion"].get(k) for k in settings.plan_fields()}
+  if _normalized(theirs) != _normalized(settings.plan_fields()):
+    raise UserError(f"{where}: this iteration was planned with other fusion settings "
+                    f"({json.dumps(theirs, sort_keys=True)}); rerun with those, or delete the "
+                    "plan if the fuser that made it is gone.")
+  ids = []
+  for planned in plan["fusion"]["contributions"]:
+    cid = planned["id"]
+    mine = checked.get(cid)
+    if mine is None or not _same_entry(_entry(mine, None), planned):
+      raise UserError(f"{where}: contribution {cid} is no longer there as planned (missing, "
+                      "changed or now invalid); delete the plan to plan again.")
+    ids.append(cid)
+  return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# The fusion pass.
+
+
+class _Chunks(Sequence):
+  """The contributions' versions of one chunk of one tensor, read on access."""
+
+  def __init__(self, bodies, name, start, count, shape):
+    self.bodies, self.name, self.start, self.count, self.shape = bodies, name, start, count, shape
+
+  def __len__(self):
+    return len(self.bodies)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    return self.bodies[index].read(self.name, self.start, self.count).reshape(self.shape)
+
+
+def _mean_chunk(bodies, name: str, start: int, count: int, dtype) -> np.ndarray:
+  """:func:`fusion_methods.mean` of one chunk, bit for bit, reusing two buffers."""
+  buffer = np.empty(count, dtype=dtype)
+  total = np.empty(count, dtype=np.float64)
+  bodies[0].read(name, start, count, out=buffer)
+  np.add(buffer, 0.0, out=total, dtype=np.float64)  # 0 + x, as fm.mean (turns -0 into +0)
+  for body in bodies[1:]:
+    body.read(name, start, count, out=buffer)
+    np.add(total, buffer, out=total)
+  total /= len(bodies)
+  return total.astype(dtype)
+
+
+def _tasks(specs: dict, method: str) -> Iterator[tuple[str, int, int]]:
+  for name in sorted(specs):
+    size = int(np.prod(specs[name][0], dtype=np.int64))
+    step = CHUNK_ELEMENTS if method in ELEMENTWISE or specs[name][1] not in \
+        fusion_io.FLOAT_CODES else max(size, 1)
+    for start in range(0, size, step):
+      yield name, start, min(step, size - start)
+
+
+def _ordered(pool, fn, items, window: int) -> Iterator:
+  """``map(fn, items)`` on a thread pool, in order, with at most ``window`` items in flight."""
+  pending = collections.deque()
+  try:
+    for item in items:
+      pending.append(pool.submit(fn, item))
+      if len(pending) >= window:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+  finally:
+    for future in pending:
+      future.cancel()
+
+
+def fuse_files(base: fusion_io.BodyFile, bodies: list, counts: np.ndarray, specs: dict,
+               settings: Settings, out_path: str, state_path: Optional[str] = None,
+               previous_state: Optional[fusion_io.BodyFile] = None) -> None:
+  """Writes the fusion of ``bodies`` (and the new server momentum buffer) tensor by tensor.
+
+  Floating tensors are fused with ``settings.method``; others are copied from the base.
+  Element-wise methods work in chunks of :data:`CHUNK_ELEMENTS` on ``settings.threads()``
+  threads; ``ties`` and ``dare`` on whole tensors, one at a time.
+  """
+  fn = fm.get_method(settings.method)
+  server = settings.server_optimizer
+  fast_mean = settings.method == "mean"
+  state_specs = {n: (shape, "F64" if code == "F64" else "F32") for n, (shape, code) in
+                 specs.items() if code in fusion_io.FLOAT_CODES}
+
+  def compute(task):
+    name, start, count = task
+    shape, code = specs[name]
+    if code not in fusion_io.FLOAT_CODES:
+      return name, base.read(name, start, count), None
+    dtype = fusion_io.numpy_dtype(code)
+    whole = settings.method not in ELEMENTWISE
+    chunk_shape = shape if whole else (count,)
+    base_chunk = None
+    if fast_mean and code in ("F16", "F32", "F64"):
+      fused = _mean_chunk(bodies, name, start, count, dtype)
+    else:
+      base_chunk = base.read(name, start, count).reshape(chunk_shape)
+      fused = fn(base_chunk, _Chunks(bodies, name, start, count, chunk_shape), counts,
+                 name=name, **settings.params)
+    fused = fused.reshape(-1)
+    if server is None:
+      return name, fused, None
+    if base_chunk is None:
+      base_chunk = base.read(name, start, count)
+    base_chunk = base_chunk.reshape(-1)
+    previous = previous_state.read(name, start, count) if previous_state else None
+    return (name,) + fm.server_momentum_step(base_chunk, fused.astype(np.float64) - base_chunk,
+                                             previous, **server)
+
+  threads = settings.threads() if settings.method in ELEMENTWISE else 1
+  writer = fusion_io.ChunkWriter(out_path, specs)
+  state_writer = fusion_io.ChunkWriter(state_path, state_specs) if server else None
+  try:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+      for name, fused, buffer in _ordered(pool, compute, _tasks(specs, settings.method),
+                                          2 * threads):
+        writer.write(name, fused)
+        if state_writer is not None and buffer is not None:
+          state_writer.write(name, buffer)
+    writer.close()
+    if state_writer is not None:
+      state_writer.close()
+  except BaseException:
+    writer.abort()
+    if state_writer is not None:
+      state_writer.abort()
+    raise
+
+
+def _previous_state(store, iteration: int, manifest: dict, specs: dict, workdir: str, log):
+  """The server momentum buffer saved with base ``iteration``: (BodyFile, sha256) or None."""
+  info = (manifest.get("fusion") or {}).get("server_optimizer") or {}
+  state = info.get("state") if isinstance(info, dict) else None
+  if not state:
+    log(f"server optimizer: no momentum buffer stored with base {iteration}; starting from zero")
+    return None, None
+  name = state_name(iteration)
+  where = f"{store.uri}/{name}"
+  if not isinstance(state, dict) or state.get("name") != name:
+    raise UserError(f"{store.uri}: the manifest of base {iteration} names the momentum buffer "
+                    f"{state!r}; expected {name}.")
+  sha = store_lib.check_sha(state.get("sha256"), f"{where}: sha256")
+  path = store.storage.local_path(name)
+  if path is None:
+    path = os.path.join(workdir, "previous_" + STATE)
+    try:
+      store.storage.download(name, path)
+    except FileNotFoundError:
+      path = None
+  if path is None or not os.path.exists(path):
+    raise UserError(f"{where}: missing, but the manifest of base {iteration} lists it; restore "
+                    "it, or disable config.fusion.server_optimizer to start from zero.")
+  body = fusion_io.BodyFile(path, source=where)
+  want = {n: (shape, "F64" if code == "F64" else "F32") for n, (shape, code) in specs.items()
+          if code in fusion_io.FLOAT_CODES}
+  try:
+    problem = _specs_difference(body.specs(), want)
+    if problem:
+      raise UserError(f"{where}: {problem}")
+    result = fusion_io.scan(body, want)
+    if result.sha256 != sha:
+      raise UserError(f"{where}: sha256 does not match the manifest of base {iteration}.")
+    if result.nonfinite:
+      raise UserError(f"{where}: tensor {result.nonfinite} holds NaN or infinite values.")
+  except BaseException:
+    body.close()
+    raise
+  return body, sha
+
+
+# ----------------------------------------------------------------------------------------------
+# Fault injection (tests only; see the module docstring).
+
+
+def _fault(point: str) -> None:
+  spec = os.environ.get(FAULT_ENV, "")
+  name, _, arg = spec.partition(":")
+  if name != point:
+    return
+  if point.startswith("sleep_"):
+    time.sleep(float(arg))
+    return
+  print(f"{FAULT_ENV}: ending the process at {spec}", flush=True)
+  os._exit(FAULT_EXIT_CODE)  # pylint: disable=protected-access
+
+
+class _FaultyStorage:
+  """Forwards to a storage backend; ends the process after the k-th base file upload or
+  right after the manifest is written, as ``COLD_FUSION_FAULT`` asks."""
+
+  def __init__(self, inner):
+    self._inner, self._uploads = inner, 0
+    self._spec = os.environ.get(FAULT_ENV, "")
+
+  def __getattr__(self, name):
+    return getattr(self._inner, name)
+
+  def upload(self, local_path, name):
+    self._inner.upload(local_path, name)
+    self._uploads += name.startswith("bases/")
+    if self._spec == f"after_files:{self._uploads}":
+      _fault("after_files")
+
+  def write_bytes(self, name, data):
+    self._inner.write_bytes(name, data)
+    if name.endswith("/" + store_lib.MANIFEST):
+      _fault("after_manifest")
+
+
+# ----------------------------------------------------------------------------------------------
+# The job.
 
 
 def fuse(store: store_lib.Store, method: str = "mean", params: Optional[dict] = None,
-         min_contributions: int = 1, log: Callable[[str], None] = logging.info) -> Outcome:
+         min_contributions: int = 1, log: Callable[[str], None] = logging.info, *,
+         settings: Optional[Settings] = None) -> Outcome:
   """Fuses the contributions to the latest base and publishes the next one.
 
+  ``settings`` (all options) wins over ``method``, ``params`` and ``min_contributions``.
   Returns an Outcome; nothing is published when fewer than ``min_contributions`` pass
-  validation, or when another fuser publishes first.
+  validation (and no plan exists yet), or when another fuser publishes first.
   """
-  fn = fusion_methods.get_method(method)
-  params = fusion_methods.check_params(method, params or {})
+  if settings is None:
+    settings = Settings(method=method, params=dict(params or {}),
+                        min_contributions=min_contributions)
+  timings = {}
+  start = time.perf_counter()
   iteration = store.require_latest()
+  manifest = store.manifest(iteration)
+  base_sha = manifest["files"][store_lib.MODEL]["sha256"]
   base_dir = store.base_dir(iteration)
-  base_sha = store.base_sha256(iteration)
-  base_file = weights.TensorFile(os.path.join(base_dir, store_lib.MODEL))
-  specs = base_file.specs()
-  contributions, rejected = store.contributions(iteration)
-  for r in rejected:
-    log(f"rejected {r['id']}: {r['reason']}")
-  with store_lib.staging_dir("fuse") as work:
-    accepted = []
-    for c in sorted(contributions, key=lambda c: c.contributor_id):
+  base = fusion_io.BodyFile(os.path.join(base_dir, store_lib.MODEL))
+  bodies: dict = {}
+  previous_state = None
+  try:
+    specs = base.specs()
+    plan_where = f"{store.uri}/{plan_name(iteration + 1)}"
+    plan = store.read_json(plan_name(iteration + 1))
+    quiet = lambda message: None  # noqa: E731
+    candidates, rejected = _candidates(store, iteration, base_sha, quiet if plan else log)
+    with store_lib.staging_dir("fuse") as work:
+      if plan is not None:
+        plan = _check_plan(plan, plan_where, iteration, base_sha)
+        wanted = {e["id"] for e in plan["fusion"]["contributions"]}
+        log(f"following the plan in {plan_where}: fusing {', '.join(sorted(wanted))}")
+        for r in plan["fusion"]["rejected"]:
+          log(f"rejected {r['id']}: {r['reason']}")
+        candidates = [c for c in candidates if c.contributor_id in wanted]
+      checked, failed = _validate(store, candidates, base, specs, work, settings.threads(), log)
+      bodies = {cid: c.body for cid, c in checked.items()}
+      timings["validate"] = time.perf_counter() - start
+      if plan is None:
+        kept, dropped, scores = _select(checked, settings.max_update_z, log)
+        rejected = sorted(rejected + failed + dropped, key=lambda r: (r["id"], r["reason"]))
+        if len(kept) < settings.min_contributions:
+          message = (f"iteration {iteration}: {len(kept)} valid contribution(s), fewer than the "
+                     f"{settings.min_contributions} required; nothing published.")
+          log(message)
+          return Outcome(None, [], rejected, message, timings=timings)
+        plan = {"format_version": store_lib.FORMAT_VERSION, "iteration": iteration + 1,
+                "parent": {"iteration": iteration, "sha256": base_sha},
+                "fusion": {**settings.plan_fields(),
+                           "contributions": [_entry(checked[c], scores.get(c)) for c in kept],
+                           "rejected": rejected}}
+        if not store.storage.create_exclusive(plan_name(iteration + 1), _json_bytes(plan)):
+          plan = _check_plan(store.read_json(plan_name(iteration + 1)), plan_where, iteration,
+                             base_sha)
+          log(f"another fuser planned iteration {iteration + 1} first; following its plan")
+          wanted = {e["id"] for e in plan["fusion"]["contributions"]}
+          missing = [c for c in _candidates(store, iteration, base_sha, quiet)[0]
+                     if c.contributor_id not in checked and c.contributor_id in wanted]
+          more, _ = _validate(store, missing, base, specs, work, settings.threads(), log)
+          checked.update(more)
+          bodies.update({cid: c.body for cid, c in more.items()})
+        else:
+          _fault("after_plan")
+      ids = _follow(plan, plan_where, checked, settings)
+      fused_entries = plan["fusion"]["contributions"]
+      rejected = plan["fusion"]["rejected"]
+      fusion_fields = dict(plan["fusion"])
+
+      tick = time.perf_counter()
+      out_dir = os.path.join(work, "base")
+      os.makedirs(out_dir)
+      state_path = None
+      if settings.server_optimizer is not None:
+        previous_state, previous_sha = _previous_state(store, iteration, manifest, specs, work,
+                                                       log)
+        state_path = os.path.join(work, STATE)
+      counts = np.asarray([checked[cid].contribution.meta["num_examples"] for cid in ids],
+                          dtype=np.float64)
+      fuse_files(base, [bodies[cid] for cid in ids], counts, specs, settings,
+                 os.path.join(out_dir, store_lib.MODEL), state_path, previous_state)
+      for name in sorted(manifest["files"]):
+        if name != store_lib.MODEL:
+          shutil.copyfile(os.path.join(base_dir, name), os.path.join(out_dir, name))
+      timings["fuse"] = time.perf_counter() - tick
+
+      tick = time.perf_counter()
+      if state_path is not None:
+        store.storage.upload(state_path, state_name(iteration + 1))
+        fusion_fields["server_optimizer"] = {
+            **settings.server_optimizer, "previous_state_sha256": previous_sha,
+            "state": {"name": state_name(iteration + 1),
+                      "sha256": weights.sha256_file(state_path),
+                      "size": os.path.getsize(state_path)}}
+        _fault("after_state")
+      _fault("sleep_before_publish")
+      fields = {"parent": plan["parent"], "fusion": fusion_fields}
+      inner = store.storage
+      if os.environ.get(FAULT_ENV):
+        store.storage = _FaultyStorage(inner)
       try:
-        path = validate_contribution(store, c, iteration, base_sha, specs, work)
-      except UserError as e:
-        rejected.append({"id": c.contributor_id, "dataset": c.meta.get("dataset"),
-                         "reason": str(e)})
-        log(f"rejected {c.contributor_id}: {e}")
-        continue
-      accepted.append((c, path))
-    if len(accepted) < max(1, min_contributions):
-      message = (f"iteration {iteration}: {len(accepted)} valid contribution(s), fewer than "
-                 f"the {max(1, min_contributions)} required; nothing published.")
-      log(message)
-      return Outcome(None, [], rejected, message)
-    start = time.time()
-    out_dir = os.path.join(work, "base")
-    os.makedirs(out_dir)
-    files = [weights.TensorFile(p) for _, p in accepted]
-    counts = np.asarray([c.meta["num_examples"] for c, _ in accepted], dtype=np.float64)
-
-    def fused_tensors():
-      for name in sorted(specs):
-        yield name, fn(base_file.tensor(name), _Bodies(files, name), counts, name=name, **params)
-
-    weights.write_streaming(os.path.join(out_dir, store_lib.MODEL), specs, fused_tensors())
-    for name in os.listdir(base_dir):
-      if name not in (store_lib.MODEL, store_lib.MANIFEST) and not name.endswith(".partial"):
-        shutil.copyfile(os.path.join(base_dir, name), os.path.join(out_dir, name))
-    fused = [{"id": c.contributor_id, "dataset": c.meta["dataset"],
-              "num_examples": c.meta["num_examples"], "sha256": c.meta["body_sha256"],
-              "dev_metrics": c.meta["dev_metrics"]} for c, _ in accepted]
-    fields = {"parent": {"iteration": iteration, "sha256": base_sha},
-              "fusion": {"method": method, "params": params, "contributions": fused,
-                         "rejected": sorted(rejected, key=lambda r: r["id"])}}
-    try:
-      store.publish_base(iteration + 1, out_dir, fields)
-    except store_lib.LostRace as e:
-      message = f"iteration {iteration + 1} was published by another fuser ({e}); nothing to do."
-      log(message)
-      return Outcome(None, fused, rejected, message)
-  message = (f"published base {iteration + 1}: {method} of {len(fused)} contribution(s) "
-             f"({', '.join(f['id'] for f in fused)}), {len(rejected)} rejected, "
-             f"{time.time() - start:.1f}s")
+        store.publish_base(iteration + 1, out_dir, fields)
+      except store_lib.LostRace as e:
+        message = f"iteration {iteration + 1} was published by another fuser ({e}); nothing to do."
+        log(message)
+        return Outcome(None, fused_entries, rejected, message, lost_race=True, timings=timings)
+      finally:
+        store.storage = inner
+      timings["publish"] = time.perf_counter() - tick
+  finally:
+    base.close()
+    for body in bodies.values():
+      body.close()
+    if previous_state is not None:
+      previous_state.close()
+  timings["total"] = time.perf_counter() - start
+  message = (f"published base {iteration + 1}: {settings.method} of {len(fused_entries)} "
+             f"contribution(s) ({', '.join(e['id'] for e in fused_entries)}), {len(rejected)} "
+             f"rejected; validation {timings['validate']:.1f}s, fusion {timings['fuse']:.1f}s, "
+             f"publishing {timings['publish']:.1f}s")
   log(message)
-  return Outcome(iteration + 1, fused, rejected, message)
+  return Outcome(iteration + 1, fused_entries, rejected, message, timings=timings)
+
+
+def fuse_config(store: store_lib.Store, fusion_config,
+                log: Callable[[str], None] = logging.info) -> Outcome:
+  """:func:`fuse` with the settings of a ``config.fusion`` section."""
+  return fuse(store, log=log, settings=Settings.from_config(fusion_config))
+
+
+def _pending(store, iteration: int, base_sha: str) -> tuple:
+  """Cheap: the (id, body sha256) of complete contributions claiming the current base."""
+  found, _ = store.contributions(iteration)
+  return tuple(sorted((c.contributor_id, c.meta["body_sha256"]) for c in found
+                      if c.meta["base_iteration"] == iteration
+                      and c.meta["base_sha256"] == base_sha))
+
+
+def run(store: store_lib.Store, settings: Settings, watch: bool = False,
+        log: Callable[[str], None] = logging.info, sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic) -> int:
+  """The fuse program: returns its exit status (0: published, 1: no quorum in time).
+
+  Without ``watch``: one fusion now; with ``settings.max_wait > 0`` it first polls the
+  store every ``poll_seconds`` until ``min_contributions`` contributions are there or
+  ``max_wait`` seconds have passed. With ``watch``: the same, iteration after iteration,
+  until ``watch_iterations`` bases are published (0: forever); the deadline restarts with
+  each iteration. Reaching a deadline with fewer than the quorum publishes nothing and
+  returns 1.
+  """
+  advanced = 0
+  while True:
+    iteration = store.require_latest()
+    base_sha = store.base_sha256(iteration)
+    if watch and settings.max_wait == 0:
+      deadline = math.inf
+    elif watch or settings.max_wait > 0:
+      deadline = clock() + settings.max_wait
+    else:
+      deadline = None  # one attempt, now
+    tried, reported = None, None
+    while True:
+      if store.require_latest() != iteration:
+        log(f"base {iteration + 1} was published by another fuser")
+        break
+      pending = _pending(store, iteration, base_sha)
+      planned = store.storage.exists(plan_name(iteration + 1))
+      if deadline is None or ((len(pending) >= settings.min_contributions or planned)
+                              and pending != tried):
+        outcome = fuse(store, log=log, settings=settings)
+        if outcome.published is not None or outcome.lost_race:
+          break
+        if deadline is None:
+          return 1
+        tried = pending
+      now = clock()
+      if now >= deadline:
+        log(f"waited {settings.max_wait:g}s for contributions to iteration {iteration}: "
+            f"{len(pending)} there, {settings.min_contributions} required; nothing published.")
+        return 1
+      if reported != len(pending):
+        left = "" if math.isinf(deadline) else f", giving up in {deadline - now:.0f}s"
+        log(f"iteration {iteration}: {len(pending)} of {settings.min_contributions} required "
+            f"contribution(s); checking every {settings.poll_seconds:g}s{left}")
+        reported = len(pending)
+      sleep(min(settings.poll_seconds, deadline - now))
+    advanced += 1
+    if not watch or advanced == settings.watch_iterations:
+      return 0

@@ -30,6 +30,7 @@ import contextlib
 import ipaddress
 import os
 import re
+import tempfile
 import time
 import uuid
 from typing import Iterator, Optional, Union
@@ -307,7 +308,12 @@ class GCSStorage(Storage):
     key = self._object_key(name)
     local_path = os.path.abspath(local_path)
     os.makedirs(os.path.dirname(local_path), exist_ok=True)
-    tmp = local_path + ".partial"
+    # A temporary name of this call's own: processes sharing a cache directory (two
+    # contributors or fusers on one machine) may download the same object at once. It ends
+    # in ".partial" so directory listings can skip it.
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(local_path),
+                               prefix=f".{os.path.basename(local_path)}.", suffix=".partial")
+    os.close(fd)
     deadline = time.monotonic() + self.retry_deadline
     try:
       while True:

@@ -97,8 +97,7 @@ def run(config, store_uri: str, log: Callable[[str], None] = logging.info) -> li
       contributor.contribute(store, config, name, cid, task=tasks[name], log=log)
       keras.backend.clear_session()
       gc.collect()
-    outcome = fusion.fuse(store, config.fusion.method, dict(config.fusion.params),
-                          config.fusion.min_contributions, log=log)
+    outcome = fusion.fuse_config(store, config.fusion, log=log)
     if outcome.published is None and store.require_latest() == iteration:
       raise UserError(f"fusion of iteration {iteration} published nothing: {outcome.message}")
     iteration = store.require_latest()

@@ -15,7 +15,7 @@ def check_path_part(value: object, what: str) -> str:
   Safe: 1 to 128 characters from letters, digits, ``.``, ``_`` and ``-``, starting with a
   letter or digit, and not ``.``/``..``. So no ``/``, no control characters, no empty names.
   """
-  if not isinstance(value, str) or not _SAFE_PART.match(value) or value in (".", ".."):
+  if not isinstance(value, str) or not _SAFE_PART.fullmatch(value) or value in (".", ".."):
     raise UserError(
         f"{what} {value!r} is not a safe name: use 1-128 characters from letters, digits, "
         "'.', '_' and '-', starting with a letter or digit (it becomes part of a store path)."

@@ -81,7 +81,7 @@ def _require(obj: dict, key: str, types, where: str):
 
 
 def check_sha(value, where: str) -> str:
-  if not isinstance(value, str) or not _SHA.match(value):
+  if not isinstance(value, str) or not _SHA.fullmatch(value):
     raise UserError(f"{where}: {value!r} is not a sha256 hex digest.")
   return value
 
@@ -243,6 +243,16 @@ class Store:
       if os.path.getsize(path) != info["size"] or weights.sha256_file(path) != info["sha256"]:
         raise UserError(f"{self.uri}/{prefix}/{name}: size or sha256 does not match the manifest; "
                         "the base is corrupt. Republish it or restore the file.")
+    if self.storage.local_path(prefix) is None:
+      # The cache holds exactly the manifest's files (a store recreated at the same URI may
+      # have left others behind); downloads in progress (*.partial) are left alone.
+      for name in os.listdir(local):
+        path = os.path.join(local, name)
+        if name not in manifest["files"] and not name.endswith(".partial") and os.path.isfile(path):
+          try:
+            os.remove(path)
+          except FileNotFoundError:
+            pass
     return local
 
   def publish_base(self, iteration: int, local_dir: str, manifest_fields: dict) -> dict:
@@ -263,14 +273,22 @@ class Store:
         continue
       paths.check_path_part(name, "Base file name")
       files[name] = {"sha256": weights.sha256_file(path), "size": os.path.getsize(path)}
+      self._check_latest_unmoved(token, iteration)
       self.storage.upload(path, f"{prefix}/{name}")
     manifest = {"format_version": FORMAT_VERSION, "iteration": iteration, "files": files,
                 "code_version": __version__, **manifest_fields}
     check_manifest(manifest, "new manifest")
+    self._check_latest_unmoved(token, iteration)
     self.storage.write_bytes(f"{prefix}/{MANIFEST}", _json_bytes(manifest))
     if not self.storage.compare_and_swap(LATEST_FILE, f"{iteration}\n".encode(), token):
       raise LostRace(f"LATEST moved while publishing iteration {iteration}")
     return manifest
+
+  def _check_latest_unmoved(self, token, iteration: int) -> None:
+    """Raises LostRace once another fuser has moved LATEST, so that a slower racer stops
+    writing into a base directory that is already published."""
+    if self.storage.read_versioned(LATEST_FILE)[1] != token:
+      raise LostRace(f"LATEST moved while publishing iteration {iteration}")
 
   # ------------------------------------------------------------------ contributions
   def contribution_prefix(self, iteration: int, contributor_id: str) -> str:

@@ -44,21 +44,21 @@ def load(name: str, data_dir: str | None = None) -> TaskData:
   label_names = list(getattr(label_feature, "names", []) or [])
   kind = "classification" if label_names else "regression"
   text_key, pair_key = _text_fields(name, features)
-  available = set(builder.info.splits.keys())
   validation = VALIDATION_SPLIT.get(name.split(":")[0], "validation")
   train = _read(builder, "train", text_key, pair_key, kind, tfds)
-  if validation in available:
-    test = _read(builder, validation, text_key, pair_key, kind, tfds)
-    dev_size = min(1000, max(1, len(train) // 10))
-    order = np.random.default_rng(0).permutation(len(train))
-    dev, train = _take(train, order[:dev_size]), _take(train, order[dev_size:])
-  elif "test" in available:
-    test = _read(builder, "test", text_key, pair_key, kind, tfds)
-    order = np.random.default_rng(0).permutation(len(train))
-    dev_size = min(1000, max(1, len(train) // 10))
-    dev, train = _take(train, order[:dev_size]), _take(train, order[dev_size:])
-  else:
-    raise UserError(f"tfds:{name}: needs a validation or test split; it has {sorted(available)}.")
+  test = None
+  for candidate in (validation, "test"):
+    try:
+      test = _read(builder, candidate, text_key, pair_key, kind, tfds)
+    except (KeyError, ValueError):  # the dataset has no such split
+      continue
+    if len(test):
+      break
+  if test is None:
+    raise UserError(f"tfds:{name}: needs a validation or test split with labels.")
+  dev_size = min(1000, max(1, len(train) // 10))
+  order = np.random.default_rng(0).permutation(len(train))
+  dev, train = _take(train, order[:dev_size]), _take(train, order[dev_size:])
   for split_name, split in (("train", train), ("dev", dev), ("test", test)):
     if len(split) == 0:
       raise UserError(f"tfds:{name}: the {split_name} split has no labelled examples.")

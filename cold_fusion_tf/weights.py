@@ -18,8 +18,6 @@ from typing import Iterator, Mapping
 import numpy as np
 import safetensors
 import safetensors.numpy
-from transformers.modeling_tf_pytorch_utils import TransposeType
-from transformers.modeling_tf_pytorch_utils import convert_tf_weight_name_to_pt_weight_name
 
 from cold_fusion_tf.errors import UserError
 
@@ -34,6 +32,10 @@ _ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16":
 
 def _hf_name(model, variable) -> tuple[str, bool]:
   """(Hugging Face tensor name, whether the TF value is the transpose of the HF one)."""
+  # Imported here: transformers takes seconds to import, and the safetensors half of this
+  # module (used by the fuser) does not need it.
+  from transformers.modeling_tf_pytorch_utils import TransposeType  # pylint: disable=g-import-not-at-top
+  from transformers.modeling_tf_pytorch_utils import convert_tf_weight_name_to_pt_weight_name  # pylint: disable=g-import-not-at-top
   name, transpose = convert_tf_weight_name_to_pt_weight_name(
       variable.name, tf_weight_shape=variable.shape)
   prefix = model.base_model_prefix + "."
@@ -126,6 +128,20 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
   write_streaming(path, specs, ((n, tensors[n]) for n in sorted(specs)))
 
 
+def header_bytes(specs: Mapping[str, tuple[tuple[int, ...], str]]) -> bytes:
+  """The safetensors header :func:`write_streaming` writes for ``specs`` (without the 8-byte
+  length): names sorted, data contiguous in that order, padded with spaces to 8 bytes."""
+  header, offset = {}, 0
+  for name in sorted(specs):
+    shape, dtype = specs[name]
+    nbytes = int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype]
+    header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  header["__metadata__"] = {"format": "pt"}
+  raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+  return raw + b" " * (-len(raw) % 8)
+
+
 def write_streaming(path: str, specs: Mapping[str, tuple[tuple[int, ...], str]],
                     tensors: Iterator[tuple[str, np.ndarray]]) -> None:
   """Writes a safetensors file tensor by tensor, holding one tensor at a time.
@@ -136,15 +152,7 @@ def write_streaming(path: str, specs: Mapping[str, tuple[tuple[int, ...], str]],
   ``path + '.partial'`` and renamed into place when complete.
   """
   names = sorted(specs)
-  header, offset = {}, 0
-  for name in names:
-    shape, dtype = specs[name]
-    nbytes = int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype]
-    header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
-  header["__metadata__"] = {"format": "pt"}
-  raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-  raw += b" " * (-len(raw) % 8)
+  raw = header_bytes(specs)
   tmp = path + ".partial"
   with open(tmp, "wb") as f:
     f.write(struct.pack("<Q", len(raw)))

@@ -79,9 +79,15 @@ parse_flags() {
         exit 0
         ;;
       --)
+        # Only config overrides are passed on: a launcher flag put after -- by mistake (say
+        # --dry-run) must not be ignored silently.
+        for value in "$@"; do
+          [[ $value =~ ^--config\.[A-Za-z0-9_.]+=[^[:cntrl:]]*$ ]] ||
+            usage_error "after --, only --config.NAME=VALUE overrides are allowed (got '$value')"
+        done
         # shellcheck disable=SC2034
         EXTRA_ARGS=("$@")
-        return 0
+        break
         ;;
       --*=*)
         name=${arg%%=*}
@@ -148,6 +154,11 @@ check_uint() {
 check_positive() {
   local flag=$1 value=$2
   [[ $value =~ ^[0-9]+$ && $((10#$value)) -gt 0 ]] || usage_error "--$flag '$value' must be a positive integer"
+}
+
+check_seconds() {
+  local flag=$1 value=$2
+  [[ $value =~ ^[0-9]+(\.[0-9]+)?$ && ! $value =~ ^0+(\.0+)?$ ]] || usage_error "--$flag '$value' must be a positive number of seconds"
 }
 
 # A config is a file under configs/, given relative to the repository root (it is resolved on

@@ -129,7 +129,7 @@ WORKDIR=${WORKDIR:-/tmp/cold_fusion/$CONTRIBUTOR_ID}
 check_path workdir "$WORKDIR"
 [[ $START_TIMEOUT =~ ^[0-9]+[smh]$ ]] || usage_error "--start-timeout '$START_TIMEOUT' must look like 90s, 30m or 2h"
 check_positive timeout "$TIMEOUT"
-check_positive poll-interval "$POLL_INTERVAL"
+check_seconds poll-interval "$POLL_INTERVAL"
 for arg in "${EXTRA_ARGS[@]}"; do
   [[ $arg != *[[:cntrl:]]* ]] || usage_error "extra train flags must not hold control characters"
 done

@@ -30,7 +30,7 @@ Required:
   --backend=tpu|gke         where the contributors run
   with tpu:  --project=ID --zone=ZONE --accelerator-type=TYPE
              [--runtime-version=V] [--spot | --reserved] [--valid-until-duration=D]
-             [--remote-python=PYTHON]       (see tpu_contributor.sh --help)
+             [--remote-python=PYTHON] [--libtpu-version=V]   (see tpu_contributor.sh --help)
   with gke:  --image=IMAGE --accelerator=gpu|tpu [--gpus=N] [--gpu-type=T]
              [--tpu-type=T --tpu-topology=T] [--tpu-chips=N] [--namespace=NS]
              [--context=CTX] [--service-account=KSA]   (see gke_contributor.sh --help)
@@ -74,6 +74,7 @@ ACCELERATOR_TYPE=
 RUNTIME_VERSION=
 VALID_UNTIL_DURATION=
 REMOTE_PYTHON=
+LIBTPU_VERSION=
 SPOT=0
 RESERVED=0
 # gke backend
@@ -88,7 +89,7 @@ NAMESPACE=
 CONTEXT=
 SERVICE_ACCOUNT=
 VALUE_FLAGS=(store iteration datasets backend config id-prefix min-contributions max-wait log-dir python
-  project zone accelerator-type runtime-version valid-until-duration remote-python
+  project zone accelerator-type runtime-version valid-until-duration remote-python libtpu-version
   image accelerator gpus gpu-type tpu-type tpu-topology tpu-chips namespace context service-account)
 BOOL_FLAGS=(fuse-on-failure keep spot reserved dry-run)
 parse_flags "$@"
@@ -148,6 +149,7 @@ case $BACKEND in
     pass runtime-version "$RUNTIME_VERSION"
     pass valid-until-duration "$VALID_UNTIL_DURATION"
     pass remote-python "$REMOTE_PYTHON"
+    pass libtpu-version "$LIBTPU_VERSION"
     ((SPOT)) && BACKEND_ARGS+=(--spot)
     ((RESERVED)) && BACKEND_ARGS+=(--reserved)
     ;;
@@ -229,7 +231,7 @@ else
   # Follow the logs here until the sentinel is stopped; tail reads to the end before it exits.
   sleep 2147483647 &
   SENTINEL_PID=$!
-  tail -n +1 -F "--pid=$SENTINEL_PID" "${LOGS[@]}" &
+  tail -n +1 -F -s 0.2 "--pid=$SENTINEL_PID" "${LOGS[@]}" &
   TAIL_PID=$!
   for id in "${IDS[@]}"; do
     rc=0

@@ -40,6 +40,7 @@ Optional:
   --wait-timeout=SECONDS    how long to poll for ACTIVE (default: 7200)
   --poll-interval=SECONDS   seconds between polls (default: 30)
   --remote-python=PYTHON    interpreter on the TPU VM that creates the virtualenv (default: python3)
+  --libtpu-version=V        pin libtpu==V when installing tensorflow-tpu (default: pip's choice)
   --keep                    do not delete the queued resource at the end
   --check-only              check the settings and exit (0 if they are all right)
   --dry-run                 print every command ("+ ..." lines) and run none
@@ -67,12 +68,13 @@ VALID_UNTIL_DURATION=
 WAIT_TIMEOUT=7200
 POLL_INTERVAL=30
 REMOTE_PYTHON=python3
+LIBTPU_VERSION=
 SPOT=0
 RESERVED=0
 KEEP=0
 CHECK_ONLY=0
 VALUE_FLAGS=(project zone accelerator-type store dataset contributor-id config name runtime-version
-  workdir strategy valid-until-duration wait-timeout poll-interval remote-python)
+  workdir strategy valid-until-duration wait-timeout poll-interval remote-python libtpu-version)
 BOOL_FLAGS=(spot reserved keep check-only dry-run)
 parse_flags "$@"
 
@@ -105,8 +107,9 @@ esac
 ((SPOT && RESERVED)) && usage_error "--spot and --reserved exclude each other"
 [[ -z $VALID_UNTIL_DURATION ]] || check_word valid-until-duration "$VALID_UNTIL_DURATION"
 check_uint wait-timeout "$WAIT_TIMEOUT"
-check_positive poll-interval "$POLL_INTERVAL"
-check_word remote-python "$REMOTE_PYTHON"
+check_seconds poll-interval "$POLL_INTERVAL"
+check_path remote-python "$REMOTE_PYTHON"
+[[ -z $LIBTPU_VERSION || $LIBTPU_VERSION =~ ^[0-9][0-9a-z.]*$ ]] || usage_error "--libtpu-version '$LIBTPU_VERSION' is not a version"
 ((CHECK_ONLY)) && exit 0
 
 GCLOUD_WHERE=("--project=$PROJECT" "--zone=$ZONE")
@@ -186,7 +189,9 @@ run_waitable gcloud compute tpus tpu-vm scp "$UPLOAD" "$NAME:$REMOTE_DIR.tar.gz"
   "${GCLOUD_WHERE[@]}" --quiet
 run rm -rf "$(dirname "$UPLOAD")"
 INSTALL="rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf $REMOTE_DIR.tar.gz -C $REMOTE_DIR"
-INSTALL+=" && $(quote_cmd bash "$REMOTE_DIR/launch/install.sh" --accelerator=tpu "--venv=$REMOTE_VENV" "--python=$REMOTE_PYTHON")"
+INSTALL_ARGS=(--accelerator=tpu "--venv=$REMOTE_VENV" "--python=$REMOTE_PYTHON")
+[[ -z $LIBTPU_VERSION ]] || INSTALL_ARGS+=("--libtpu-version=$LIBTPU_VERSION")
+INSTALL+=" && $(quote_cmd bash "$REMOTE_DIR/launch/install.sh" "${INSTALL_ARGS[@]}")"
 run_waitable gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${GCLOUD_WHERE[@]}" --quiet "--command=$INSTALL"
 
 # ---------------------------------------------------------------------------------------------

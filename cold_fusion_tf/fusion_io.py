@@ -1,0 +1,250 @@
+"""Reading and writing safetensors files for the fuser: checked, chunked, without memory maps.
+
+:class:`BodyFile`
+  A safetensors file whose header has been checked, kept open through one file descriptor
+  and read with ``pread`` into numpy arrays, a chunk of a tensor at a time. The fuser reads
+  exactly the bytes it validated: a file replaced in the store afterwards (every store write
+  is a rename) is not seen. No memory maps, so the resident memory is what was asked for.
+:func:`scan`
+  The single validation pass over a body: the sha256 of every byte, and per tensor chunk the
+  finiteness of the values and the squared distance from the base.
+:class:`ChunkWriter`
+  Writes a safetensors file chunk by chunk: the same bytes as :func:`weights.write_streaming`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import struct
+from typing import Mapping, Optional
+
+import numpy as np
+
+from cold_fusion_tf import weights
+from cold_fusion_tf.errors import UserError
+
+# Bytes read per step of a validation pass (a multiple of every item size).
+SCAN_CHUNK_BYTES = 4 << 20
+FLOAT_CODES = ("F16", "BF16", "F32", "F64")
+_NUMPY = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+          "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+Specs = Mapping[str, tuple[tuple[int, ...], str]]
+
+
+def numpy_dtype(code: str) -> np.dtype:
+  """The numpy dtype of a safetensors dtype code (BF16 through ml_dtypes when installed)."""
+  if code == "BF16":
+    try:
+      import ml_dtypes  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise UserError("bfloat16 tensors need the ml_dtypes package (pip install ml_dtypes).") \
+          from None
+    return np.dtype(ml_dtypes.bfloat16)
+  if code not in _NUMPY:
+    raise UserError(f"Unsupported tensor dtype {code}.")
+  return np.dtype(_NUMPY[code])
+
+
+def _pread_into(fd: int, buffer: memoryview, offset: int, path: str) -> None:
+  """Fills ``buffer`` from ``fd`` at ``offset``; a short file is a UserError."""
+  done = 0
+  while done < len(buffer):
+    if hasattr(os, "preadv"):
+      count = os.preadv(fd, [buffer[done:]], offset + done)
+    else:  # pragma: no cover (platforms without preadv)
+      data = os.pread(fd, len(buffer) - done, offset + done)
+      buffer[done:done + len(data)] = data
+      count = len(data)
+    if count == 0:
+      raise UserError(f"{path}: ended early (truncated while being read?).")
+    done += count
+
+
+class BodyFile:
+  """A header-checked safetensors file, kept open and read chunk by chunk with pread.
+
+  Beyond :func:`weights.read_header`'s checks, the data section must be exactly the tensors,
+  back to back, as the safetensors format requires (no gaps, no trailing bytes).
+  """
+
+  def __init__(self, path: str, source: Optional[str] = None):
+    self.path = path
+    self.source = source or path
+    self.fd = os.open(path, os.O_RDONLY)
+    try:
+      self.header = weights.read_header(path)
+      opened, current = os.fstat(self.fd), os.stat(path)
+      if (opened.st_dev, opened.st_ino) != (current.st_dev, current.st_ino):
+        raise UserError(f"{self.source}: replaced while being opened; run again.")
+      self.size = opened.st_size
+      prefix = os.pread(self.fd, 8, 0)
+      if len(prefix) != 8:
+        raise UserError(f"{self.source}: not a safetensors file (shorter than 8 bytes).")
+      self.data_start = 8 + struct.unpack("<Q", prefix)[0]
+      position = 0
+      for _, _, (begin, end) in sorted(self.header.values(), key=lambda e: e[2]):
+        if begin != position:
+          raise UserError(f"{self.source}: the data section has a gap or overlap at byte "
+                          f"{self.data_start + position}; not a valid safetensors file.")
+        position = end
+      if self.data_start + position != self.size:
+        raise UserError(f"{self.source}: {self.size - self.data_start - position} bytes after "
+                        "the last tensor; not a valid safetensors file.")
+    except BaseException:
+      os.close(self.fd)
+      raise
+
+  def specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+    """HF name -> (shape, dtype code), buffers (``*.position_ids``) left out."""
+    return {n: (shape, dtype) for n, (dtype, shape, _) in self.header.items()
+            if not n.endswith("position_ids")}
+
+  def numel(self, name: str) -> int:
+    return int(np.prod(self.header[name][1], dtype=np.int64))
+
+  def read(self, name: str, start: int = 0, count: Optional[int] = None,
+           out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Elements ``start .. start + count`` of tensor ``name`` (flattened), as a new array
+    (or in ``out``, a contiguous array of the tensor's dtype and at least ``count`` items)."""
+    code, _, (begin, _) = self.header[name]
+    dtype = numpy_dtype(code)
+    if count is None:
+      count = self.numel(name) - start
+    if not 0 <= start <= start + count <= self.numel(name):
+      raise ValueError(f"{name}: elements {start}..{start + count} out of range")
+    array = np.empty(count, dtype=dtype) if out is None else out[:count]
+    if count:
+      _pread_into(self.fd, memoryview(array.view(np.uint8)),
+                  self.data_start + begin + start * dtype.itemsize, self.source)
+    return array
+
+  def read_tensor(self, name: str) -> np.ndarray:
+    """The whole tensor in its shape."""
+    return self.read(name).reshape(self.header[name][1])
+
+  def close(self) -> None:
+    if self.fd >= 0:
+      os.close(self.fd)
+      self.fd = -1
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+@dataclasses.dataclass
+class ScanResult:
+  sha256: str
+  squared_distance: Optional[float]  # sum over tensors of ||body - reference||^2 (None: no ref)
+  nonfinite: Optional[str]           # the first tensor holding NaN or inf, else None
+
+
+def scan(body: BodyFile, specs: Specs, reference: Optional[BodyFile] = None,
+         chunk_bytes: int = SCAN_CHUNK_BYTES) -> ScanResult:
+  """One pass over every byte of ``body`` in file order.
+
+  Hashes the file (sha256); for each floating tensor of ``specs``, checks that every value is
+  finite and, when ``reference`` is given, adds up the squared distance to the reference's
+  tensor of the same name (float32 differences, pairwise-summed chunk sums added in float64).
+  Other tensors (buffers, integers) are only hashed. ``body`` must already match ``specs``.
+  """
+  digest = hashlib.sha256()
+  head = bytearray(body.data_start)
+  _pread_into(body.fd, memoryview(head), 0, body.source)
+  digest.update(head)
+  buffer = np.empty(chunk_bytes, dtype=np.uint8)
+  view = memoryview(buffer)
+  total, nonfinite = (0.0 if reference is not None else None), None
+  work = ref_buffer = None
+  for name, (code, _, (begin, end)) in sorted(body.header.items(), key=lambda e: e[1][2]):
+    floating = name in specs and code in FLOAT_CODES
+    dtype = numpy_dtype(code) if floating else None
+    step = chunk_bytes - chunk_bytes % (dtype.itemsize if dtype else 1)
+    for offset in range(begin, end, step):
+      size = min(step, end - offset)
+      _pread_into(body.fd, view[:size], body.data_start + offset, body.source)
+      digest.update(view[:size])
+      if not floating or nonfinite is not None:
+        continue
+      values = buffer[:size].view(dtype)
+      if reference is None:
+        if not np.isfinite(values).all():
+          nonfinite = name
+        continue
+      count = values.size
+      if work is None:
+        work = np.empty(chunk_bytes // 2, dtype=np.float32)  # room for float16 chunks
+        ref_buffer = np.empty(chunk_bytes, dtype=np.uint8)
+      ref = reference.read(name, (offset - begin) // dtype.itemsize, count,
+                           out=ref_buffer[:size].view(dtype))
+      diff = work[:count] if dtype.itemsize <= 4 else np.empty(count, dtype=np.float64)
+      np.subtract(values, ref, out=diff, dtype=diff.dtype)
+      np.square(diff, out=diff)
+      part = float(diff.sum())
+      if not np.isfinite(part):
+        if not np.isfinite(values).all():
+          nonfinite = name
+          total = None
+          continue
+        part = float(np.square(values.astype(np.float64) - ref.astype(np.float64)).sum())
+      total += part
+  return ScanResult(digest.hexdigest(), total if nonfinite is None else None, nonfinite)
+
+
+class ChunkWriter:
+  """Writes a safetensors file for ``specs`` chunk by chunk, in sorted name order.
+
+  The header is :func:`weights.header_bytes`, so the result is byte-identical to
+  :func:`weights.write_streaming` of the same tensors. Written to ``path + '.partial'``,
+  fsynced and renamed into place by :meth:`close`; :meth:`abort` removes it.
+  """
+
+  def __init__(self, path: str, specs: Specs):
+    self.path, self.specs = path, specs
+    self._names = iter(sorted(specs))
+    self._name, self._left = None, 0
+    self._file = open(path + ".partial", "wb")
+    raw = weights.header_bytes(specs)
+    self._file.write(struct.pack("<Q", len(raw)))
+    self._file.write(raw)
+
+  def write(self, name: str, values: np.ndarray) -> None:
+    """Appends the next ``values.size`` elements (flattened) of tensor ``name``."""
+    if values.size == 0:
+      return
+    while self._left == 0:
+      self._name = next(self._names, None)
+      if self._name is None:
+        raise ValueError(f"ChunkWriter: {name} is past the last tensor")
+      self._left = int(np.prod(self.specs[self._name][0], dtype=np.int64))
+    shape, code = self.specs[self._name]
+    dtype = numpy_dtype(code)
+    if name != self._name or values.dtype != dtype or values.size > self._left:
+      raise ValueError(f"ChunkWriter: got {name} {values.dtype}[{values.size}], expected "
+                       f"{self._name} {code} (at most {self._left} elements)")
+    self._file.write(np.ascontiguousarray(values, dtype=dtype).view(np.uint8).data)
+    self._left -= values.size
+
+  def close(self) -> None:
+    """Checks every element was written, fsyncs and renames the file into place."""
+    if self._left or any(int(np.prod(self.specs[n][0], dtype=np.int64)) for n in self._names):
+      self.abort()
+      raise ValueError("ChunkWriter: fewer elements than announced")
+    self._file.flush()
+    os.fsync(self._file.fileno())
+    self._file.close()
+    os.replace(self.path + ".partial", self.path)
+
+  def abort(self) -> None:
+    """Drops the partial file."""
+    if not self._file.closed:
+      self._file.close()
+    try:
+      os.remove(self.path + ".partial")
+    except FileNotFoundError:
+      pass
