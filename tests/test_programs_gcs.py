@@ -1,17 +1,14 @@
 """The programs against a gs:// store on fake-gcs-server, run as a user runs them (subprocesses).
 
-A tiny random BERT (hidden 32, one layer) and a 40/16/16-example slice of SST-2 keep each
-TensorFlow program to a few seconds: init, train and fuse in turn; run for one iteration;
+A tiny random BERT (tests/tiny.py: hidden size 32) and a 40/16/16-example slice of SST-2 keep
+each TensorFlow program to a few seconds: init, train and fuse in turn; run for one iteration;
 two fusers racing for the same iteration; a contribution changed in the bucket after upload;
 a missing bucket.
 """
 
 from __future__ import annotations
 
-import collections
-import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -32,33 +29,17 @@ SMALL = ["--config.recipe.batch_size=8", "--config.recipe.max_length=32",
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  """{"base": a tiny BERT base directory, "task": a tiny dataset folder}."""
-  import transformers  # pylint: disable=g-import-not-at-top
-  from cold_fusion_tf import models  # pylint: disable=g-import-not-at-top
+def tiny_run(tmp_path_factory):
+  """{"base": a tiny random BERT base directory, "task": a 40/16/16-example dataset folder}."""
+  import tiny  # pylint: disable=g-import-not-at-top  (tests/tiny.py)
   root = tmp_path_factory.mktemp("tiny")
   task = root / "tinytask"
   task.mkdir()
-  words = collections.Counter()
   for split, n in (("train", 40), ("dev", 16), ("test", 16)):
     with open(os.path.join(SST2, f"{split}.jsonl"), encoding="utf-8") as f:
       lines = f.read().splitlines()[:n]
     (task / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    for line in lines:
-      words.update(json.loads(line)["text"].lower().split())
-  vocab = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-           + list("abcdefghijklmnopqrstuvwxyz0123456789.,'!?-")
-           + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
-           + [w for w, _ in words.most_common(100) if re.fullmatch(r"[a-z]+", w)])
-  vocab = list(dict.fromkeys(vocab))
-  (root / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-  tokenizer = transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True)
-  config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=37, vocab_size=len(vocab),
-                                   max_position_embeddings=64)
-  base = root / "base0"
-  models.write_base_dir(models.build_body(config), tokenizer, str(base))
-  return {"base": str(base), "task": str(task)}
+  return {"base": tiny.write_tiny_base(str(root / "base0")), "task": str(task)}
 
 
 @pytest.fixture
@@ -91,11 +72,11 @@ def ok(proc):
   return proc.stdout
 
 
-def _store_with_contributions(uri, tiny, ids, tmp_path):
+def _store_with_contributions(uri, tiny_run, ids, tmp_path):
   """A store with base 0 = the tiny base and one perturbed body per id (no training)."""
   store = store_lib.Store(uri, cache_dir=str(tmp_path / "setup-cache"))
-  store.create(tiny["base"], {"source_model": "tiny"})
-  base = safetensors.numpy.load_file(os.path.join(tiny["base"], store_lib.MODEL))
+  store.create(tiny_run["base"], {"source_model": "tiny"})
+  base = safetensors.numpy.load_file(os.path.join(tiny_run["base"], store_lib.MODEL))
   for i, cid in enumerate(ids):
     rng = np.random.default_rng(i)
     body = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in base.items()}
@@ -107,15 +88,15 @@ def _store_with_contributions(uri, tiny, ids, tmp_path):
   return store
 
 
-def test_init_train_fuse_on_gcs(tiny, gcs_uri, env):
+def test_init_train_fuse_on_gcs(tiny_run, gcs_uri, env):
   store_flag = f"--store={gcs_uri}"
-  out = ok(program(env, "init", store_flag, f"--config.model.source={tiny['base']}"))
+  out = ok(program(env, "init", store_flag, f"--config.model.source={tiny_run['base']}"))
   assert f"store {gcs_uri}: LATEST = 0" in out
   store = store_lib.Store(gcs_uri)  # The same base cache as the programs.
   assert store.storage.read_bytes("LATEST") == b"0\n"
-  assert store.run_info()["source_model"] == tiny["base"]
+  assert store.run_info()["source_model"] == tiny_run["base"]
 
-  out = ok(program(env, "train", store_flag, f"--config.task={tiny['task']}",
+  out = ok(program(env, "train", store_flag, f"--config.task={tiny_run['task']}",
                    "--config.contributor_id=alice", *SMALL))
   assert "contributed to iteration 0" in out
   (alice,), rejected = store.contributions(0)
@@ -143,14 +124,14 @@ def test_init_train_fuse_on_gcs(tiny, gcs_uri, env):
   assert store.latest() == 1
 
 
-def test_run_one_iteration_on_gcs(tiny, gcs_uri, env, tmp_path):
+def test_run_one_iteration_on_gcs(tiny_run, gcs_uri, env, tmp_path):
   config = tmp_path / "tiny_run.py"
   config.write_text(textwrap.dedent(f"""
       from cold_fusion_tf import defaults
       def get_config():
         c = defaults.get_config()
-        c.model.source = {tiny['base']!r}
-        c.pool = [{tiny['task']!r}]
+        c.model.source = {tiny_run['base']!r}
+        c.pool = [{tiny_run['task']!r}]
         c.heldout = []
         c.iterations = 1
         c.contributors_per_iteration = 1
@@ -185,8 +166,8 @@ _BARRIER_FUSE = textwrap.dedent("""
 """)
 
 
-def test_two_fusers_race_on_gcs(tiny, gcs_uri, env, tmp_path):
-  store = _store_with_contributions(gcs_uri, tiny, ["alice", "bob"], tmp_path)
+def test_two_fusers_race_on_gcs(tiny_run, gcs_uri, env, tmp_path):
+  store = _store_with_contributions(gcs_uri, tiny_run, ["alice", "bob"], tmp_path)
   barrier = tmp_path / "barrier"
   barrier.mkdir()
   # Both share one base cache, as two fusers on one machine would.
@@ -217,8 +198,8 @@ def test_two_fusers_race_on_gcs(tiny, gcs_uri, env, tmp_path):
   store_lib.Store(gcs_uri, cache_dir=str(tmp_path / "check")).base_dir(1)  # Intact.
 
 
-def test_fuse_rejects_body_changed_in_bucket(tiny, gcs_uri, env, tmp_path):
-  store = _store_with_contributions(gcs_uri, tiny, ["alice", "bob"], tmp_path)
+def test_fuse_rejects_body_changed_in_bucket(tiny_run, gcs_uri, env, tmp_path):
+  store = _store_with_contributions(gcs_uri, tiny_run, ["alice", "bob"], tmp_path)
   # Someone rewrites bob's body in the bucket after upload: same size, valid safetensors,
   # other values. Only the sha256 in contribution.json can tell.
   name = "contributions/000000/bob/body.safetensors"

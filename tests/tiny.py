@@ -69,10 +69,10 @@ def tiny_config(source: str, **overrides):
   spec.loader.exec_module(module)
   config = module.get_config()
   config.model.source = source
-  config.data.dirs = [SHARED_DATA]
+  config.data.dirs = (SHARED_DATA,)
   config.data.max_examples = {"train": 48, "dev": 16, "test": 16}
-  config.pool = ["sst2", "trec_coarse"]
-  config.heldout = ["rte"]
+  config.pool = ("sst2", "trec_coarse")
+  config.heldout = ("rte",)
   config.iterations = 2
   config.contributors_per_iteration = 2
   for recipe in (config.recipe, config.eval.recipe):

@@ -1,0 +1,37 @@
+"""Print the lineage of a store: each base, who contributed, dev metrics, rejections, scores.
+
+  python -m cold_fusion_tf.inspect --store=stores/demo [--json]
+
+Reads only the store's JSON files (never weights). Run it as a module (``python -m``): the
+package uses absolute imports, so this module never stands in for the standard library's
+``inspect``.
+"""
+
+import json
+
+from absl import app
+from absl import flags
+
+from cold_fusion_tf import cli
+
+cli.define_flags()
+flags.DEFINE_bool("json", False, "Print the lineage as JSON instead of text.")
+
+
+def main(argv):
+  del argv
+
+  def body():
+    from cold_fusion_tf import inspect_store  # pylint: disable=g-import-not-at-top
+    from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top
+    data = inspect_store.lineage(store_lib.Store(cli.require_store()))
+    if flags.FLAGS.json:
+      print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+      print(inspect_store.format_lineage(data))
+
+  cli.run_main(body)
+
+
+if __name__ == "__main__":
+  app.run(main)
