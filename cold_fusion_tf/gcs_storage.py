@@ -314,6 +314,7 @@ class GCSStorage(Storage):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(local_path),
                                prefix=f".{os.path.basename(local_path)}.", suffix=".partial")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a download is an ordinary file.
     deadline = time.monotonic() + self.retry_deadline
     try:
       while True:

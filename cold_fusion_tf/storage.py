@@ -14,6 +14,7 @@ import abc
 import os
 import shutil
 import tempfile
+import time
 from typing import Optional
 
 from cold_fusion_tf.errors import UserError
@@ -94,19 +95,23 @@ class LocalStorage(Storage):
     with open(self._path(name), "rb") as f:
       return f.read()
 
-  def write_bytes(self, name: str, data: bytes) -> None:
-    path = self._path(name)
+  def _staged(self, path: str, fill) -> str:
+    """A complete, synced temporary file beside ``path`` filled by ``fill(f)``."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     try:
       with os.fdopen(fd, "wb") as f:
-        f.write(data)
+        fill(f)
         f.flush()
         os.fsync(f.fileno())
-      os.replace(tmp, path)
     except BaseException:
       _remove_quietly(tmp)
       raise
+    return tmp
+
+  def write_bytes(self, name: str, data: bytes) -> None:
+    path = self._path(name)
+    os.replace(self._staged(path, lambda f: f.write(data)), path)
 
   def exists(self, name: str) -> bool:
     return os.path.exists(self._path(name))
@@ -130,32 +135,23 @@ class LocalStorage(Storage):
     path = self._path(name)
     if os.path.abspath(local_path) == path:
       return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    os.close(fd)
-    try:
-      shutil.copyfile(local_path, tmp)
-      os.replace(tmp, path)
-    except BaseException:
-      _remove_quietly(tmp)
-      raise
+
+    def copy(f):
+      with open(local_path, "rb") as src:
+        shutil.copyfileobj(src, f, 8 << 20)
+
+    os.replace(self._staged(path, copy), path)
 
   def create_exclusive(self, name: str, data: bytes) -> bool:
     path = self._path(name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     # Write the content aside, then hard-link it into place: link() fails if the
     # name exists, so exactly one of several racing creators wins, with full content.
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    tmp = self._staged(path, lambda f: f.write(data))
     try:
-      with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-      try:
-        os.link(tmp, path)
-      except FileExistsError:
-        return False
+      os.link(tmp, path)
       return True
+    except FileExistsError:
+      return False
     finally:
       _remove_quietly(tmp)
 
@@ -173,7 +169,10 @@ class LocalStorage(Storage):
     try:
       fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-      return False
+      if _age_seconds(lock) < _STALE_LOCK_SECONDS:
+        return False
+      _remove_quietly(lock)  # left by a process that died while holding it
+      return self.compare_and_swap(name, data, token)
     try:
       current, _ = self.read_versioned(name)
       if current != token:
@@ -190,6 +189,16 @@ class LocalStorage(Storage):
       shutil.rmtree(path)
     elif os.path.exists(path):
       os.remove(path)
+
+
+_STALE_LOCK_SECONDS = 120.0
+
+
+def _age_seconds(path: str) -> float:
+  try:
+    return time.time() - os.path.getmtime(path)
+  except FileNotFoundError:
+    return 0.0
 
 
 def _remove_quietly(path: str) -> None:

@@ -1,13 +1,14 @@
 """The programs against a gs:// store on fake-gcs-server, run as a user runs them (subprocesses).
 
 A tiny random BERT (tests/tiny.py: hidden size 32) and a 40/16/16-example slice of SST-2 keep
-each TensorFlow program to a few seconds: init, train and fuse in turn; run for one iteration;
-two fusers racing for the same iteration; a contribution changed in the bucket after upload;
-a missing bucket.
+each TensorFlow program to a few seconds: init, train, fuse and evaluate in turn; run for one
+iteration; two fusers racing for the same iteration; a contribution changed in the bucket after
+upload (and the lineage inspect shows for it); a missing bucket.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def _store_with_contributions(uri, tiny_run, ids, tmp_path):
   return store
 
 
-def test_init_train_fuse_on_gcs(tiny_run, gcs_uri, env):
+def test_init_train_fuse_evaluate_on_gcs(tiny_run, gcs_uri, env, tmp_path):
   store_flag = f"--store={gcs_uri}"
   out = ok(program(env, "init", store_flag, f"--config.model.source={tiny_run['base']}"))
   assert f"store {gcs_uri}: LATEST = 0" in out
@@ -96,9 +97,8 @@ def test_init_train_fuse_on_gcs(tiny_run, gcs_uri, env):
   assert store.storage.read_bytes("LATEST") == b"0\n"
   assert store.run_info()["source_model"] == tiny_run["base"]
 
-  out = ok(program(env, "train", store_flag, f"--config.task={tiny_run['task']}",
-                   "--config.contributor_id=alice", *SMALL))
-  assert "contributed to iteration 0" in out
+  ok(program(env, "train", store_flag, f"--config.task={tiny_run['task']}",
+             "--config.contributor_id=alice", *SMALL))
   (alice,), rejected = store.contributions(0)
   assert rejected == [] and alice.contributor_id == "alice"
   assert alice.meta["base_sha256"] == store.base_sha256(0)
@@ -122,6 +122,15 @@ def test_init_train_fuse_on_gcs(tiny_run, gcs_uri, env):
   assert proc.returncode == 1, proc.stderr
   assert "0 valid contribution(s)" in proc.stdout
   assert store.latest() == 1
+
+  # Model recycling of the gs:// store's LATEST base against its base 0 (one seed, 2 steps).
+  out_dir = tmp_path / "eval"
+  ok(program(env, "evaluate", store_flag, f"--tasks={tiny_run['task']}", "--seeds=1",
+             f"--out={out_dir}", "--config.eval.recipe.batch_size=8",
+             "--config.eval.recipe.max_length=32", "--config.eval.recipe.max_steps=2",
+             *SMALL[3:]))
+  summary = (out_dir / "summary.json").read_text(encoding="utf-8")
+  assert f"{gcs_uri}@1" in summary and f"{gcs_uri}@0" in summary
 
 
 def test_run_one_iteration_on_gcs(tiny_run, gcs_uri, env, tmp_path):
@@ -223,6 +232,15 @@ def test_fuse_rejects_body_changed_in_bucket(tiny_run, gcs_uri, env, tmp_path):
   assert [c["id"] for c in fusion["contributions"]] == ["alice"]
   assert [r["id"] for r in fusion["rejected"]] == ["bob"]
   assert "sha256" in fusion["rejected"][0]["reason"]
+
+  # The lineage of the gs:// store, as the inspect program shows it.
+  lineage = json.loads(ok(program(env, "inspect", f"--store={gcs_uri}", "--json")))
+  assert lineage["uri"] == gcs_uri and lineage["latest"] == 1
+  assert [b["problems"] for b in lineage["bases"]] == [[], []]
+  assert [e["id"] for e in lineage["bases"][1]["fused"]] == ["alice"]
+  assert [r["id"] for r in lineage["bases"][1]["rejected"]] == ["bob"]
+  text = ok(program(env, "inspect", f"--store={gcs_uri}"))
+  assert f"store {gcs_uri}:" in text and "LATEST = 1" in text and "sha256" in text
 
 
 def test_missing_bucket_is_one_clear_error(env):

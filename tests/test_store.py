@@ -125,7 +125,7 @@ def test_corrupt_or_missing_base_file_is_named(created, tmp_path):
     fresh.base_dir(0)
   store.storage.write_bytes(name, original)
   store.storage.delete_prefix("bases/000000/vocab.txt")
-  with pytest.raises(UserError, match=r"bases/000000/vocab\.txt: listed in the manifest but missing"):
+  with pytest.raises(UserError, match=r"000000/vocab\.txt: listed in the manifest but missing"):
     store_lib.Store(store.uri, cache_dir=str(tmp_path / "cache-2")).base_dir(0)
 
 
@@ -181,7 +181,8 @@ def test_racer_stops_before_overwriting_a_published_base(created, tmp_path):
   assert store.latest() == 1
   assert store.manifest(1) == calls[0]
   local = store_lib.Store(store.uri, cache_dir=str(tmp_path / "c")).base_dir(1)  # Verifies all.
-  assert _sha256(os.path.join(local, store_lib.MODEL)) == _sha256(os.path.join(b_dir, store_lib.MODEL))
+  b_model = os.path.join(b_dir, store_lib.MODEL)
+  assert _sha256(os.path.join(local, store_lib.MODEL)) == _sha256(b_model)
 
 
 def test_contributions_protocol(created, tmp_path):
@@ -195,13 +196,14 @@ def test_contributions_protocol(created, tmp_path):
     store_lib.Store(store.uri).put_contribution(0, "alice", write_body(tmp_path / "x", 12),
                                                 _meta(store))
   # A body without contribution.json (an upload cut short) is invisible.
-  store.storage.upload(write_body(tmp_path / "bob", 13), "contributions/000000/bob/body.safetensors")
+  folder = "contributions/000000"
+  store.storage.upload(write_body(tmp_path / "bob", 13), f"{folder}/bob/body.safetensors")
   # A contribution.json that breaks the schema, one that is not JSON, one under a foreign id.
   bad = dict(meta, contributor_id="carol", num_examples=-1)
-  store.storage.write_bytes("contributions/000000/carol/contribution.json", json.dumps(bad).encode())
-  store.storage.write_bytes("contributions/000000/dave/contribution.json", b"\xff{not json")
+  store.storage.write_bytes(f"{folder}/carol/contribution.json", json.dumps(bad).encode())
+  store.storage.write_bytes(f"{folder}/dave/contribution.json", b"\xff{not json")
   erin = dict(meta, contributor_id="mallory")
-  store.storage.write_bytes("contributions/000000/erin/contribution.json", json.dumps(erin).encode())
+  store.storage.write_bytes(f"{folder}/erin/contribution.json", json.dumps(erin).encode())
 
   found, rejected = store_lib.Store(store.uri).contributions(0)
   assert [c.contributor_id for c in found] == ["alice"]
