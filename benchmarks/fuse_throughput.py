@@ -129,9 +129,33 @@ def time_cat(paths, repeats=3):
   return best
 
 
+def peak_rss() -> int:
+  """This process's peak resident set in bytes (VmHWM: unlike ru_maxrss, not inherited from
+  the parent process across fork and exec)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def time_write(source, repeats=3):
+  """Seconds to copy one body into a new file (write side of any fusion: the output)."""
+  best, target = float("inf"), source + ".copy"
+  buffer = bytearray(4 << 20)
+  for _ in range(repeats):
+    start = time.perf_counter()
+    with open(source, "rb", buffering=0) as src, open(target, "wb", buffering=0) as dst:
+      while count := src.readinto(buffer):
+        dst.write(memoryview(buffer)[:count])
+    best = min(best, time.perf_counter() - start)
+    os.remove(target)
+  return best
+
+
 def child(kind, store_uri, paths, method, workers):
   """Runs in a fresh process: one measurement, printed as JSON."""
-  base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  base_rss = peak_rss()
   start = time.perf_counter()
   result = {}
   if kind == "naive":
@@ -144,7 +168,7 @@ def child(kind, store_uri, paths, method, workers):
   else:
     from cold_fusion_tf import fusion  # pylint: disable=g-import-not-at-top
     from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base_rss = peak_rss()
     start = time.perf_counter()
     outcome = fusion.fuse(store_lib.Store(store_uri, cache_dir=store_uri + "-cache"),
                           log=lambda m: None,
@@ -152,7 +176,7 @@ def child(kind, store_uri, paths, method, workers):
     assert outcome.published == 1, outcome.message
     result["timings"] = outcome.timings
   result["wall"] = time.perf_counter() - start
-  result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  result["peak_rss"] = peak_rss()
   result["interpreter_rss"] = base_rss
   print(json.dumps(result))
 
@@ -171,13 +195,15 @@ def run_case(workdir, model, count, naive, repeats, method, workers):
     body_bytes = os.path.getsize(bodies[0])
     time_cat(bodies, 1)  # warm the page cache
     read = time_cat(bodies, 3)
+    write = time_write(bodies[0])
     fuse_runs = []
     for _ in range(repeats):
       reset_store(store)
       fuse_runs.append(measure("fuse", store, bodies, method, workers))
     best = min(fuse_runs, key=lambda r: r["wall"])
     row = {"model": model, "n": count, "body_mib": body_bytes / 2**20, "read_s": read,
-           "fuse": best, "fuse_peak_rss_max": max(r["peak_rss"] for r in fuse_runs)}
+           "write_s": write, "fuse": best,
+           "fuse_peak_rss_max": max(r["peak_rss"] for r in fuse_runs)}
     if naive:
       row["naive"] = measure("naive", store, bodies)
     return row
@@ -193,6 +219,8 @@ def report(row):
         f"({row['n'] * row['body_mib'] / 1024:.2f} GiB), warm cache")
   print(f"  {'':34} {'wall s':>8} {'x read':>8} {'peak RSS MiB':>13} {'x body':>7}")
   print(f"  {'read (cat > /dev/null)':34} {read:8.2f} {1:8.2f}")
+  print(f"  {'write one body to a new file':34} {row['write_s']:8.2f} "
+        f"{row['write_s'] / read:8.2f}")
   lines = [("fuse, whole job", f["wall"], f["peak_rss"]),
            ("  validation (sha256, finite, norm)", t["validate"], None),
            ("  fusion pass (read, mean, write)", t["fuse"], None),
@@ -203,6 +231,9 @@ def report(row):
   for label, wall, rss in lines:
     rss_text = f"{rss / 2**20:13.0f} {rss / body:7.2f}" if rss else ""
     print(f"  {label:34} {wall:8.2f} {wall / read:8.2f} {rss_text}")
+  floor = read + row["write_s"]
+  print(f"  fusion pass / (read + write one body) = {t['fuse'] / floor:.2f}; validation is "
+        f"sha256-bound: {row['n'] * body / t['validate'] / 2**30:.2f} GiB/s")
   print(f"  fuse: interpreter alone {f['interpreter_rss'] / 2**20:.0f} MiB; peak RSS above it "
         f"{(f['peak_rss'] - f['interpreter_rss']) / 2**20:.0f} MiB")
 

@@ -16,16 +16,26 @@ def recipe(**overrides):
       weight_decay=0.01,        # AdamW decay; not on LayerNorm weights and biases
       adam_epsilon=1e-8,
       clip_norm=1.0,            # global gradient clipping (0 disables)
-      batch_size=32,            # global batch size
+      batch_size=32,            # global batch size (over all replicas and accumulation steps)
+      grad_accum_steps=1,       # micro-batches per optimizer step (gradient accumulation)
+      max_replica_batch=0,      # if > 0: accumulate so a replica's micro-batch is at most this
       eval_batch_size=64,
       epochs=1.0,               # passes over the training data (the paper: at most 10)
       max_steps=0,              # cap on optimizer steps (0: no cap)
       max_length=128,           # tokens per example (pairs are truncated longest-first)
       eval_every_steps=0,       # dev evaluation period in steps (0: once per epoch)
+      eval_every_examples=0,    # ... in training examples; overrides eval_every_steps if > 0
       patience_evals=0,         # early stop after this many evaluations without gain (0: off)
+      patience_examples=0,      # ... after this many examples without gain; overrides if > 0
       seed=0,
-      jit_compile=False,        # XLA-compile the train step
-      log_every_seconds=30.0,
+      jit_compile=False,        # XLA-compile the gradient computation
+      mixed_precision="",       # "" (float32) or "mixed_bfloat16" (TPU) / "mixed_float16"
+      steps_per_execution=1,    # optimizer steps per tf.function call (no Python in between)
+      static_shapes=False,      # one static shape per length bucket (always on for TPUs)
+      length_buckets=0,         # padded lengths: 0 = every multiple of 8; N = N quantiles
+      checkpoint_every_steps=200,  # training-state checkpoints in the workdir (0: none)
+      log_every_seconds=30.0,   # progress line (examples/s, ETA) at most this often
+      log_every_steps=0,        # ... and every this many steps (0: time only)
   ))
   r.update(overrides)
   return r
@@ -45,6 +55,8 @@ def get_config():
   # One contributor (python -m cold_fusion_tf.train).
   config.task = ""            # dataset name, folder, or tfds:<name>
   config.contributor_id = ""  # defaults to the dataset name
+  config.strategy = "auto"    # auto, tpu, mirrored, multi_worker (TF_CONFIG), one_device, default
+  config.tpu = ""             # TPU for strategy tpu/auto: "local" on a TPU VM, or a TPU name
   # Fusion (python -m cold_fusion_tf.fuse).
   config.fusion = ml_collections.ConfigDict(dict(
       method="mean",          # mean (the paper), weighted, trimmed_mean, median, ...
@@ -72,5 +84,6 @@ def get_config():
       recipe=recipe(),
       seeds=1,                # fine-tuning seeds per (base, task)
       enabled=True,
+      probe_learning_rate=1e-3,  # evaluate --mode=probe: frozen body, head only, this lr
   ))
   return config

@@ -49,6 +49,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -395,10 +396,16 @@ class _Chunks(Sequence):
     return self.bodies[index].read(self.name, self.start, self.count).reshape(self.shape)
 
 
+_buffers = threading.local()
+
+
 def _mean_chunk(bodies, name: str, start: int, count: int, dtype) -> np.ndarray:
-  """:func:`fusion_methods.mean` of one chunk, bit for bit, reusing two buffers."""
-  buffer = np.empty(count, dtype=dtype)
-  total = np.empty(count, dtype=np.float64)
+  """:func:`fusion_methods.mean` of one chunk, bit for bit, in two buffers per thread."""
+  held = getattr(_buffers, "mean", None)
+  if held is None or held[0].size < count or held[0].dtype != dtype:
+    held = _buffers.mean = (np.empty(max(count, CHUNK_ELEMENTS), dtype=dtype),
+                            np.empty(max(count, CHUNK_ELEMENTS), dtype=np.float64))
+  buffer, total = held[0][:count], held[1][:count]
   bodies[0].read(name, start, count, out=buffer)
   np.add(buffer, 0.0, out=total, dtype=np.float64)  # 0 + x, as fm.mean (turns -0 into +0)
   for body in bodies[1:]:
@@ -434,12 +441,13 @@ def _ordered(pool, fn, items, window: int) -> Iterator:
 
 def fuse_files(base: fusion_io.BodyFile, bodies: list, counts: np.ndarray, specs: dict,
                settings: Settings, out_path: str, state_path: Optional[str] = None,
-               previous_state: Optional[fusion_io.BodyFile] = None) -> None:
+               previous_state: Optional[fusion_io.BodyFile] = None, fsync: bool = True) -> None:
   """Writes the fusion of ``bodies`` (and the new server momentum buffer) tensor by tensor.
 
   Floating tensors are fused with ``settings.method``; others are copied from the base.
   Element-wise methods work in chunks of :data:`CHUNK_ELEMENTS` on ``settings.threads()``
-  threads; ``ties`` and ``dare`` on whole tensors, one at a time.
+  threads; ``ties`` and ``dare`` on whole tensors, one at a time. ``fsync=False`` for files
+  that are only staged for an upload.
   """
   fn = fm.get_method(settings.method)
   server = settings.server_optimizer
@@ -473,8 +481,8 @@ def fuse_files(base: fusion_io.BodyFile, bodies: list, counts: np.ndarray, specs
                                              previous, **server)
 
   threads = settings.threads() if settings.method in ELEMENTWISE else 1
-  writer = fusion_io.ChunkWriter(out_path, specs)
-  state_writer = fusion_io.ChunkWriter(state_path, state_specs) if server else None
+  writer = fusion_io.ChunkWriter(out_path, specs, fsync)
+  state_writer = fusion_io.ChunkWriter(state_path, state_specs, fsync) if server else None
   try:
     with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
       for name, fused, buffer in _ordered(pool, compute, _tasks(specs, settings.method),
@@ -576,6 +584,116 @@ class _FaultyStorage:
 # The job.
 
 
+class _Job:
+  """One fusion of base ``iteration`` into ``iteration + 1``, and the files it holds open."""
+
+  def __init__(self, store: store_lib.Store, settings: Settings, log, work: str):
+    self.store, self.settings, self.log, self.work = store, settings, log, work
+    self.iteration = store.require_latest()
+    self.manifest = store.manifest(self.iteration)
+    self.base_sha = self.manifest["files"][store_lib.MODEL]["sha256"]
+    self.base_dir = store.base_dir(self.iteration)
+    self.base = fusion_io.BodyFile(os.path.join(self.base_dir, store_lib.MODEL))
+    self.specs = self.base.specs()
+    self.checked: dict[str, _Checked] = {}
+    self.previous_state = None
+    self.valid = 0
+    self.plan_where = f"{store.uri}/{plan_name(self.iteration + 1)}"
+
+  def close(self) -> None:
+    for f in [self.base, self.previous_state] + [c.body for c in self.checked.values()]:
+      if f is not None:
+        f.close()
+
+  def _validate(self, contributions) -> list[dict]:
+    checked, failed = _validate(self.store, contributions, self.base, self.specs, self.work,
+                                self.settings.threads(), self.log)
+    self.checked.update(checked)
+    return failed
+
+  def _read_plan(self) -> Optional[dict]:
+    plan = self.store.read_json(plan_name(self.iteration + 1))
+    return None if plan is None else _check_plan(plan, self.plan_where, self.iteration,
+                                                 self.base_sha)
+
+  def plan(self) -> tuple[Optional[dict], list[dict]]:
+    """Validates, then makes the plan of iteration ``i+1`` or follows the one that exists:
+    (the plan, or None when the quorum is not met; the rejections)."""
+    plan = self._read_plan()
+    quiet = lambda message: None  # noqa: E731
+    candidates, rejected = _candidates(self.store, self.iteration, self.base_sha,
+                                       quiet if plan else self.log)
+    if plan is not None:
+      wanted = {e["id"] for e in plan["fusion"]["contributions"]}
+      self.log(f"following the plan in {self.plan_where}: fusing {', '.join(sorted(wanted))}")
+      for r in plan["fusion"]["rejected"]:
+        self.log(f"rejected {r['id']}: {r['reason']}")
+      self._validate([c for c in candidates if c.contributor_id in wanted])
+      return plan, plan["fusion"]["rejected"]
+    rejected += self._validate(candidates)
+    kept, dropped, scores = _select(self.checked, self.settings.max_update_z, self.log)
+    rejected = sorted(rejected + dropped, key=lambda r: (r["id"], r["reason"]))
+    self.valid = len(kept)
+    if len(kept) < self.settings.min_contributions:
+      return None, rejected
+    plan = {"format_version": store_lib.FORMAT_VERSION, "iteration": self.iteration + 1,
+            "parent": {"iteration": self.iteration, "sha256": self.base_sha},
+            "fusion": {**self.settings.plan_fields(),
+                       "contributions": [_entry(self.checked[c], scores.get(c)) for c in kept],
+                       "rejected": rejected}}
+    if self.store.storage.create_exclusive(plan_name(self.iteration + 1), _json_bytes(plan)):
+      _fault("after_plan")
+      return plan, rejected
+    plan = self._read_plan()  # another fuser planned first: follow it
+    self.log(f"another fuser planned iteration {self.iteration + 1} first; following its plan")
+    wanted = {e["id"] for e in plan["fusion"]["contributions"]}
+    self._validate([c for c in _candidates(self.store, self.iteration, self.base_sha, quiet)[0]
+                    if c.contributor_id in wanted and c.contributor_id not in self.checked])
+    return plan, plan["fusion"]["rejected"]
+
+  def build(self, plan: dict) -> tuple[str, dict]:
+    """Fuses as planned into a staging directory: (its path, the manifest fields)."""
+    ids = _follow(plan, self.plan_where, self.checked, self.settings)
+    out_dir = os.path.join(self.work, "base")
+    os.makedirs(out_dir)
+    fields = {"parent": plan["parent"], "fusion": dict(plan["fusion"])}
+    state_path = previous_sha = None
+    if self.settings.server_optimizer is not None:
+      self.previous_state, previous_sha = _previous_state(
+          self.store, self.iteration, self.manifest, self.specs, self.work, self.log)
+      state_path = os.path.join(self.work, STATE)
+    counts = np.asarray([self.checked[cid].contribution.meta["num_examples"] for cid in ids],
+                        dtype=np.float64)
+    fuse_files(self.base, [self.checked[cid].body for cid in ids], counts, self.specs,
+               self.settings, os.path.join(out_dir, store_lib.MODEL), state_path,
+               self.previous_state, fsync=False)  # staged: the upload makes the stored copy
+    for name in sorted(self.manifest["files"]):
+      if name != store_lib.MODEL:
+        shutil.copyfile(os.path.join(self.base_dir, name), os.path.join(out_dir, name))
+    if state_path is not None:
+      fields["fusion"]["server_optimizer"] = {
+          **self.settings.server_optimizer, "previous_state_sha256": previous_sha,
+          "state": {"name": state_name(self.iteration + 1),
+                    "sha256": weights.sha256_file(state_path),
+                    "size": os.path.getsize(state_path)}}
+    return out_dir, fields
+
+  def publish(self, out_dir: str, fields: dict) -> None:
+    """Uploads the server state, then the base (files, manifest, LATEST); may raise LostRace."""
+    state = (fields["fusion"].get("server_optimizer") or {}).get("state")
+    if state:
+      self.store.storage.upload(os.path.join(self.work, STATE), state["name"])
+      _fault("after_state")
+    _fault("sleep_before_publish")
+    inner = self.store.storage
+    if os.environ.get(FAULT_ENV):
+      self.store.storage = _FaultyStorage(inner)
+    try:
+      self.store.publish_base(self.iteration + 1, out_dir, fields)
+    finally:
+      self.store.storage = inner
+
+
 def fuse(store: store_lib.Store, method: str = "mean", params: Optional[dict] = None,
          min_contributions: int = 1, log: Callable[[str], None] = logging.info, *,
          settings: Optional[Settings] = None) -> Outcome:
@@ -588,115 +706,39 @@ def fuse(store: store_lib.Store, method: str = "mean", params: Optional[dict] = 
   if settings is None:
     settings = Settings(method=method, params=dict(params or {}),
                         min_contributions=min_contributions)
-  timings = {}
-  start = time.perf_counter()
-  iteration = store.require_latest()
-  manifest = store.manifest(iteration)
-  base_sha = manifest["files"][store_lib.MODEL]["sha256"]
-  base_dir = store.base_dir(iteration)
-  base = fusion_io.BodyFile(os.path.join(base_dir, store_lib.MODEL))
-  bodies: dict = {}
-  previous_state = None
-  try:
-    specs = base.specs()
-    plan_where = f"{store.uri}/{plan_name(iteration + 1)}"
-    plan = store.read_json(plan_name(iteration + 1))
-    quiet = lambda message: None  # noqa: E731
-    candidates, rejected = _candidates(store, iteration, base_sha, quiet if plan else log)
-    with store_lib.staging_dir("fuse") as work:
-      if plan is not None:
-        plan = _check_plan(plan, plan_where, iteration, base_sha)
-        wanted = {e["id"] for e in plan["fusion"]["contributions"]}
-        log(f"following the plan in {plan_where}: fusing {', '.join(sorted(wanted))}")
-        for r in plan["fusion"]["rejected"]:
-          log(f"rejected {r['id']}: {r['reason']}")
-        candidates = [c for c in candidates if c.contributor_id in wanted]
-      checked, failed = _validate(store, candidates, base, specs, work, settings.threads(), log)
-      bodies = {cid: c.body for cid, c in checked.items()}
+  timings, start = {}, time.perf_counter()
+  with store_lib.staging_dir("fuse") as work:
+    job = _Job(store, settings, log, work)
+    try:
+      plan, rejected = job.plan()
       timings["validate"] = time.perf_counter() - start
+      iteration = job.iteration
       if plan is None:
-        kept, dropped, scores = _select(checked, settings.max_update_z, log)
-        rejected = sorted(rejected + failed + dropped, key=lambda r: (r["id"], r["reason"]))
-        if len(kept) < settings.min_contributions:
-          message = (f"iteration {iteration}: {len(kept)} valid contribution(s), fewer than the "
-                     f"{settings.min_contributions} required; nothing published.")
-          log(message)
-          return Outcome(None, [], rejected, message, timings=timings)
-        plan = {"format_version": store_lib.FORMAT_VERSION, "iteration": iteration + 1,
-                "parent": {"iteration": iteration, "sha256": base_sha},
-                "fusion": {**settings.plan_fields(),
-                           "contributions": [_entry(checked[c], scores.get(c)) for c in kept],
-                           "rejected": rejected}}
-        if not store.storage.create_exclusive(plan_name(iteration + 1), _json_bytes(plan)):
-          plan = _check_plan(store.read_json(plan_name(iteration + 1)), plan_where, iteration,
-                             base_sha)
-          log(f"another fuser planned iteration {iteration + 1} first; following its plan")
-          wanted = {e["id"] for e in plan["fusion"]["contributions"]}
-          missing = [c for c in _candidates(store, iteration, base_sha, quiet)[0]
-                     if c.contributor_id not in checked and c.contributor_id in wanted]
-          more, _ = _validate(store, missing, base, specs, work, settings.threads(), log)
-          checked.update(more)
-          bodies.update({cid: c.body for cid, c in more.items()})
-        else:
-          _fault("after_plan")
-      ids = _follow(plan, plan_where, checked, settings)
-      fused_entries = plan["fusion"]["contributions"]
-      rejected = plan["fusion"]["rejected"]
-      fusion_fields = dict(plan["fusion"])
-
+        message = (f"iteration {iteration}: {job.valid} valid contribution(s), fewer than the "
+                   f"{settings.min_contributions} required; nothing published.")
+        log(message)
+        return Outcome(None, [], rejected, message, timings=timings)
+      fused = plan["fusion"]["contributions"]
       tick = time.perf_counter()
-      out_dir = os.path.join(work, "base")
-      os.makedirs(out_dir)
-      state_path = None
-      if settings.server_optimizer is not None:
-        previous_state, previous_sha = _previous_state(store, iteration, manifest, specs, work,
-                                                       log)
-        state_path = os.path.join(work, STATE)
-      counts = np.asarray([checked[cid].contribution.meta["num_examples"] for cid in ids],
-                          dtype=np.float64)
-      fuse_files(base, [bodies[cid] for cid in ids], counts, specs, settings,
-                 os.path.join(out_dir, store_lib.MODEL), state_path, previous_state)
-      for name in sorted(manifest["files"]):
-        if name != store_lib.MODEL:
-          shutil.copyfile(os.path.join(base_dir, name), os.path.join(out_dir, name))
+      out_dir, fields = job.build(plan)
       timings["fuse"] = time.perf_counter() - tick
-
       tick = time.perf_counter()
-      if state_path is not None:
-        store.storage.upload(state_path, state_name(iteration + 1))
-        fusion_fields["server_optimizer"] = {
-            **settings.server_optimizer, "previous_state_sha256": previous_sha,
-            "state": {"name": state_name(iteration + 1),
-                      "sha256": weights.sha256_file(state_path),
-                      "size": os.path.getsize(state_path)}}
-        _fault("after_state")
-      _fault("sleep_before_publish")
-      fields = {"parent": plan["parent"], "fusion": fusion_fields}
-      inner = store.storage
-      if os.environ.get(FAULT_ENV):
-        store.storage = _FaultyStorage(inner)
       try:
-        store.publish_base(iteration + 1, out_dir, fields)
+        job.publish(out_dir, fields)
       except store_lib.LostRace as e:
         message = f"iteration {iteration + 1} was published by another fuser ({e}); nothing to do."
         log(message)
-        return Outcome(None, fused_entries, rejected, message, lost_race=True, timings=timings)
-      finally:
-        store.storage = inner
+        return Outcome(None, fused, rejected, message, lost_race=True, timings=timings)
       timings["publish"] = time.perf_counter() - tick
-  finally:
-    base.close()
-    for body in bodies.values():
-      body.close()
-    if previous_state is not None:
-      previous_state.close()
+    finally:
+      job.close()
   timings["total"] = time.perf_counter() - start
-  message = (f"published base {iteration + 1}: {settings.method} of {len(fused_entries)} "
-             f"contribution(s) ({', '.join(e['id'] for e in fused_entries)}), {len(rejected)} "
+  message = (f"published base {iteration + 1}: {settings.method} of {len(fused)} "
+             f"contribution(s) ({', '.join(e['id'] for e in fused)}), {len(rejected)} "
              f"rejected; validation {timings['validate']:.1f}s, fusion {timings['fuse']:.1f}s, "
              f"publishing {timings['publish']:.1f}s")
   log(message)
-  return Outcome(iteration + 1, fused_entries, rejected, message, timings=timings)
+  return Outcome(iteration + 1, fused, rejected, message, timings=timings)
 
 
 def fuse_config(store: store_lib.Store, fusion_config,

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import struct
@@ -26,7 +27,7 @@ from cold_fusion_tf import weights
 from cold_fusion_tf.errors import UserError
 
 # Bytes read per step of a validation pass (a multiple of every item size).
-SCAN_CHUNK_BYTES = 4 << 20
+SCAN_CHUNK_BYTES = 1 << 20
 FLOAT_CODES = ("F16", "BF16", "F32", "F64")
 _NUMPY = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I64": "<i8", "I32": "<i4", "I16": "<i2",
           "I8": "i1", "U8": "u1", "BOOL": "?"}
@@ -34,6 +35,7 @@ _NUMPY = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I64": "<i8", "I32": "<i4", 
 Specs = Mapping[str, tuple[tuple[int, ...], str]]
 
 
+@functools.lru_cache(maxsize=None)
 def numpy_dtype(code: str) -> np.dtype:
   """The numpy dtype of a safetensors dtype code (BF16 through ml_dtypes when installed)."""
   if code == "BF16":
@@ -115,6 +117,9 @@ class BodyFile:
       count = self.numel(name) - start
     if not 0 <= start <= start + count <= self.numel(name):
       raise ValueError(f"{name}: elements {start}..{start + count} out of range")
+    if out is not None and (out.dtype != dtype or out.size < count or out.ndim != 1
+                            or not out.flags.c_contiguous):
+      raise ValueError(f"{name}: out must be a contiguous 1-D {dtype} array of >= {count} items")
     array = np.empty(count, dtype=dtype) if out is None else out[:count]
     if count:
       _pread_into(self.fd, memoryview(array.view(np.uint8)),
@@ -183,9 +188,10 @@ def scan(body: BodyFile, specs: Specs, reference: Optional[BodyFile] = None,
       ref = reference.read(name, (offset - begin) // dtype.itemsize, count,
                            out=ref_buffer[:size].view(dtype))
       diff = work[:count] if dtype.itemsize <= 4 else np.empty(count, dtype=np.float64)
-      np.subtract(values, ref, out=diff, dtype=diff.dtype)
-      np.square(diff, out=diff)
-      part = float(diff.sum())
+      with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+        np.subtract(values, ref, out=diff, dtype=diff.dtype)
+        np.square(diff, out=diff)
+        part = float(diff.sum())
       if not np.isfinite(part):
         if not np.isfinite(values).all():
           nonfinite = name
@@ -201,11 +207,12 @@ class ChunkWriter:
 
   The header is :func:`weights.header_bytes`, so the result is byte-identical to
   :func:`weights.write_streaming` of the same tensors. Written to ``path + '.partial'``,
-  fsynced and renamed into place by :meth:`close`; :meth:`abort` removes it.
+  fsynced (unless ``fsync=False``) and renamed into place by :meth:`close`; :meth:`abort`
+  removes it.
   """
 
-  def __init__(self, path: str, specs: Specs):
-    self.path, self.specs = path, specs
+  def __init__(self, path: str, specs: Specs, fsync: bool = True):
+    self.path, self.specs, self.fsync = path, specs, fsync
     self._names = iter(sorted(specs))
     self._name, self._left = None, 0
     self._file = open(path + ".partial", "wb")
@@ -236,7 +243,8 @@ class ChunkWriter:
       self.abort()
       raise ValueError("ChunkWriter: fewer elements than announced")
     self._file.flush()
-    os.fsync(self._file.fileno())
+    if self.fsync:
+      os.fsync(self._file.fileno())
     self._file.close()
     os.replace(self.path + ".partial", self.path)
 

@@ -1,6 +1,7 @@
 """Print the lineage of a store: each base, who contributed, dev metrics, rejections, scores.
 
   python -m cold_fusion_tf.inspect --store=stores/demo [--json]
+  python -m cold_fusion_tf.inspect --results=results/demo     # an evaluate results directory
 
 Reads only the store's JSON files (never weights). Run it as a module (``python -m``): the
 package uses absolute imports, so this module never stands in for the standard library's
@@ -16,12 +17,17 @@ from cold_fusion_tf import cli
 
 cli.define_flags()
 flags.DEFINE_bool("json", False, "Print the lineage as JSON instead of text.")
+flags.DEFINE_string("results", None, "Show a results directory of `evaluate` instead.")
 
 
 def main(argv):
   del argv
 
   def body():
+    if flags.FLAGS.results:
+      from cold_fusion_tf import results_dir  # pylint: disable=g-import-not-at-top
+      print(results_dir.describe(results_dir.ResultsDir(flags.FLAGS.results)))
+      return
     from cold_fusion_tf import inspect_store  # pylint: disable=g-import-not-at-top
     from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top
     data = inspect_store.lineage(store_lib.Store(cli.require_store()))
