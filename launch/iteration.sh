@@ -18,7 +18,7 @@ Runs one iteration of ColD Fusion:
   2. waits for all of them and reports which failed
   3. runs the fuser until the next base is published:
        python -m cold_fusion_tf.fuse --config=... --store=... --watch \\
-           --config.min_contributions=N --config.max_wait=SECONDS
+           --config.fusion.min_contributions=N --config.fusion.max_wait=SECONDS
      If a contributor failed, the fuser is not started unless --fuse-on-failure is given.
 Contributor ids are <--id-prefix><dataset>; resources are named cf-i<iteration>-<id>.
 
@@ -264,7 +264,8 @@ fi
 
 cd "$REPO_ROOT"
 FUSE=("$PYTHON" -m cold_fusion_tf.fuse "--config=$CONFIG" "--store=$STORE" --watch
-  "--config.min_contributions=$MIN_CONTRIBUTIONS" "--config.max_wait=$MAX_WAIT")
+  "--config.fusion.min_contributions=$MIN_CONTRIBUTIONS" "--config.fusion.max_wait=$MAX_WAIT"
+  --config.fusion.watch_iterations=1)
 log "fusing iteration $ITERATION"
 on_signal_stop_child
 run_waitable "${FUSE[@]}"

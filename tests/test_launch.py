@@ -445,7 +445,7 @@ def test_iteration_tpu_dry_run(stubs):
       train_cmd(d, f"lab1.{d}", strategy="tpu", tpu="local")
       for d in ("sst2", "rte", "tweet_eval_hate")]
   # The fuser comes last, after every contributor has been deleted.
-  assert cmds[-1] == FUSE + ["--config.min_contributions=3", "--config.max_wait=3600"]
+  assert cmds[-1] == FUSE + ["--config.fusion.min_contributions=3", "--config.fusion.max_wait=3600", "--config.fusion.watch_iterations=1"]
   assert max(deletes) < len(cmds) - 1
 
 
@@ -461,7 +461,7 @@ def test_iteration_runs_contributors_in_parallel_then_fuses(stubs, tmp_path):
   assert max(starts[p]["time"] for p in trains) < min(ends[p]["time"] for p in trains)
   fuse = [pid for pid, r in starts.items() if r["argv"][0] == "python"]
   assert len(fuse) == 1
-  assert starts[fuse[0]]["argv"] == FUSE + ["--config.min_contributions=2", "--config.max_wait=60"]
+  assert starts[fuse[0]]["argv"] == FUSE + ["--config.fusion.min_contributions=2", "--config.fusion.max_wait=60", "--config.fusion.watch_iterations=1"]
   deletes = [r for r in starts.values() if r["argv"][3:5] == ["queued-resources", "delete"]]
   assert len(deletes) == 3
   assert starts[fuse[0]]["time"] > max(r["time"] for r in deletes)
@@ -488,7 +488,7 @@ def test_iteration_fuses_after_a_failure_when_asked(stubs, tmp_path):
                       "--fuse-on-failure", STUB_FAIL_TASKS="rte")
   assert result.returncode == 1
   assert [a for a in stubs.calls() if a[0] == "python"] == [
-      FUSE + ["--config.min_contributions=3", "--config.max_wait=3600"]]
+      FUSE + ["--config.fusion.min_contributions=3", "--config.fusion.max_wait=3600", "--config.fusion.watch_iterations=1"]]
 
 
 def test_iteration_checks_every_setting_before_starting(stubs):
@@ -513,7 +513,7 @@ def test_iteration_gke_dry_run(stubs):
   assert cmds[1] == kubectl + ["logs", "-f", "job/cf-i2-sst2", "--pod-running-timeout=2h"]
   assert cmds[3] == kubectl + ["delete", "job", "cf-i2-sst2", "--ignore-not-found", "--wait=false"]
   assert cmds[7] == kubectl + ["delete", "job", "cf-i2-rte", "--ignore-not-found", "--wait=false"]
-  assert cmds[8] == FUSE + ["--config.min_contributions=2", "--config.max_wait=3600"]
+  assert cmds[8] == FUSE + ["--config.fusion.min_contributions=2", "--config.fusion.max_wait=3600", "--config.fusion.watch_iterations=1"]
   # The manifests are printed after "| ".
   manifest_text = "\n".join(line[2:] for line in result.stdout.splitlines() if line.startswith("| "))
   jobs = list(yaml.safe_load_all(manifest_text.replace("\napiVersion:", "\n---\napiVersion:")))
