@@ -23,7 +23,7 @@ def get_config():
   config.data.dirs = (common.DEMO_DATA_DIR,)
   config.pool = ("sst2", "trec_coarse", "ag_news", "rte")
   config.heldout = ("rotten_tomatoes", "tweet_eval_emotion")
-  config.iterations = 3
+  config.iterations = 2
   config.contributors_per_iteration = 2
 
   config.recipe.learning_rate = 5e-5
