@@ -11,3 +11,18 @@ import os as _os
 _os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 __version__ = "0.1.0"
+
+# Loaded on first use, so `import cold_fusion_tf` stays light (no TensorFlow import).
+_LAZY = {"load_base": "keras_api", "keras_classifier": "keras_api",
+         "load_classifier": "keras_api"}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib  # pylint: disable=g-import-not-at-top
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_LAZY))

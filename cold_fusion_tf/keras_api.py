@@ -5,7 +5,7 @@
 a model directory. ``keras_classifier(store_or_dir, num_labels)`` gives a compiled functional
 tf-keras model: the body's main layer plus a fresh head, optimised with the paper's recipe
 (AdamW, linear warm-up over 0.6% of ``train_steps`` then linear decay, weight decay 0.01 off
-LayerNorm weights and biases, gradient clipping at 1.0). It takes raw strings
+LayerNorm weights and biases, gradients clipped to norm 1.0). It takes raw strings
 (``inputs="text"``: WordPiece vocabularies, tokenized inside the graph with TensorFlow Text,
 the same ids as the Hugging Face tokenizer) or token ids (``inputs="ids"``: any model). Saved
 with ``model.save("x.keras")`` or ``model.save("dir", save_format="tf")``, it reloads with
@@ -19,6 +19,7 @@ from typing import Optional
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
+import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tf_keras as keras  # pylint: disable=g-import-not-at-top
 
@@ -28,7 +29,6 @@ from cold_fusion_tf import training  # pylint: disable=g-import-not-at-top
 from cold_fusion_tf.errors import UserError  # pylint: disable=g-import-not-at-top
 
 PACKAGE = "cold_fusion_tf"
-WORDPIECE_TYPES = ("bert", "electra", "distilbert")
 
 
 def resolve_base_dir(store_or_dir: str, iteration: Optional[int] = None) -> str:
@@ -47,7 +47,8 @@ def resolve_base_dir(store_or_dir: str, iteration: Optional[int] = None) -> str:
     latest = store.require_latest()
     if iteration is None:
       iteration = latest
-    if not isinstance(iteration, int) or isinstance(iteration, bool) or not 0 <= iteration <= latest:
+    if (not isinstance(iteration, int) or isinstance(iteration, bool)
+        or not 0 <= iteration <= latest):
       raise UserError(f"{store_or_dir}: iteration {iteration!r} is not published; the store "
                       f"holds bases 0..{latest}.")
     return store.base_dir(iteration)
@@ -198,6 +199,26 @@ class RecipeAdamW(keras.optimizers.AdamW):
   def get_config(self):
     return {**super().get_config(), "no_decay": self.no_decay}
 
+  def load_own_variables(self, store):
+    """tf-keras skips a saved state when the optimizer is not built yet (as after
+    ``load_model``): keep it and assign it in :meth:`build`."""
+    if getattr(self, "_built", False):
+      super().load_own_variables(store)
+      return
+    self._saved_state = [np.array(store[str(i)]) for i in range(len(store.keys()))]
+
+  def build(self, var_list):
+    super().build(var_list)
+    saved, self._saved_state = getattr(self, "_saved_state", None), None
+    if saved is None:
+      return
+    if len(saved) != len(self.variables):
+      raise UserError(f"The saved optimizer state has {len(saved)} variables, the model's "
+                      f"optimizer {len(self.variables)}; was the model changed after saving?")
+    with tf.init_scope():
+      for variable, value in zip(self.variables, saved):
+        variable.assign(value)
+
 
 def compile_classifier(model, num_labels: int, train_steps: Optional[int] = None,
                        recipe=None) -> None:
@@ -208,9 +229,8 @@ def compile_classifier(model, num_labels: int, train_steps: Optional[int] = None
   """
   settings = defaults.recipe()
   settings.update(dict(recipe or {}))
+  _check_steps(train_steps)
   if train_steps is not None:
-    if not isinstance(train_steps, int) or isinstance(train_steps, bool) or train_steps < 1:
-      raise UserError(f"train_steps={train_steps!r}: expected a positive integer.")
     # The recipe lives in training.make_optimizer; RecipeAdamW keeps its no-decay list
     # across save and reload.
     optimizer = RecipeAdamW.from_config(
@@ -226,6 +246,12 @@ def compile_classifier(model, num_labels: int, train_steps: Optional[int] = None
     model.compile(optimizer=optimizer,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+
+
+def _check_steps(train_steps) -> None:
+  if train_steps is not None and (not isinstance(train_steps, int) or isinstance(
+      train_steps, bool) or train_steps < 1):
+    raise UserError(f"train_steps={train_steps!r}: expected a positive integer.")
 
 
 def keras_classifier(store_or_dir: str, num_labels: int, *, iteration: Optional[int] = None,
@@ -257,6 +283,7 @@ def keras_classifier(store_or_dir: str, num_labels: int, *, iteration: Optional[
     raise UserError(f"num_labels={num_labels!r}: expected a positive integer.")
   if inputs not in ("text", "ids"):
     raise UserError(f"inputs={inputs!r}: expected 'text' or 'ids'.")
+  _check_steps(train_steps)
   if seed is not None:
     models.set_seed(seed)
   body, tokenizer = load_base(store_or_dir, iteration)
@@ -279,8 +306,7 @@ def keras_classifier(store_or_dir: str, num_labels: int, *, iteration: Optional[
   else:
     model_inputs = {n: keras.Input(shape=(None,), dtype=tf.int32, name=n) for n in names}
     features = model_inputs
-  main = getattr(body, body.base_model_prefix)
-  _freeze_pooler(main)
+  main = _main_layer_without_pooler(body)
   hidden = main(dict(features))[0]
   dropout = getattr(config, "hidden_dropout_prob", None)
   if dropout is None:
@@ -292,18 +318,40 @@ def keras_classifier(store_or_dir: str, num_labels: int, *, iteration: Optional[
   return model
 
 
-def _freeze_pooler(main) -> None:
-  """The pooler is unused (the head reads the first token): keep it out of training."""
-  pooler = getattr(main, "pooler", None)
-  if pooler is not None:
-    pooler.trainable = False
+def _main_layer_without_pooler(body):
+  """The body's main layer (``TFBertMainLayer``, ...) without its pooler.
+
+  The head reads the first token's hidden state, so the pooler would only be dead weight
+  (and variables without gradients). The layer is rebuilt with ``add_pooling_layer=False``
+  (kept in its Keras config, so a reloaded model has the same variables) and the body's
+  weights are copied over by name.
+  """
+  main = getattr(body, body.base_model_prefix)
+  if getattr(main, "pooler", None) is None:
+    return main
+  fresh = type(main)(body.config, add_pooling_layer=False, name=main.name)
+  fresh(body.dummy_inputs, training=False)
+
+  def relative(variable):
+    return variable.name[variable.name.find(f"{main.name}/"):]
+
+  source = {relative(v): v for v in main.weights if f"{main.name}/pooler/" not in relative(v)}
+  for variable in fresh.weights:
+    value = source.pop(relative(variable), None)
+    if value is None or tuple(value.shape) != tuple(variable.shape):
+      raise ValueError(f"No matching body weight for {variable.name}.")
+    variable.assign(value)
+  if source:
+    raise ValueError(f"Body weights left unassigned: {sorted(source)[:5]}.")
+  return fresh
 
 
 def load_classifier(path: str, compile: bool = True):  # pylint: disable=redefined-builtin
   """Reloads a model saved from :func:`keras_classifier` (``.keras`` file or SavedModel dir).
 
-  Only the Python classes of this package, Transformers and TensorFlow Text are resolved;
-  ``safe_mode`` stays on for ``.keras`` files.
+  Registers what the saved model refers to (this package's layers and optimizer, the
+  Transformers main layers, TensorFlow Text's ops) and, for a ``.keras`` file, restores the
+  optimizer state so that training can go on. ``safe_mode`` stays on.
   """
   import importlib  # pylint: disable=g-import-not-at-top
   import tensorflow_text  # pylint: disable=g-import-not-at-top,unused-import
@@ -318,7 +366,6 @@ def load_classifier(path: str, compile: bool = True):  # pylint: disable=redefin
       custom_objects={"LinearWarmupDecay": training.LinearWarmupDecay,
                       "ClassifierHead": ClassifierHead, "WordPieceEncoder": WordPieceEncoder,
                       "RecipeAdamW": RecipeAdamW})
-  for layer in model.layers:
-    if type(layer).__name__.endswith("MainLayer"):
-      _freeze_pooler(layer)
+  if isinstance(getattr(model, "optimizer", None), RecipeAdamW):
+    model.optimizer.build(model.trainable_variables)  # restores the saved optimizer state
   return model

@@ -94,11 +94,9 @@ class _CheckedTensors:
 
 
 def _converter(family: str):
-  if family == "bert":
-    from keras_hub.src.utils.transformers import convert_bert  # pylint: disable=g-import-not-at-top
-    return convert_bert
-  from keras_hub.src.utils.transformers import convert_roberta  # pylint: disable=g-import-not-at-top
-  return convert_roberta
+  """keras-hub's own Hugging Face converter module for ``family`` (its config and weight maps)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  return importlib.import_module(f"keras_hub.src.utils.transformers.convert_{family}")
 
 
 def load_backbone(base_dir: str):
