@@ -1,56 +1,154 @@
-"""Tokenize once; batch by length so padding stays small; feed tf.data.
+"""Tokenize once; batch by length so padding stays small; feed replicas through tf.data.
 
-Each split is tokenized once into ragged id lists. Batches are formed from examples of
-similar length (sorted within shuffled pools of ``pool_batches`` batches) and padded to the
-smallest of a few bucket lengths that fits, so the model sees a small, fixed set of shapes
-(``bucket_lengths``) and very little padding.
+Each split is tokenized once (and cached on disk, local or ``gs://``, when a cache folder is
+given) into flat id arrays. An epoch is *planned* on the host from a seed: examples are
+shuffled, sorted by length within pools of ``pool_batches`` batches, cut into batches
+(dropping the remainder), and each batch is padded to the smallest bucket length that fits.
+The plan fixes the order of every step, so a resumed run skips to its step index and sees the
+same data it would have seen.
+
+The batches themselves are built by tf.data (gather and pad in the graph, no Python per
+step) and split across replicas with ``distribute_datasets_from_function``: replica ``r`` of
+step ``s`` gets rows ``r*P .. (r+1)*P`` of the step's global batch, on one machine or many.
+With ``static_shapes`` (TPUs, XLA) there is one dataset per bucket length, each with a fully
+static shape, and steps of one length run in groups of up to ``steps_per_execution``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Optional, Sequence
+import hashlib
+import io
+import json
+import os
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from cold_fusion_tf.data import Split
 
+CACHE_VERSION = 1
+
 
 @dataclasses.dataclass
 class Encoded:
-  """A tokenized split: ragged ids (and segment ids), labels, lengths."""
-  input_ids: list[np.ndarray]
-  token_type_ids: Optional[list[np.ndarray]]
-  labels: np.ndarray
-  lengths: np.ndarray
+  """A tokenized split as flat arrays: ids (and segment ids) of all examples end to end."""
+  ids: np.ndarray               # int32 [total tokens]
+  types: Optional[np.ndarray]   # int32 [total tokens] or None
+  lengths: np.ndarray           # int32 [examples]
+  labels: np.ndarray            # int32 class ids or float32 scores [examples]
   pad_id: int
 
+  def __post_init__(self):
+    self.offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+
   def __len__(self) -> int:
-    return len(self.input_ids)
+    return len(self.lengths)
+
+  def row(self, i: int) -> np.ndarray:
+    return self.ids[self.offsets[i]:self.offsets[i + 1]]
+
+  def row_types(self, i: int) -> Optional[np.ndarray]:
+    if self.types is None:
+      return None
+    return self.types[self.offsets[i]:self.offsets[i + 1]]
 
 
-def encode(tokenizer, split: Split, max_length: int) -> Encoded:
-  """Tokenizes a split once (truncating pairs longest-first to ``max_length``)."""
+def encode(tokenizer, split: Split, max_length: int, cache_dir: str | None = None) -> Encoded:
+  """Tokenizes a split once (pairs are truncated longest-first to ``max_length``).
+
+  With ``cache_dir`` (a local or ``gs://`` folder) the result is kept there under a key of
+  the tokenizer, ``max_length`` and the texts, and reused by later runs.
+  """
+  path = None
+  if cache_dir:
+    path = f"{cache_dir.rstrip('/')}/{_cache_key(tokenizer, split, max_length)}.npz"
+    cached = _read_cache(path)
+    if cached is not None and len(cached) == len(split):
+      return cached
   enc = tokenizer(split.texts, split.pairs, truncation=True, max_length=max_length,
                   padding=False, return_attention_mask=False)
-  ids = [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]
+  lengths = np.asarray([len(x) for x in enc["input_ids"]], dtype=np.int32)
+  ids = np.fromiter((t for x in enc["input_ids"] for t in x), dtype=np.int32,
+                    count=int(lengths.sum()))
   types = None
   if "token_type_ids" in enc:
-    types = [np.asarray(x, dtype=np.int32) for x in enc["token_type_ids"]]
-  lengths = np.asarray([len(x) for x in ids], dtype=np.int32)
+    types = np.fromiter((t for x in enc["token_type_ids"] for t in x), dtype=np.int32,
+                        count=int(lengths.sum()))
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  return Encoded(ids, types, split.labels, lengths, int(pad))
+  encoded = Encoded(ids, types, lengths, np.asarray(split.labels), int(pad))
+  if path:
+    _write_cache(path, encoded)
+  return encoded
 
 
-def bucket_lengths(max_length: int, smallest: int = 16) -> list[int]:
-  """Powers of two from ``smallest`` up to ``max_length`` (which is always the last)."""
-  out, n = [], smallest
-  while n < max_length:
-    out.append(n)
-    n *= 2
-  out.append(max_length)
-  return out
+def _cache_key(tokenizer, split: Split, max_length: int) -> str:
+  h = hashlib.sha256()
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  h.update(json.dumps([CACHE_VERSION, type(tokenizer).__name__, max_length,
+                       tokenizer.pad_token_id]).encode())
+  if backend is not None:  # its JSON, without the call-time truncation/padding settings
+    spec = json.loads(backend.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    h.update(json.dumps(spec, sort_keys=True).encode())
+  else:
+    h.update(repr(tokenizer).encode())
+  for text in split.texts:
+    h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+  for text in split.pairs or ():
+    h.update(text.encode("utf-8", "surrogatepass") + b"\1")
+  h.update(np.ascontiguousarray(split.labels).tobytes())
+  return h.hexdigest()[:32]
+
+
+def _read_cache(path: str) -> Encoded | None:
+  try:
+    if not tf.io.gfile.exists(path):
+      return None
+    with tf.io.gfile.GFile(path, "rb") as f:
+      data = np.load(io.BytesIO(f.read()), allow_pickle=False)
+      types = data["types"] if data["has_types"] else None
+      return Encoded(data["ids"], types, data["lengths"], data["labels"], int(data["pad_id"]))
+  except (tf.errors.OpError, OSError, ValueError, KeyError):
+    return None  # a damaged cache is rebuilt
+
+
+def _write_cache(path: str, encoded: Encoded) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, ids=encoded.ids, types=encoded.types if encoded.types is not None else
+           np.zeros(0, np.int32), has_types=encoded.types is not None,
+           lengths=encoded.lengths, labels=encoded.labels, pad_id=encoded.pad_id)
+  try:
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+      f.write(buffer.getvalue())
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+  except (tf.errors.OpError, OSError):
+    pass  # the cache is an optimisation only
+
+
+def bucket_lengths(max_length: int, lengths: Sequence[int] | None = None, num_buckets: int = 0,
+                   multiple: int = 8) -> list[int]:
+  """The padded lengths batches may have, ascending; the last is always ``max_length``.
+
+  ``num_buckets`` = 0: every multiple of ``multiple`` (fine-grained, for dynamic shapes).
+  Otherwise at most ``num_buckets`` lengths at quantiles of ``lengths`` (the training
+  lengths), rounded up to ``multiple``: few static shapes with little padding (TPUs, XLA).
+  """
+  if num_buckets <= 0 or lengths is None or len(lengths) == 0:
+    out = list(range(multiple, max_length, multiple))
+  else:
+    quantiles = np.quantile(np.asarray(lengths), np.arange(1, num_buckets + 1) / num_buckets)
+    out = sorted({min(max_length, int(-(-q // multiple) * multiple)) for q in quantiles})
+  out = [b for b in out if b < max_length]
+  return out + [max_length]
+
+
+def width_of(longest: int, buckets: Sequence[int]) -> int:
+  return next(b for b in buckets if b >= longest)
 
 
 def plan_batches(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int,
@@ -66,7 +164,8 @@ def plan_batches(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: i
     order = rng.permutation(n)
     pool = batch_size * pool_batches
     chunks = [order[i:i + pool] for i in range(0, n, pool)]
-    order = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in chunks]) if n else order
+    if n:
+      order = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in chunks])
   else:
     rng = None
     order = np.argsort(lengths, kind="stable")
@@ -78,43 +177,183 @@ def plan_batches(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: i
   return batches
 
 
+@dataclasses.dataclass
+class EpochPlan:
+  """The steps of one epoch: the examples of each step, its padded width and its group.
+
+  Steps of one group share one dataset (and, with static shapes, one compiled program);
+  ``runs`` are maximal stretches of consecutive steps of one group.
+  """
+  batches: np.ndarray   # int32 [steps, global batch] example indices
+  widths: np.ndarray    # int32 [steps] padded length of each step
+  groups: np.ndarray    # int32 [steps] the width when shapes are static, else 0
+
+  def __len__(self) -> int:
+    return len(self.batches)
+
+  def run_end(self, step: int) -> int:
+    """The first step after ``step`` that belongs to another group (or the epoch's end)."""
+    end = step + 1
+    while end < len(self.groups) and self.groups[end] == self.groups[step]:
+      end += 1
+    return end
+
+
+def plan_epoch(lengths: np.ndarray, batch_size: int, buckets: Sequence[int], *, seed: int,
+               static_shapes: bool, steps_per_execution: int = 1) -> EpochPlan:
+  """Plans one epoch of full batches (see the module docstring).
+
+  With ``static_shapes``, batches of one width are gathered into runs of up to
+  ``steps_per_execution`` steps and the runs are shuffled, so one compiled program per width
+  can execute a whole run on the accelerator.
+  """
+  batches = plan_batches(lengths, batch_size, shuffle=True, seed=seed, drop_remainder=True)
+  widths = np.asarray([width_of(int(lengths[b].max()), buckets) for b in batches], np.int32)
+  order = np.arange(len(batches))
+  if static_shapes and steps_per_execution > 1 and len(batches):
+    runs = []
+    for width in np.unique(widths):
+      same = order[widths == width]
+      runs += [same[i:i + steps_per_execution] for i in range(0, len(same), steps_per_execution)]
+    rng = np.random.default_rng([seed, 1])
+    order = np.concatenate([runs[i] for i in rng.permutation(len(runs))])
+  stacked = (np.stack([batches[i] for i in order]).astype(np.int32) if len(batches)
+             else np.zeros((0, batch_size), np.int32))
+  widths = widths[order]
+  groups = widths if static_shapes else np.zeros_like(widths)
+  return EpochPlan(stacked, widths, groups)
+
+
+def eval_plan(lengths: np.ndarray, batch_size: int, buckets: Sequence[int],
+              static_shapes: bool) -> EpochPlan:
+  """Batches covering every example once, sorted by length; the last batch of each width is
+  filled with index -1 (padding rows whose outputs are dropped)."""
+  order = np.argsort(lengths, kind="stable")
+  widths_of_examples = np.asarray([width_of(int(n), buckets) for n in lengths[order]], np.int32)
+  batches, widths = [], []
+  for width in np.unique(widths_of_examples):
+    same = order[widths_of_examples == width]
+    for i in range(0, len(same), batch_size):
+      rows = np.full(batch_size, -1, np.int64)
+      part = same[i:i + batch_size]
+      rows[:len(part)] = part
+      batches.append(rows)
+      widths.append(width)
+  if not static_shapes:  # fewer, fuller batches: one width per batch is not needed
+    batches = [np.pad(order[i:i + batch_size], (0, max(0, i + batch_size - len(order))),
+                      constant_values=-1) for i in range(0, len(order), batch_size)]
+    widths = [width_of(int(lengths[b[b >= 0]].max()), buckets) for b in batches]
+  stacked = (np.stack(batches).astype(np.int32) if batches
+             else np.zeros((0, batch_size), np.int32))
+  widths = np.asarray(widths, np.int32)
+  return EpochPlan(stacked, widths, widths if static_shapes else np.zeros_like(widths))
+
+
+def _replica_rows(batches: np.ndarray, context: tf.distribute.InputContext) -> np.ndarray:
+  """The rows of ``batches`` [steps, global] this input pipeline feeds, in the order its
+  replicas take them: for each step, the slices of its local replicas one after another."""
+  replicas = context.num_replicas_in_sync
+  local = replicas // context.num_input_pipelines
+  first = context.input_pipeline_id * local
+  steps, global_batch = batches.shape
+  per_replica = global_batch // replicas
+  view = batches.reshape(steps, replicas, per_replica)[:, first:first + local]
+  return view.reshape(steps * local, per_replica)
+
+
+def make_features_fn(encoded: Encoded, input_names: Sequence[str], label_dtype,
+                     width: int | None, with_index: bool) -> Callable:
+  """A tf.data map function: example indices [P] -> padded features (and labels).
+
+  ``width`` fixes the padded length (static shape); ``None`` pads to the widest bucket in
+  the batch given by the ``widths`` argument at run time.
+  """
+  values = {"input_ids": encoded.ids}
+  if "token_type_ids" in input_names:
+    values["token_type_ids"] = (encoded.types if encoded.types is not None
+                                else np.zeros_like(encoded.ids))
+  # Row n is an empty example: index -1 (a padding row) reads it.
+  n = len(encoded)
+  row_lengths = np.append(encoded.lengths, 0).astype(np.int32)
+  ragged = {k: tf.RaggedTensor.from_row_lengths(tf.constant(v), tf.constant(row_lengths))
+            for k, v in values.items()}
+  lengths = tf.constant(row_lengths)
+  labels = tf.constant(np.append(encoded.labels, 0), dtype=label_dtype)
+  fill = {"input_ids": encoded.pad_id, "token_type_ids": 0}
+
+  def fn(index, batch_width):
+    safe = tf.where(index < 0, n, index)
+    size = width if width is not None else batch_width
+    out = {}
+    for key, table in ragged.items():
+      if width is not None:
+        out[key] = tf.gather(table, safe).to_tensor(default_value=fill[key],
+                                                    shape=[index.shape[0], width])
+      else:
+        dense = tf.gather(table, safe).to_tensor(default_value=fill[key])
+        out[key] = tf.pad(dense, [[0, 0], [0, batch_width - tf.shape(dense)[1]]],
+                          constant_values=fill[key])
+    out["attention_mask"] = tf.sequence_mask(tf.gather(lengths, safe), size, tf.int32)
+    features = {k: out[k] for k in input_names}
+    if with_index:
+      features["index"] = index
+    return features, tf.gather(labels, safe)
+
+  return fn
+
+
+def replica_dataset_fn(encoded: Encoded, plan: EpochPlan, steps: np.ndarray,
+                       input_names: Sequence[str], label_dtype, *, width: int | None,
+                       with_index: bool = False) -> Callable:
+  """A ``distribute_datasets_from_function`` argument feeding the steps ``steps`` of ``plan``
+  (all padded to ``width``, or each to its planned width when ``width`` is None)."""
+  features_fn = make_features_fn(encoded, input_names, label_dtype, width, with_index)
+  batches = plan.batches[steps]
+  widths = plan.widths[steps]
+
+  def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+    rows = _replica_rows(batches, context)
+    local = len(rows) // max(len(batches), 1)
+    row_widths = np.repeat(widths, local).astype(np.int32)
+    ds = tf.data.Dataset.from_tensor_slices((rows, row_widths))
+    ds = ds.map(features_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+  return dataset_fn
+
+
 def pad_batch(encoded: Encoded, index: np.ndarray, buckets: Sequence[int],
               input_names: Sequence[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """Pads one batch to the smallest bucket that fits its longest example."""
-  longest = int(encoded.lengths[index].max())
-  width = next(b for b in buckets if b >= longest)
+  """Pads one batch on the host to the smallest bucket that fits its longest example."""
+  width = width_of(int(encoded.lengths[index].max()), buckets)
   ids = np.full((len(index), width), encoded.pad_id, dtype=np.int32)
   mask = np.zeros((len(index), width), dtype=np.int32)
   types = np.zeros((len(index), width), dtype=np.int32)
   for row, i in enumerate(index):
     length = encoded.lengths[i]
-    ids[row, :length] = encoded.input_ids[i]
+    ids[row, :length] = encoded.row(i)
     mask[row, :length] = 1
-    if encoded.token_type_ids is not None:
-      types[row, :length] = encoded.token_type_ids[i]
+    if encoded.types is not None:
+      types[row, :length] = encoded.row_types(i)
   features = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
   return {k: features[k] for k in input_names}, encoded.labels[index]
 
 
-def padding_fraction(encoded: Encoded, batches, buckets) -> float:
-  """Share of padded positions in the planned batches (for progress logs and benchmarks)."""
+def padding_fraction(encoded, batches, buckets: Sequence[int] | None = None) -> float:
+  """Share of padded positions: of an :class:`EpochPlan` (index -1 rows count as padding),
+  or of a list of index arrays each padded to its bucket in ``buckets``.
+
+  ``encoded`` is an :class:`Encoded` split or its array of lengths.
+  """
+  lengths = encoded.lengths if isinstance(encoded, Encoded) else np.asarray(encoded)
+  if isinstance(batches, EpochPlan):
+    pairs = zip(batches.batches, batches.widths)
+  else:
+    pairs = ((b, width_of(int(lengths[b].max()), buckets)) for b in batches)
   real = padded = 0
-  for index in batches:
-    longest = int(encoded.lengths[index].max())
-    width = next(b for b in buckets if b >= longest)
-    real += int(encoded.lengths[index].sum())
-    padded += width * len(index)
+  for index, width in pairs:
+    real += int(lengths[index[index >= 0]].sum())
+    padded += int(width) * len(index)
   return 1.0 - real / max(padded, 1)
-
-
-def make_dataset(encoded: Encoded, batches: list[np.ndarray], buckets: Sequence[int],
-                 input_names: Sequence[str], label_dtype) -> tf.data.Dataset:
-  """A prefetching tf.data pipeline over planned batches (variable batch length)."""
-
-  def generate() -> Iterator:
-    for index in batches:
-      yield pad_batch(encoded, index, buckets, input_names)
-
-  spec = ({k: tf.TensorSpec([None, None], tf.int32) for k in input_names},
-          tf.TensorSpec([None], label_dtype))
-  return tf.data.Dataset.from_generator(generate, output_signature=spec).prefetch(4)

