@@ -25,6 +25,7 @@ from cold_fusion_tf import models
 from cold_fusion_tf.results_dir import ResultsDir, run_id
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf import weights
+from cold_fusion_tf.training import duration_text as _duration
 from cold_fusion_tf.errors import UserError
 
 # Recipe fields that do not change what a run computes.
@@ -258,12 +259,3 @@ def evaluate(config, bases: Sequence[str], reference: str | None = None, tasks: 
   log("\n" + recycling_report.markdown(summary))
   log("wrote " + ", ".join(files))
   return summary
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  if seconds < 60:
-    return f"{seconds}s"
-  if seconds < 3600:
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"

@@ -501,7 +501,7 @@ class _Trainer:
                                int(math.ceil(recipe.warmup_fraction * self.total_steps)),
                                self.total_steps)
     self.log(f"{self.label}{self.task.name} step {step}/{self.total_steps} loss {loss:.4f} "
-             f"lr {lr:.3g} {rate:.1f} examples/s ETA {_duration(eta)}")
+             f"lr {lr:.3g} {rate:.1f} examples/s ETA {duration_text(eta)}")
     if writer is not None:
       with writer.as_default(step=step):
         tf.summary.scalar("train/loss", loss)
@@ -539,7 +539,8 @@ class _Trainer:
       t.assign(s)
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+  """``75`` -> ``1m15s``: a short duration for progress lines."""
   seconds = int(round(seconds))
   if seconds < 60:
     return f"{seconds}s"
