@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import random
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -104,10 +105,22 @@ def load_task(name: str, dirs: Sequence[str] = (), columns: Mapping[str, str] | 
     task = load_folder(resolve_dir(name, dirs), columns or {})
   if max_examples:
     for split, cap in max_examples.items():
-      s = task.splits[split]
-      if cap and len(s) > cap:
-        task.splits[split] = Split(s.texts[:cap], s.pairs[:cap] if s.pairs else None, s.labels[:cap])
+      task.splits[split] = sample_split(task.splits[split], cap, split)
   return task
+
+
+def sample_split(split: Split, cap: int, seed: str) -> Split:
+  """At most ``cap`` examples (0: all) drawn at random (seeded by ``seed``), in file order.
+
+  A random sample rather than the first ``cap`` lines: some sources are sorted by label, and
+  their first lines hold a single class.
+  """
+  if not cap or len(split) <= cap:
+    return split
+  keep = sorted(random.Random(f"cold_fusion_tf/{seed}").sample(range(len(split)), cap))
+  pick = lambda values: [values[i] for i in keep]  # noqa: E731
+  return Split(pick(split.texts), pick(split.pairs) if split.pairs else None,
+               split.labels[np.asarray(keep, dtype=np.int64)])
 
 
 # --------------------------------------------------------------------------------------------

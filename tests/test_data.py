@@ -117,3 +117,19 @@ def test_tokenize_once_and_pad_little():
   assert width in buckets and width >= encoded.lengths[batches[0]].max()
   assert features["attention_mask"].sum() == encoded.lengths[batches[0]].sum()
   assert labels.tolist() == task.splits["train"].labels[batches[0]].tolist()
+
+
+def test_max_examples_samples_both_classes_of_a_label_sorted_file():
+  # Prepare: shared rotten_tomatoes/train.jsonl lists all 4265 positives, then the negatives.
+  full = data.load_task("rotten_tomatoes", dirs=[tiny.SHARED_DATA]).splits["train"]
+  assert set(full.labels[:1000].tolist()) == {int(full.labels[0])}
+  # Execute
+  capped = data.load_task("rotten_tomatoes", dirs=[tiny.SHARED_DATA],
+                          max_examples={"train": 1000}).splits["train"]
+  again = data.load_task("rotten_tomatoes", dirs=[tiny.SHARED_DATA],
+                         max_examples={"train": 1000}).splits["train"]
+  # Assert: a seeded random sample, in file order, with both classes near half each.
+  assert len(capped) == 1000 and capped.texts == again.texts
+  positions = [full.texts.index(t) for t in capped.texts[:50]]
+  assert positions == sorted(positions)
+  assert 400 < int((capped.labels == 0).sum()) < 600
