@@ -719,7 +719,11 @@ def server_momentum_step(base: np.ndarray, mean_delta: np.ndarray,
   return new_base.astype(base.dtype), buffer.astype(buffer_dtype)
 
 
-def robust_z_scores(values: np.ndarray) -> np.ndarray:
+# The fuser's floor on the MAD of update norms, relative to their median (see robust_z_scores).
+MIN_RELATIVE_SPREAD = 0.1
+
+
+def robust_z_scores(values: np.ndarray, min_relative_spread: float = 0.0) -> np.ndarray:
   """Median/MAD z-scores (Iglewicz and Hoaglin's modified z-score) of a 1-D set of values.
 
   ``z = 0.6745 * (x - median) / MAD`` with ``MAD = median(|x - median|)``; 0.6745 makes it
@@ -728,10 +732,17 @@ def robust_z_scores(values: np.ndarray) -> np.ndarray:
   contributions: a contribution with ``z > 3.5`` sent an update far larger than the others.
   Needs at least 3 values to flag anything (with 2, ``|z|`` is at most 0.6745).
 
+  A handful of honest contributors can agree so closely that their MAD is tiny and an update
+  only 10% larger scores far above 3.5; ``min_relative_spread`` floors the MAD at that fraction
+  of ``|median|`` (the fuser uses :data:`MIN_RELATIVE_SPREAD`: with it, flagging at 3.5 needs
+  a norm at least about 1.5x the median).
+
   Parameters
   ----------
   values : np.ndarray
     1-D array of values (any real dtype).
+  min_relative_spread : float
+    The smallest MAD, as a fraction of ``|median|`` (0: no floor).
 
   Returns
   -------
@@ -751,7 +762,7 @@ def robust_z_scores(values: np.ndarray) -> np.ndarray:
   kept = values[finite]
   center = np.median(kept)
   deviation = kept - center
-  mad = np.median(np.abs(deviation))
+  mad = max(float(np.median(np.abs(deviation))), min_relative_spread * abs(float(center)))
   if mad > 0:
     scores[finite] = 0.6745 * deviation / mad
   else:

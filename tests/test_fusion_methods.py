@@ -493,3 +493,19 @@ def test_methods_do_not_modify_inputs_and_handle_bfloat16(method_name):
   for original, copy in zip([base] + bodies, copies):
     np.testing.assert_array_equal(original.astype(np.float32), copy.astype(np.float32))
   assert np.all(np.isfinite(result.astype(np.float32)))
+
+
+def test_robust_z_scores_spread_floor_spares_close_honest_updates():
+  # Prepare: four honest update norms that agree closely (MAD 0.015), one 10% above the median
+  # (as a contributor with a little more data sends), and a scaled one at twice the median.
+  honest = np.array([1.95, 1.97, 1.98, 2.18])
+  with_attacker = np.append(honest, 4.0)
+  # Execute
+  plain = fm.robust_z_scores(honest)
+  floored = fm.robust_z_scores(honest, fm.MIN_RELATIVE_SPREAD)
+  attacked = fm.robust_z_scores(with_attacker, fm.MIN_RELATIVE_SPREAD)
+  # Assert: without the floor the honest 2.18 is flagged; with it, only the attacker is.
+  assert plain[-1] > fm.ROBUST_Z_THRESHOLD
+  np.testing.assert_allclose(floored, 0.6745 * (honest - 1.975) / 0.1975)
+  assert np.all(floored <= fm.ROBUST_Z_THRESHOLD)
+  assert attacked[-1] > fm.ROBUST_Z_THRESHOLD and np.all(attacked[:-1] <= fm.ROBUST_Z_THRESHOLD)
