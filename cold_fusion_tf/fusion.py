@@ -12,7 +12,9 @@ One fusion of base ``i`` into base ``i+1``:
    update whose norm ``||body - base||`` is far above the others' (a robust z-score above
    ``max_update_z``, see :func:`fusion_methods.robust_z_scores`) is rejected. With fewer than
    3, z-scores cannot tell an outlier apart and this check is skipped. Every rejection is
-   printed, recorded with its reason, and the fusion goes on with the rest.
+   printed, recorded with its reason, and the fusion goes on with the rest. A fuser that
+   waits for the quorum (``max_wait``, ``--watch``) validates each contribution as it
+   arrives (:class:`Validations`), so that at the quorum only steps 2-4 are left.
 2. **Plan**: the fuser that first creates ``fusion/<i+1>/plan.json`` (an exclusive create)
    fixes which contributions are fused, which are rejected, and how. Every other attempt at
    iteration ``i+1`` (a racing fuser, a rerun after a crash) fuses exactly that plan, so all
@@ -24,8 +26,10 @@ One fusion of base ``i`` into base ``i+1``:
    chunk writer, optionally followed by a server optimizer step whose momentum buffer is
    stored in ``fusion/<i+1>/momentum.safetensors``. Memory stays at about a chunk per
    thread and contribution, whatever the number of contributions.
-4. **Publish** with :meth:`Store.publish_base`: the files, then ``manifest.json``, then
-   ``LATEST`` by compare-and-swap. A fuser that loses the race says so and stops.
+4. **Publish** with :meth:`Store.publish_base`: the files (the fused body's sha256 computed as
+   it was written; on a local store on the same filesystem the staged file is synced and
+   hard-linked into place rather than copied), then ``manifest.json``, then ``LATEST`` by
+   compare-and-swap. A fuser that loses the race says so and stops.
 
 The manifest records the fused contributions (id, dataset, examples, sha256, dev metrics,
 update norm and z-score), the rejected ones with reasons, the method and its parameters,
@@ -202,12 +206,10 @@ def _open_body(store, contribution, workdir) -> fusion_io.BodyFile:
   return fusion_io.BodyFile(path, source=f"{store.uri}/{contribution.body_name}")
 
 
-def _scan_body(body: fusion_io.BodyFile, meta: dict, base: fusion_io.BodyFile,
-               specs: dict) -> fusion_io.ScanResult:
-  problem = _specs_difference(body.specs(), specs)
-  if problem:
-    raise UserError(problem)
-  result = fusion_io.scan(body, specs, base)
+def _checked_scan(result, meta: dict) -> fusion_io.ScanResult:
+  """A body's scan result, or the UserError that rejects it."""
+  if isinstance(result, UserError):
+    raise result
   if result.sha256 != meta["body_sha256"]:
     raise UserError("body.safetensors does not match the sha256 in contribution.json "
                     "(changed or corrupted after upload)")
@@ -217,8 +219,12 @@ def _scan_body(body: fusion_io.BodyFile, meta: dict, base: fusion_io.BodyFile,
 
 
 def _validate(store, contributions, base, specs, workdir, threads, log) -> tuple[dict, list]:
-  """Checks each contribution's body: ({id: _Checked}, [rejections])."""
-  opened, rejected = {}, []
+  """Checks each contribution's body: ({id: _Checked}, [rejections]).
+
+  Bodies are read once, in parallel: ``threads`` groups of bodies with the same data layout,
+  each group scanned a chunk of all its bodies at a time (:func:`fusion_io.scan_group`).
+  """
+  opened, rejected = [], []
 
   def reject(c, error):
     rejected.append(_rejection(c.contributor_id, c.meta.get("dataset"), error))
@@ -226,21 +232,97 @@ def _validate(store, contributions, base, specs, workdir, threads, log) -> tuple
 
   for c in contributions:  # downloads in this thread: one storage client, one thread
     try:
-      opened[c.contributor_id] = (c, _open_body(store, c, workdir))
+      body = _open_body(store, c, workdir)
     except UserError as e:
       reject(c, e)
+      continue
+    problem = _specs_difference(body.specs(), specs)
+    if problem:
+      body.close()
+      reject(c, problem)
+      continue
+    opened.append((c, body))
+  groups = fusion_io.layout_groups([body for _, body in opened], threads)
+  results = {}
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
+    futures = [pool.submit(fusion_io.scan_group, [opened[i][1] for i in group], specs, base)
+               for group in groups]
+    for group, future in zip(groups, futures):
+      results.update(zip(group, future.result()))
   checked = {}
-  with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
-    futures = {cid: pool.submit(_scan_body, body, c.meta, base, specs)
-               for cid, (c, body) in opened.items()}
-    for cid in sorted(futures):
-      c, body = opened[cid]
-      try:
-        checked[cid] = _Checked(c, body, futures[cid].result())
-      except UserError as e:
-        body.close()
-        reject(c, e)
+  for i in sorted(range(len(opened)), key=lambda i: opened[i][0].contributor_id):
+    c, body = opened[i]
+    try:
+      checked[c.contributor_id] = _Checked(c, body, _checked_scan(results[i], c.meta))
+    except UserError as e:
+      body.close()
+      reject(c, e)
   return checked, rejected
+
+
+class Validations:
+  """The contributions to the latest base validated so far, kept open for the fusion.
+
+  The fuse program keeps one while it waits for the quorum and validates each contribution
+  as it arrives, so that once the quorum is met only the fusion is left to do. A contribution
+  is validated once; it is checked again only if its ``contribution.json`` changes.
+  """
+
+  def __init__(self, store: store_lib.Store, settings: "Settings", log):
+    self.store, self.settings, self.log = store, settings, log
+    self.iteration = store.require_latest()
+    self.manifest = store.manifest(self.iteration)
+    self.base_sha = self.manifest["files"][store_lib.MODEL]["sha256"]
+    self.base_dir = store.base_dir(self.iteration)
+    self._staging = store_lib.staging_dir("validate")
+    self.work = self._staging.name
+    self.base = fusion_io.BodyFile(os.path.join(self.base_dir, store_lib.MODEL))
+    self.specs = self.base.specs()
+    self._checked: dict[str, _Checked] = {}
+    self._failed: dict[str, tuple[dict, dict]] = {}  # id -> (contribution.json, rejection)
+
+  def current(self, store: store_lib.Store) -> bool:
+    """Whether this is still about the latest base of ``store``."""
+    return store is self.store and store.require_latest() == self.iteration
+
+  def check(self, contributions, log=None) -> tuple[dict, list]:
+    """Validates those of ``contributions`` not seen yet: ({id: _Checked}, [rejections]),
+    both for all of ``contributions``."""
+    log = log or self.log
+    new = []
+    for c in contributions:
+      cid = c.contributor_id
+      known = self._checked.get(cid)
+      if known is not None and known.contribution.meta != c.meta:
+        known.body.close()
+        del self._checked[cid]
+      if cid in self._failed and self._failed[cid][0] != c.meta:
+        del self._failed[cid]
+      if cid not in self._checked and cid not in self._failed:
+        new.append(c)
+    checked, rejected = _validate(self.store, new, self.base, self.specs, self.work,
+                                  self.settings.threads(), log)
+    self._checked.update(checked)
+    by_id = {r["id"]: r for r in rejected}
+    for c in new:
+      if c.contributor_id in by_id:
+        self._failed[c.contributor_id] = (c.meta, by_id[c.contributor_id])
+    ids = {c.contributor_id for c in contributions}
+    return ({cid: v for cid, v in self._checked.items() if cid in ids},
+            [r for cid, (_, r) in sorted(self._failed.items()) if cid in ids])
+
+  def refresh(self) -> int:
+    """Validates the complete contributions to the base that arrived since the last call:
+    the number of valid ones so far."""
+    candidates, _ = _candidates(self.store, self.iteration, self.base_sha, lambda m: None)
+    return len(self.check(candidates)[0])
+
+  def close(self) -> None:
+    for c in self._checked.values():
+      c.body.close()
+    self._checked.clear()
+    self.base.close()
+    self._staging.cleanup()
 
 
 def _candidates(store, iteration: int, base_sha: str, log) -> tuple[list, list]:
@@ -279,7 +361,7 @@ def _select(checked: dict, max_update_z: float, log) -> tuple[list, list, dict]:
   scores = {}
   if len(kept) >= 3 and max_update_z > 0:
     norms = np.array([checked[cid].norm for cid in kept])
-    z = fm.robust_z_scores(norms)
+    z = fm.robust_z_scores(norms, fm.MIN_RELATIVE_SPREAD)
     median = float(np.median(norms))
     scores = dict(zip(kept, (float(v) for v in z)))
     for cid, norm, score in zip(list(kept), norms, z):
@@ -441,8 +523,10 @@ def _ordered(pool, fn, items, window: int) -> Iterator:
 
 def fuse_files(base: fusion_io.BodyFile, bodies: list, counts: np.ndarray, specs: dict,
                settings: Settings, out_path: str, state_path: Optional[str] = None,
-               previous_state: Optional[fusion_io.BodyFile] = None, fsync: bool = True) -> None:
-  """Writes the fusion of ``bodies`` (and the new server momentum buffer) tensor by tensor.
+               previous_state: Optional[fusion_io.BodyFile] = None,
+               fsync: bool = True) -> tuple[str, Optional[str]]:
+  """Writes the fusion of ``bodies`` (and the new server momentum buffer) tensor by tensor:
+  (the sha256 of the fused file, of the momentum buffer file or None).
 
   Floating tensors are fused with ``settings.method``; others are copied from the base.
   Element-wise methods work in chunks of :data:`CHUNK_ELEMENTS` on ``settings.threads()``
@@ -493,6 +577,7 @@ def fuse_files(base: fusion_io.BodyFile, bodies: list, counts: np.ndarray, specs
     writer.close()
     if state_writer is not None:
       state_writer.close()
+    return writer.sha256, (state_writer.sha256 if state_writer is not None else None)
   except BaseException:
     writer.abort()
     if state_writer is not None:
@@ -568,8 +653,8 @@ class _FaultyStorage:
   def __getattr__(self, name):
     return getattr(self._inner, name)
 
-  def upload(self, local_path, name):
-    self._inner.upload(local_path, name)
+  def upload(self, local_path, name, move=False):
+    self._inner.upload(local_path, name, move=move)
     self._uploads += name.startswith("bases/")
     if self._spec == f"after_files:{self._uploads}":
       _fault("after_files")
@@ -587,27 +672,25 @@ class _FaultyStorage:
 class _Job:
   """One fusion of base ``iteration`` into ``iteration + 1``, and the files it holds open."""
 
-  def __init__(self, store: store_lib.Store, settings: Settings, log, work: str):
-    self.store, self.settings, self.log, self.work = store, settings, log, work
-    self.iteration = store.require_latest()
-    self.manifest = store.manifest(self.iteration)
-    self.base_sha = self.manifest["files"][store_lib.MODEL]["sha256"]
-    self.base_dir = store.base_dir(self.iteration)
-    self.base = fusion_io.BodyFile(os.path.join(self.base_dir, store_lib.MODEL))
-    self.specs = self.base.specs()
+  def __init__(self, validations: Validations, settings: Settings, log, work: str):
+    self.validations, self.settings, self.log, self.work = validations, settings, log, work
+    self.store = validations.store
+    self.iteration, self.manifest = validations.iteration, validations.manifest
+    self.base_sha, self.base_dir = validations.base_sha, validations.base_dir
+    self.base, self.specs = validations.base, validations.specs
     self.checked: dict[str, _Checked] = {}
     self.previous_state = None
+    self.hashes: dict[str, str] = {}
     self.valid = 0
-    self.plan_where = f"{store.uri}/{plan_name(self.iteration + 1)}"
+    self.plan_where = f"{self.store.uri}/{plan_name(self.iteration + 1)}"
 
   def close(self) -> None:
-    for f in [self.base, self.previous_state] + [c.body for c in self.checked.values()]:
-      if f is not None:
-        f.close()
+    """Closes what the job opened (the validated bodies belong to its Validations)."""
+    if self.previous_state is not None:
+      self.previous_state.close()
 
   def _validate(self, contributions) -> list[dict]:
-    checked, failed = _validate(self.store, contributions, self.base, self.specs, self.work,
-                                self.settings.threads(), self.log)
+    checked, failed = self.validations.check(contributions, self.log)
     self.checked.update(checked)
     return failed
 
@@ -664,9 +747,11 @@ class _Job:
       state_path = os.path.join(self.work, STATE)
     counts = np.asarray([self.checked[cid].contribution.meta["num_examples"] for cid in ids],
                         dtype=np.float64)
-    fuse_files(self.base, [self.checked[cid].body for cid in ids], counts, self.specs,
-               self.settings, os.path.join(out_dir, store_lib.MODEL), state_path,
-               self.previous_state, fsync=False)  # staged: the upload makes the stored copy
+    model_sha, state_sha = fuse_files(
+        self.base, [self.checked[cid].body for cid in ids], counts, self.specs, self.settings,
+        os.path.join(out_dir, store_lib.MODEL), state_path, self.previous_state,
+        fsync=False)  # staged: the upload makes the stored copy
+    self.hashes = {store_lib.MODEL: model_sha}
     for name in sorted(self.manifest["files"]):
       if name != store_lib.MODEL:
         shutil.copyfile(os.path.join(self.base_dir, name), os.path.join(out_dir, name))
@@ -674,7 +759,7 @@ class _Job:
       fields["fusion"]["server_optimizer"] = {
           **self.settings.server_optimizer, "previous_state_sha256": previous_sha,
           "state": {"name": state_name(self.iteration + 1),
-                    "sha256": weights.sha256_file(state_path),
+                    "sha256": state_sha,
                     "size": os.path.getsize(state_path)}}
     return out_dir, fields
 
@@ -682,33 +767,40 @@ class _Job:
     """Uploads the server state, then the base (files, manifest, LATEST); may raise LostRace."""
     state = (fields["fusion"].get("server_optimizer") or {}).get("state")
     if state:
-      self.store.storage.upload(os.path.join(self.work, STATE), state["name"])
+      self.store.storage.upload(os.path.join(self.work, STATE), state["name"], move=True)
       _fault("after_state")
     _fault("sleep_before_publish")
     inner = self.store.storage
     if os.environ.get(FAULT_ENV):
       self.store.storage = _FaultyStorage(inner)
     try:
-      self.store.publish_base(self.iteration + 1, out_dir, fields)
+      self.store.publish_base(self.iteration + 1, out_dir, fields, known_sha256=self.hashes,
+                              move=True)
     finally:
       self.store.storage = inner
 
 
 def fuse(store: store_lib.Store, method: str = "mean", params: Optional[dict] = None,
          min_contributions: int = 1, log: Callable[[str], None] = logging.info, *,
-         settings: Optional[Settings] = None) -> Outcome:
+         settings: Optional[Settings] = None,
+         validations: Optional[Validations] = None) -> Outcome:
   """Fuses the contributions to the latest base and publishes the next one.
 
   ``settings`` (all options) wins over ``method``, ``params`` and ``min_contributions``.
-  Returns an Outcome; nothing is published when fewer than ``min_contributions`` pass
-  validation (and no plan exists yet), or when another fuser publishes first.
+  ``validations``: contributions validated earlier (by the caller, who closes it), reused
+  when it is about the latest base. Returns an Outcome; nothing is published when fewer than
+  ``min_contributions`` pass validation (and no plan exists yet), or when another fuser
+  publishes first.
   """
   if settings is None:
     settings = Settings(method=method, params=dict(params or {}),
                         min_contributions=min_contributions)
   timings, start = {}, time.perf_counter()
+  own = validations is None or not validations.current(store)
+  if own:
+    validations = Validations(store, settings, log)
   with store_lib.staging_dir("fuse") as work:
-    job = _Job(store, settings, log, work)
+    job = _Job(validations, settings, log, work)
     try:
       plan, rejected = job.plan()
       timings["validate"] = time.perf_counter() - start
@@ -732,6 +824,8 @@ def fuse(store: store_lib.Store, method: str = "mean", params: Optional[dict] = 
       timings["publish"] = time.perf_counter() - tick
     finally:
       job.close()
+      if own:
+        validations.close()
   timings["total"] = time.perf_counter() - start
   message = (f"published base {iteration + 1}: {settings.method} of {len(fused)} "
              f"contribution(s) ({', '.join(e['id'] for e in fused)}), {len(rejected)} "
@@ -777,32 +871,44 @@ def run(store: store_lib.Store, settings: Settings, watch: bool = False,
       deadline = clock() + settings.max_wait
     else:
       deadline = None  # one attempt, now
-    tried, reported = None, None
-    while True:
-      if store.require_latest() != iteration:
-        log(f"base {iteration + 1} was published by another fuser")
-        break
-      pending = _pending(store, iteration, base_sha)
-      planned = store.storage.exists(plan_name(iteration + 1))
-      if deadline is None or ((len(pending) >= settings.min_contributions or planned)
-                              and pending != tried):
-        outcome = fuse(store, log=log, settings=settings)
-        if outcome.published is not None or outcome.lost_race:
+    tried, reported, validations = None, None, None
+    try:
+      while True:
+        if store.require_latest() != iteration:
+          log(f"base {iteration + 1} was published by another fuser")
           break
-        if deadline is None:
+        pending = _pending(store, iteration, base_sha)
+        planned = store.storage.exists(plan_name(iteration + 1))
+        if deadline is not None and pending and not planned:
+          # Validate contributions as they arrive: at the quorum only the fusion is left.
+          if validations is None:
+            validations = Validations(store, settings, log)
+          valid = validations.refresh()
+        if deadline is None or ((len(pending) >= settings.min_contributions or planned)
+                                and pending != tried):
+          outcome = fuse(store, log=log, settings=settings, validations=validations)
+          if outcome.published is not None or outcome.lost_race:
+            break
+          if deadline is None:
+            return 1
+          tried = pending
+        now = clock()
+        if now >= deadline:
+          log(f"waited {settings.max_wait:g}s for contributions to iteration {iteration}: "
+              f"{len(pending)} there, {settings.min_contributions} required; nothing "
+              "published.")
           return 1
-        tried = pending
-      now = clock()
-      if now >= deadline:
-        log(f"waited {settings.max_wait:g}s for contributions to iteration {iteration}: "
-            f"{len(pending)} there, {settings.min_contributions} required; nothing published.")
-        return 1
-      if reported != len(pending):
-        left = "" if math.isinf(deadline) else f", giving up in {deadline - now:.0f}s"
-        log(f"iteration {iteration}: {len(pending)} of {settings.min_contributions} required "
-            f"contribution(s); checking every {settings.poll_seconds:g}s{left}")
-        reported = len(pending)
-      sleep(min(settings.poll_seconds, deadline - now))
+        if reported != pending:
+          left = "" if math.isinf(deadline) else f", giving up in {deadline - now:.0f}s"
+          checked = f" ({valid} validated)" if validations is not None and pending else ""
+          log(f"iteration {iteration}: {len(pending)}{checked} of "
+              f"{settings.min_contributions} required contribution(s); checking every "
+              f"{settings.poll_seconds:g}s{left}")
+          reported = pending
+        sleep(min(settings.poll_seconds, deadline - now))
+    finally:
+      if validations is not None:
+        validations.close()
     advanced += 1
     if not watch or advanced == settings.watch_iterations:
       return 0

@@ -9,7 +9,8 @@
   The single validation pass over a body: the sha256 of every byte, and per tensor chunk the
   finiteness of the values and the squared distance from the base.
 :class:`ChunkWriter`
-  Writes a safetensors file chunk by chunk: the same bytes as :func:`weights.write_streaming`.
+  Writes a safetensors file chunk by chunk: the same bytes as :func:`weights.write_streaming`,
+  and their sha256 on the way.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 import struct
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -149,57 +151,128 @@ class ScanResult:
   nonfinite: Optional[str]           # the first tensor holding NaN or inf, else None
 
 
-def scan(body: BodyFile, specs: Specs, reference: Optional[BodyFile] = None,
-         chunk_bytes: int = SCAN_CHUNK_BYTES) -> ScanResult:
-  """One pass over every byte of ``body`` in file order.
+def _layout(body: BodyFile) -> tuple:
+  """The tensors of ``body`` in file order: ((name, dtype code, begin, end), ...)."""
+  return tuple((name, code, begin, end) for name, (code, _, (begin, end)) in
+               sorted(body.header.items(), key=lambda e: e[1][2]))
 
-  Hashes the file (sha256); for each floating tensor of ``specs``, checks that every value is
-  finite and, when ``reference`` is given, adds up the squared distance to the reference's
-  tensor of the same name (float32 differences, pairwise-summed chunk sums added in float64).
-  Other tensors (buffers, integers) are only hashed. ``body`` must already match ``specs``.
+
+def layout_groups(bodies: Sequence[BodyFile], parts: int) -> list[list[int]]:
+  """Indices of ``bodies`` split into at most ``parts`` groups of the same data layout (the
+  same tensors at the same offsets), as even as possible: the units of :func:`scan_group`."""
+  by_layout: dict[tuple, list[int]] = {}
+  for i, body in enumerate(bodies):
+    by_layout.setdefault(_layout(body), []).append(i)
+  groups = []
+  share = max(1, parts // max(1, len(by_layout)))
+  for members in by_layout.values():
+    count = min(share, len(members))
+    groups += [members[k::count] for k in range(count)]
+  return groups
+
+
+class _Scanning:
+  """One body's running state in :func:`scan_group`."""
+
+  def __init__(self, body: BodyFile, reference: Optional[BodyFile]):
+    self.body = body
+    self.digest = hashlib.sha256()
+    self.total = 0.0 if reference is not None else None
+    self.nonfinite: Optional[str] = None
+    self.error: Optional[UserError] = None
+
+  def result(self):
+    if self.error is not None:
+      return self.error
+    return ScanResult(self.digest.hexdigest(), None if self.nonfinite else self.total,
+                      self.nonfinite)
+
+
+def _squared_distance(values: np.ndarray, ref: Optional[np.ndarray], work: np.ndarray) -> float:
+  """sum((values - ref)^2) (or sum(values^2) without ``ref``): a float32 dot product for
+  16- and 32-bit floats, float64 for F64; NaN or inf when a value is not finite (or the
+  float32 sum overflows)."""
+  wide = values.dtype.itemsize > 4
+  diff = np.empty(values.size, np.float64) if wide else work[:values.size]
+  with np.errstate(over="ignore", invalid="ignore"):
+    if ref is None:
+      np.copyto(diff, values, casting="unsafe")
+    else:
+      np.subtract(values, ref, out=diff, dtype=diff.dtype)
+    return float(np.dot(diff, diff))
+
+
+def scan_group(bodies: Sequence[BodyFile], specs: Specs, reference: Optional[BodyFile] = None,
+               chunk_bytes: int = SCAN_CHUNK_BYTES) -> list:
+  """One pass over every byte of each body in ``bodies`` (which share a data layout, see
+  :func:`layout_groups`), in file order, a chunk of all of them at a time, so that each chunk
+  of ``reference`` is read once for the group.
+
+  For each body: the sha256 of the file; for each floating tensor of ``specs``, whether every
+  value is finite and, with ``reference``, the sum over tensors of the squared distance to the
+  reference's tensor of the same name (float32 differences in chunk dot products, added in
+  float64; a sum that is not finite is redone in float64 to tell overflow from NaN/inf).
+  Other tensors (buffers, integers) are only hashed. Bodies must already match ``specs``.
+
+  Returns, per body, a :class:`ScanResult`, or the UserError that ended its scan (a file cut
+  short while being read); one body's error does not stop the others.
   """
-  digest = hashlib.sha256()
-  head = bytearray(body.data_start)
-  _pread_into(body.fd, memoryview(head), 0, body.source)
-  digest.update(head)
+  states = [_Scanning(body, reference) for body in bodies]
+  if not states:
+    return []
+  for state in states:
+    head = bytearray(state.body.data_start)
+    try:
+      _pread_into(state.body.fd, memoryview(head), 0, state.body.source)
+    except UserError as e:
+      state.error = e
+    state.digest.update(head)
   buffer = np.empty(chunk_bytes, dtype=np.uint8)
   view = memoryview(buffer)
-  total, nonfinite = (0.0 if reference is not None else None), None
-  work = ref_buffer = None
-  for name, (code, _, (begin, end)) in sorted(body.header.items(), key=lambda e: e[1][2]):
+  work = np.empty(chunk_bytes // 2, dtype=np.float32)  # room for float16 chunks as float32
+  ref_buffer = np.empty(chunk_bytes, dtype=np.uint8) if reference is not None else None
+  for name, code, begin, end in _layout(bodies[0]):
     floating = name in specs and code in FLOAT_CODES
     dtype = numpy_dtype(code) if floating else None
     step = chunk_bytes - chunk_bytes % (dtype.itemsize if dtype else 1)
     for offset in range(begin, end, step):
       size = min(step, end - offset)
-      _pread_into(body.fd, view[:size], body.data_start + offset, body.source)
-      digest.update(view[:size])
-      if not floating or nonfinite is not None:
-        continue
-      values = buffer[:size].view(dtype)
-      if reference is None:
-        if not np.isfinite(values).all():
-          nonfinite = name
-        continue
-      count = values.size
-      if work is None:
-        work = np.empty(chunk_bytes // 2, dtype=np.float32)  # room for float16 chunks
-        ref_buffer = np.empty(chunk_bytes, dtype=np.uint8)
-      ref = reference.read(name, (offset - begin) // dtype.itemsize, count,
-                           out=ref_buffer[:size].view(dtype))
-      diff = work[:count] if dtype.itemsize <= 4 else np.empty(count, dtype=np.float64)
-      with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-        np.subtract(values, ref, out=diff, dtype=diff.dtype)
-        np.square(diff, out=diff)
-        part = float(diff.sum())
-      if not np.isfinite(part):
-        if not np.isfinite(values).all():
-          nonfinite = name
-          total = None
+      ref = None
+      for state in states:
+        if state.error is not None:
           continue
-        part = float(np.square(values.astype(np.float64) - ref.astype(np.float64)).sum())
-      total += part
-  return ScanResult(digest.hexdigest(), total if nonfinite is None else None, nonfinite)
+        try:
+          _pread_into(state.body.fd, view[:size], state.body.data_start + offset,
+                      state.body.source)
+        except UserError as e:
+          state.error = e
+          continue
+        state.digest.update(view[:size])
+        if not floating or state.nonfinite is not None:
+          continue
+        values = buffer[:size].view(dtype)
+        if reference is not None and ref is None:
+          ref = reference.read(name, (offset - begin) // dtype.itemsize, values.size,
+                               out=ref_buffer[:size].view(dtype))
+        part = _squared_distance(values, ref, work)
+        if not math.isfinite(part):
+          if not np.isfinite(values).all():
+            state.nonfinite = name
+            continue
+          part = (float(np.square(values.astype(np.float64) - ref.astype(np.float64)).sum())
+                  if ref is not None else 0.0)
+        if state.total is not None:
+          state.total += part
+  return [state.result() for state in states]
+
+
+def scan(body: BodyFile, specs: Specs, reference: Optional[BodyFile] = None,
+         chunk_bytes: int = SCAN_CHUNK_BYTES) -> ScanResult:
+  """:func:`scan_group` of one body; a read error is raised."""
+  result = scan_group([body], specs, reference, chunk_bytes)[0]
+  if isinstance(result, UserError):
+    raise result
+  return result
 
 
 class ChunkWriter:
@@ -207,7 +280,8 @@ class ChunkWriter:
 
   The header is :func:`weights.header_bytes`, so the result is byte-identical to
   :func:`weights.write_streaming` of the same tensors. Written to ``path + '.partial'``,
-  fsynced (unless ``fsync=False``) and renamed into place by :meth:`close`; :meth:`abort`
+  fsynced (unless ``fsync=False``) and renamed into place by :meth:`close`, which sets
+  :attr:`sha256` (the file's, computed from the bytes as they were written); :meth:`abort`
   removes it.
   """
 
@@ -215,10 +289,15 @@ class ChunkWriter:
     self.path, self.specs, self.fsync = path, specs, fsync
     self._names = iter(sorted(specs))
     self._name, self._left = None, 0
+    self.sha256: Optional[str] = None
+    self._digest = hashlib.sha256()
     self._file = open(path + ".partial", "wb")
     raw = weights.header_bytes(specs)
-    self._file.write(struct.pack("<Q", len(raw)))
-    self._file.write(raw)
+    self._put(struct.pack("<Q", len(raw)) + raw)
+
+  def _put(self, data) -> None:
+    self._digest.update(data)
+    self._file.write(data)
 
   def write(self, name: str, values: np.ndarray) -> None:
     """Appends the next ``values.size`` elements (flattened) of tensor ``name``."""
@@ -234,7 +313,7 @@ class ChunkWriter:
     if name != self._name or values.dtype != dtype or values.size > self._left:
       raise ValueError(f"ChunkWriter: got {name} {values.dtype}[{values.size}], expected "
                        f"{self._name} {code} (at most {self._left} elements)")
-    self._file.write(np.ascontiguousarray(values, dtype=dtype).view(np.uint8).data)
+    self._put(np.ascontiguousarray(values, dtype=dtype).view(np.uint8).data)
     self._left -= values.size
 
   def close(self) -> None:
@@ -247,6 +326,7 @@ class ChunkWriter:
       os.fsync(self._file.fileno())
     self._file.close()
     os.replace(self.path + ".partial", self.path)
+    self.sha256 = self._digest.hexdigest()
 
   def abort(self) -> None:
     """Drops the partial file."""

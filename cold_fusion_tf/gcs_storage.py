@@ -354,7 +354,8 @@ class GCSStorage(Storage):
       self._new_blob(key).upload_from_string(
           data, content_type="application/octet-stream", retry=self._retry, timeout=self._timeout)
 
-  def upload(self, local_path: str, name: str) -> None:
+  def upload(self, local_path: str, name: str, move: bool = False) -> None:
+    del move  # an upload always copies
     key = self._object_key(name)
     os.stat(local_path)  # FileNotFoundError before any request.
     deadline = time.monotonic() + self.retry_deadline

@@ -11,10 +11,12 @@ Every object name the code builds is checked by :func:`check_object_name` before
 from __future__ import annotations
 
 import abc
+import errno
 import os
 import shutil
 import tempfile
 import time
+import uuid
 from typing import Optional
 
 from cold_fusion_tf.errors import UserError
@@ -47,8 +49,9 @@ class Storage(abc.ABC):
     """Streams an object into a local file (written atomically)."""
 
   @abc.abstractmethod
-  def upload(self, local_path: str, name: str) -> None:
-    """Streams a local file into an object."""
+  def upload(self, local_path: str, name: str, move: bool = False) -> None:
+    """Streams a local file into an object. ``move``: the caller gives the file up (it will
+    neither change nor need it), so a backend may move it into place instead of copying."""
 
   @abc.abstractmethod
   def create_exclusive(self, name: str, data: bytes) -> bool:
@@ -131,9 +134,11 @@ class LocalStorage(Storage):
     shutil.copyfile(src, tmp)
     os.replace(tmp, local_path)
 
-  def upload(self, local_path: str, name: str) -> None:
+  def upload(self, local_path: str, name: str, move: bool = False) -> None:
     path = self._path(name)
     if os.path.abspath(local_path) == path:
+      return
+    if move and self._link_into_place(local_path, path):
       return
 
     def copy(f):
@@ -141,6 +146,29 @@ class LocalStorage(Storage):
         shutil.copyfileobj(src, f, 8 << 20)
 
     os.replace(self._staged(path, copy), path)
+
+  def _link_into_place(self, local_path: str, path: str) -> bool:
+    """Syncs ``local_path`` and hard-links it to ``path`` (atomically, through a temporary
+    name); False when the two are on different filesystems (or links are not supported)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(local_path, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
+    try:
+      os.link(local_path, tmp)
+    except OSError as e:
+      if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+        return False
+      raise
+    try:
+      os.replace(tmp, path)
+    except BaseException:
+      _remove_quietly(tmp)
+      raise
+    return True
 
   def create_exclusive(self, name: str, data: bytes) -> bool:
     path = self._path(name)

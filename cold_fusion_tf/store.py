@@ -256,10 +256,14 @@ class Store:
             pass
     return local
 
-  def publish_base(self, iteration: int, local_dir: str, manifest_fields: dict) -> dict:
+  def publish_base(self, iteration: int, local_dir: str, manifest_fields: dict, *,
+                   known_sha256: Optional[dict] = None, move: bool = False) -> dict:
     """Uploads a base directory, writes its manifest, then moves LATEST (compare-and-swap).
 
-    Raises LostRace if LATEST had already moved past ``iteration - 1``.
+    ``known_sha256``: {file name: sha256} already computed by the caller as it wrote the file
+    (others are hashed here). ``move``: the files of ``local_dir`` may be moved into the store
+    instead of copied (see :meth:`Storage.upload`). Raises LostRace if LATEST had already moved
+    past ``iteration - 1``.
     """
     expected_latest = None if iteration == 0 else iteration - 1
     raw, token = self.storage.read_versioned(LATEST_FILE)
@@ -273,9 +277,10 @@ class Store:
       if name == MANIFEST or not os.path.isfile(path) or name.endswith(".partial"):
         continue
       paths.check_path_part(name, "Base file name")
-      files[name] = {"sha256": weights.sha256_file(path), "size": os.path.getsize(path)}
+      sha = (known_sha256 or {}).get(name) or weights.sha256_file(path)
+      files[name] = {"sha256": sha, "size": os.path.getsize(path)}
       self._check_latest_unmoved(token, iteration)
-      self.storage.upload(path, f"{prefix}/{name}")
+      self.storage.upload(path, f"{prefix}/{name}", move=move)
     manifest = {"format_version": FORMAT_VERSION, "iteration": iteration, "files": files,
                 "code_version": __version__, **manifest_fields}
     check_manifest(manifest, "new manifest")

@@ -165,6 +165,55 @@ def test_scan_keeps_huge_finite_values_finite_and_finds_infinities(tmp_path):
   assert bad_result.nonfinite == "w" and bad_result.squared_distance is None
 
 
+def test_group_scan_matches_single_scans_and_isolates_a_file_cut_short(tmp_path):
+  # Prepare: four bodies, one of them cut short after it was opened, and one written with
+  # its tensors in another order (another data layout, so another group).
+  base = h.random_body()
+  bodies = [h.nudged(base, i, scale=0.1 * (i + 1)) for i in range(4)]
+  base_file, files = _write_bodies(tmp_path, base, bodies)
+  reordered = str(tmp_path / "reordered.safetensors")
+  names = sorted(base, reverse=True)
+  with open(reordered, "wb") as f:
+    header = json.dumps({n: {"dtype": "F32", "shape": list(bodies[3][n].shape),
+                             "data_offsets": [o, o + bodies[3][n].nbytes]}
+                         for n, o in zip(names, np.cumsum([0] + [bodies[3][n].nbytes
+                                                                 for n in names])[:-1].tolist())})
+    f.write(struct.pack("<Q", len(header)) + header.encode())
+    for n in names:
+      f.write(bodies[3][n].tobytes())
+  files[3] = fusion_io.BodyFile(reordered)
+  specs = base_file.specs()
+  singles = [fusion_io.scan(f, specs, base_file) for f in files]
+  os.truncate(files[1].path, os.path.getsize(files[1].path) - 10)
+  # Execute
+  groups = fusion_io.layout_groups(files, 2)
+  results = {}
+  for group in groups:
+    results.update(zip(group, fusion_io.scan_group([files[i] for i in group], specs, base_file,
+                                                   chunk_bytes=256)))
+  # Assert: the reordered body is alone in its group; the others share one.
+  assert sorted(map(sorted, groups)) == [[0, 1, 2], [3]]
+  assert isinstance(results[1], UserError) and "ended early" in str(results[1])
+  for i in (0, 2, 3):
+    assert results[i].sha256 == singles[i].sha256 == weights.sha256_file(files[i].path)
+    expected = sum(np.sum((bodies[i][n].astype(np.float64) - base[n]) ** 2) for n in base)
+    assert results[i].squared_distance == pytest.approx(expected, rel=1e-5)
+
+
+def test_chunk_writer_hashes_what_it_writes(tmp_path):
+  # Prepare
+  specs = {"a": ((3,), "F32"), "b": ((2, 2), "F16")}
+  path = str(tmp_path / "x.safetensors")
+  writer = fusion_io.ChunkWriter(path, specs)
+  # Execute
+  writer.write("a", np.arange(3, dtype=np.float32))
+  writer.write("b", np.ones(2, np.float16))
+  writer.write("b", np.zeros(2, np.float16))
+  writer.close()
+  # Assert
+  assert writer.sha256 == weights.sha256_file(path)
+
+
 def test_body_file_rejects_trailing_bytes_and_gaps(tmp_path):
   # Prepare
   path = tmp_path / "a.safetensors"
@@ -463,7 +512,44 @@ def test_waiting_fuser_publishes_once_the_quorum_arrives(tmp_path):
   assert status == 0 and store.latest() == 1
   assert clock.sleeps == [10, 10]
   assert [e["id"] for e in store.manifest(1)["fusion"]["contributions"]] == ["early", "late"]
-  assert any("1 of 2 required contribution(s)" in m for m in logged)
+  assert any("1 (1 validated) of 2 required contribution(s)" in m for m in logged)
+
+
+def test_waiting_fuser_validates_each_contribution_once_as_it_arrives(tmp_path, monkeypatch):
+  # Prepare: one honest contribution and one with a NaN there from the start, one more
+  # honest one arriving at the second poll; every body scan is recorded.
+  store = h.make_store(tmp_path)
+  base = h.base_tensors(store)
+  h.contribute(store, "early", h.nudged(base, 1))
+  bad = h.nudged(base, 2)
+  bad["encoder.layer.0.output.dense.weight"][0, 0] = np.nan
+  h.contribute(store, "bad", bad)
+  scanned, real_scan = [], fusion_io.scan_group
+
+  def recording_scan(bodies, *args, **kwargs):
+    scanned.append(sorted(os.path.basename(os.path.dirname(b.path)) for b in bodies))
+    return real_scan(bodies, *args, **kwargs)
+
+  monkeypatch.setattr(fusion_io, "scan_group", recording_scan)
+
+  def arrive(sleeps):
+    if sleeps == 2:
+      scanned.append("poll 2")
+      h.contribute(store, "late", h.nudged(base, 3))
+
+  clock = _Clock(arrive)
+  logged = []
+  settings = fusion.Settings(min_contributions=2, max_wait=100, poll_seconds=10, workers=1)
+  # Execute
+  status = fusion.run(store, settings, log=logged.append, sleep=clock.sleep, clock=clock.time)
+  # Assert: early and bad were read before the wait, late when it arrived, none again.
+  assert status == 0 and store.latest() == 1
+  assert scanned == [["bad", "early"], "poll 2", ["late"]]
+  assert [e["id"] for e in store.manifest(1)["fusion"]["contributions"]] == ["early", "late"]
+  assert [r["id"] for r in store.manifest(1)["fusion"]["rejected"]] == ["bad"]
+  rejected_at = next(i for i, m in enumerate(logged) if m.startswith("rejected bad"))
+  assert rejected_at < next(i for i, m in enumerate(logged) if "checking every" in m)
+  assert sum(m.startswith("rejected bad") for m in logged) == 1
 
 
 def test_deadline_without_quorum_publishes_nothing(tmp_path):

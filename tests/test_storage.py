@@ -117,6 +117,28 @@ def test_upload_download_round_trip(storage_backend, tmp_path):
   assert out.read_bytes() == b"{}"
 
 
+def test_upload_with_move_links_or_copies(storage_backend, tmp_path, monkeypatch):
+  # Prepare
+  src = tmp_path / "staged.bin"
+  src.write_bytes(b"fused bytes")
+  # Execute: move=True on the same filesystem, then with links failing across devices.
+  storage_backend.upload(str(src), "bases/000001/model.safetensors", move=True)
+  assert storage_backend.read_bytes("bases/000001/model.safetensors") == b"fused bytes"
+  if isinstance(storage_backend, LocalStorage):
+    stored = storage_backend.local_path("bases/000001/model.safetensors")
+    assert os.stat(stored).st_ino == os.stat(src).st_ino  # moved, not copied
+    assert not [n for n in os.listdir(os.path.dirname(stored)) if n.startswith(".tmp-")]
+
+    def cross_device(a, b):
+      raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    storage_backend.upload(str(src), "bases/000002/model.safetensors", move=True)
+    copied = storage_backend.local_path("bases/000002/model.safetensors")
+    assert os.stat(copied).st_ino != os.stat(src).st_ino
+    assert storage_backend.read_bytes("bases/000002/model.safetensors") == b"fused bytes"
+
+
 def test_create_exclusive(storage_backend):
   s = storage_backend
   assert s.create_exclusive("runs/lock", b"first") is True

@@ -169,11 +169,11 @@ def test_racer_stops_before_overwriting_a_published_base(created, tmp_path):
   original_upload = a.storage.upload
   calls = []
 
-  def upload_after_b_publishes(local_path, name):
+  def upload_after_b_publishes(local_path, name, move=False):
     if not calls:
       b_manifest = store_lib.Store(store.uri).publish_base(1, b_dir, fields)
       calls.append(b_manifest)
-    original_upload(local_path, name)
+    original_upload(local_path, name, move=move)
 
   a.storage.upload = upload_after_b_publishes
   with pytest.raises(store_lib.LostRace):
@@ -309,10 +309,10 @@ def test_gcs_server_dies_mid_publish_nothing_half_published(tmp_path, monkeypatc
     fields = {"parent": {"iteration": 0, "sha256": store.base_sha256(0)}}
     original = store.storage.upload
 
-    def upload(local_path, name):
+    def upload(local_path, name, move=False):
       if name.endswith(store_lib.MODEL):
         emulator.stop()
-      original(local_path, name)
+      original(local_path, name, move=move)
 
     store.storage.upload = upload
     with pytest.raises(UserError, match="did not answer"):
