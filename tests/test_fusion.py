@@ -97,6 +97,7 @@ def _write_bodies(tmp_path, base: dict, bodies: list[dict]):
 def test_streamed_fusion_equals_whole_tensor_methods(tmp_path, monkeypatch, method, params):
   # Prepare: chunks of 7 elements so every tensor is split unevenly; -0.0 and float16 too.
   monkeypatch.setattr(fusion, "CHUNK_ELEMENTS", 7)
+  monkeypatch.setattr(fusion, "MEAN_CHUNK_ELEMENTS", 7)
   base = h.random_body()
   base["embeddings.LayerNorm.bias"] = np.full(h.HIDDEN, -0.0, dtype=np.float32)
   base["half"] = np.linspace(-1, 1, 30).astype(np.float16).reshape(5, 6)
