@@ -62,7 +62,8 @@ def test_epoch_plan_covers_each_example_once_with_little_padding(static, per_exe
   rng = np.random.default_rng(0)
   random = rng.permutation(len(TRAIN))[:plan.batches.size].reshape(plan.batches.shape)
   random_padding = 1 - TRAIN.lengths[random].sum() / (TRAIN.lengths[random].max(1) * 32).sum()
-  assert inputs.padding_fraction(TRAIN.lengths, plan) < 0.2 < random_padding
+  assert random_padding > 0.4
+  assert inputs.padding_fraction(TRAIN.lengths, plan) < 0.5 * random_padding
   again = inputs.plan_epoch(TRAIN.lengths, 32, buckets, seed=3, static_shapes=static,
                             steps_per_execution=per_execution)
   assert np.array_equal(again.batches, plan.batches)  # a resumed run sees the same order
