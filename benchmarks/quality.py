@@ -37,11 +37,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 PROFILES = {
     "quick": dict(
         pool=("sst2", "ag_news", "trec_coarse", "tweet_eval_offensive", "tweet_eval_emotion",
-              "isear", "cola", "rte"),
-        heldout=("rotten_tomatoes", "tweet_eval_hate", "mrpc"),
-        eval_held_in=("sst2", "trec_coarse", "tweet_eval_emotion"),
+              "cola", "rte"),
+        heldout=("rotten_tomatoes", "tweet_eval_hate", "mrpc", "stsb", "isear",
+                 "tweet_eval_emoji"),
+        eval_held_in=("sst2", "trec_coarse"),
         iterations=3, contributors=4, train_cap=1000, eval_train_cap=500, dev_cap=200,
-        test_cap=500, seeds=3, eval_iterations="last"),
+        test_cap=500, seeds=4, eval_iterations="last"),
     "full": dict(
         pool=("sst2", "ag_news", "trec_coarse", "trec_fine", "tweet_eval_offensive",
               "tweet_eval_emotion", "tweet_eval_emoji", "isear", "cola", "rte"),
@@ -103,12 +104,13 @@ def shuffle_data(source: str, names, out: str, caps: dict) -> None:
       f.write(info)
 
 
-def estimate(profile: dict, eval_tasks, eval_models: int) -> tuple[float, float]:
+def estimate(profile: dict, eval_tasks, eval_models: int,
+             eval_epochs: int = 1) -> tuple[float, float]:
   """(fusion seconds, evaluation seconds) on an idle 2-core machine."""
   per_contribution = (profile["train_cap"] / TRAIN_RATE + profile["dev_cap"] / FORWARD_RATE
                       + OVERHEAD_SECONDS)
   fusion = profile["iterations"] * profile["contributors"] * (per_contribution + 5)
-  per_run = (profile["eval_train_cap"] / TRAIN_RATE
+  per_run = (eval_epochs * profile["eval_train_cap"] / TRAIN_RATE
              + (profile["dev_cap"] + profile["test_cap"]) / FORWARD_RATE + OVERHEAD_SECONDS)
   evaluation = eval_models * len(eval_tasks) * profile["seeds"] * per_run
   return fusion, evaluation
@@ -131,6 +133,9 @@ def main() -> int:
   parser.add_argument("--iterations", type=int, default=None,
                       help="override the profile's number of fusion iterations (a rerun with "
                       "more continues the same store)")
+  parser.add_argument("--eval_epochs", type=int, default=1,
+                      help="epochs of each evaluation fine-tune (a diagnostic: the contributors "
+                      "keep the one-epoch recipe; results go to results-epochs<N>)")
   args = parser.parse_args()
   profile = dict(PROFILES[args.profile])
   if args.iterations is not None:
@@ -139,7 +144,8 @@ def main() -> int:
   held_in = list(profile["eval_held_in"] or profile["pool"])
   held_out = list(profile["heldout"])
   iterations = eval_iterations(profile)
-  fusion_s, eval_s = estimate(profile, held_in + held_out, 1 + len(iterations))
+  fusion_s, eval_s = estimate(profile, held_in + held_out, 1 + len(iterations),
+                              args.eval_epochs)
   print(f"profile {args.profile}: {profile['iterations']} iterations x "
         f"{profile['contributors']} contributors from a pool of {len(profile['pool'])} "
         f"({profile['train_cap']} training examples each); evaluation of bases "
@@ -164,11 +170,14 @@ def main() -> int:
   print(f"fusion done in {(fused_at - start) / 60:.1f} min", flush=True)
 
   eval_config = make_config(profile, data_dir, profile["eval_train_cap"])
+  eval_config.eval.recipe.epochs = args.eval_epochs
+  results = os.path.join(workdir, "results" if args.eval_epochs == 1
+                         else f"results-epochs{args.eval_epochs}")
   summaries = {}
   for mode in ["finetune"] + (["probe"] if args.probe else []):
     summaries[mode] = recycling.evaluate(
         eval_config, [f"{store}@{i}" for i in iterations], f"{store}@0",
-        ",".join(held_in + held_out), profile["seeds"], mode, os.path.join(workdir, "results"),
+        ",".join(held_in + held_out), profile["seeds"], mode, results,
         log=lambda m: print(m, flush=True) if m.startswith(("run ", "\n", "wrote", "note"))
         or " runs (" in m else None)
   print(f"evaluation done in {(time.time() - fused_at) / 60:.1f} min; total "
@@ -176,7 +185,7 @@ def main() -> int:
   ok = True
   for mode, summary in summaries.items():
     ok &= verdict(summary, mode, f"{store}@{iterations[-1]}")
-  with open(os.path.join(workdir, "results", "verdict.json"), "w", encoding="utf-8") as f:
+  with open(os.path.join(results, "verdict.json"), "w", encoding="utf-8") as f:
     json.dump({"profile": args.profile, "target_met": ok,
                "minutes": round((time.time() - start) / 60, 1)}, f, indent=2)
   return 0
