@@ -64,7 +64,6 @@ from cold_fusion_tf import fusion_io
 from cold_fusion_tf import fusion_methods as fm
 from cold_fusion_tf import paths
 from cold_fusion_tf import store as store_lib
-from cold_fusion_tf import weights
 from cold_fusion_tf.errors import UserError
 
 PLAN = "plan.json"

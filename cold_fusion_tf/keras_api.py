@@ -144,7 +144,7 @@ class WordPieceEncoder(keras.layers.Layer):
 def _longest_first(n1, n2, budget: int):
   """Tokens kept per segment under Hugging Face's ``longest_first`` pair truncation."""
   n1, n2 = tf.cast(n1, tf.int32), tf.cast(n2, tf.int32)
-  short, long_ = tf.minimum(n1, n2), tf.maximum(n1, n2)
+  short = tf.minimum(n1, n2)
   long_keep = tf.where(short > budget, short, tf.maximum(short, budget - short))
   over = short + long_keep > budget
   short_keep = tf.where(over, budget // 2, short)

@@ -19,7 +19,6 @@ otherwise identical); RoBERTa uses the exact form in both and matches to float32
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -35,15 +34,8 @@ _LAYER_NORM_EPS = {"bert": 1e-12, "roberta": 1e-5}
 
 def read_hf_config(base_dir: str) -> dict:
   """The raw ``config.json``, checked for what keras-hub's converters assume."""
-  path = os.path.join(base_dir, "config.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      config = json.load(f)
-  except FileNotFoundError:
-    raise UserError(f"{path}: missing.") from None
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserError(f"{path}: not valid JSON ({e}).") from e
   from cold_fusion_tf import models  # pylint: disable=g-import-not-at-top
+  config, path = models.read_raw_config(base_dir)
   models.config_from_dict(config, path)  # model type and sizes
   family = config.get("model_type")
   if family not in _LAYER_NORM_EPS:

@@ -25,17 +25,21 @@ _LIMITS = {"hidden_size": 16384, "num_hidden_layers": 128, "num_attention_heads"
            "intermediate_size": 65536, "vocab_size": 1_000_000, "max_position_embeddings": 65536}
 
 
-def read_config(model_dir: str) -> transformers.PretrainedConfig:
-  """Parses and checks ``config.json`` of a model directory."""
+def read_raw_config(model_dir: str) -> tuple[object, str]:
+  """The parsed (not yet checked) ``config.json`` of a model directory, and its path."""
   path = os.path.join(model_dir, "config.json")
   try:
     with open(path, encoding="utf-8") as f:
-      raw = json.load(f)
+      return json.load(f), path
   except FileNotFoundError:
     raise UserError(f"{path}: missing; a base model directory needs config.json.") from None
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise UserError(f"{path}: not valid JSON ({e}).") from e
-  return config_from_dict(raw, path)
+
+
+def read_config(model_dir: str) -> transformers.PretrainedConfig:
+  """Parses and checks ``config.json`` of a model directory."""
+  return config_from_dict(*read_raw_config(model_dir))
 
 
 def config_from_dict(raw: dict, source: str) -> transformers.PretrainedConfig:
