@@ -877,7 +877,7 @@ def run(store: store_lib.Store, settings: Settings, watch: bool = False,
       deadline = clock() + settings.max_wait
     else:
       deadline = None  # one attempt, now
-    tried, reported, validations = None, None, None
+    tried, reported, validations, validated = None, None, None, None
     try:
       while True:
         if store.require_latest() != iteration:
@@ -885,11 +885,11 @@ def run(store: store_lib.Store, settings: Settings, watch: bool = False,
           break
         pending = _pending(store, iteration, base_sha)
         planned = store.storage.exists(plan_name(iteration + 1))
-        if deadline is not None and pending and not planned:
+        if deadline is not None and pending and not planned and pending != validated:
           # Validate contributions as they arrive: at the quorum only the fusion is left.
           if validations is None:
             validations = Validations(store, settings, log)
-          valid = validations.refresh()
+          valid, validated = validations.refresh(), pending
         if deadline is None or ((len(pending) >= settings.min_contributions or planned)
                                 and pending != tried):
           outcome = fuse(store, log=log, settings=settings, validations=validations)

@@ -151,19 +151,19 @@ class LocalStorage(Storage):
     """Syncs ``local_path`` and hard-links it to ``path`` (atomically, through a temporary
     name); False when the two are on different filesystems (or links are not supported)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(local_path, os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
     tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
     try:
       os.link(local_path, tmp)
     except OSError as e:
       if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-        return False
+        return False  # the caller copies instead
       raise
     try:
+      fd = os.open(tmp, os.O_RDONLY)
+      try:
+        os.fsync(fd)  # the data is on disk before the name is
+      finally:
+        os.close(fd)
       os.replace(tmp, path)
     except BaseException:
       _remove_quietly(tmp)
