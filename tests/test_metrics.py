@@ -42,5 +42,8 @@ def test_report_rows_gains_and_markdown():
   assert "| 1 | 70.0 | +10.0 | 65.0 | +5.0 | 60.0 | 80.0 | 65.0 | a, b |" in text
   assert report.summary(table) == ("Fused base 1 vs the original base: held-in 70.0 (+10.0 "
                                    "points), held-out 65.0 (+5.0 points).")
+  unscored = report.rows({0: {"scores": {}, "contributors": []},
+                          1: {"scores": {}, "contributors": ["a"]}}, ["a", "b"], ["c"])
+  assert report.summary(unscored).startswith("No base has been scored (eval.enabled is off)")
   assert report.to_csv(table, ["a", "b"], ["c"]).splitlines()[0] == (
       "iteration,held_in,held_in_gain,held_out,held_out_gain,a,b,c,contributors")
