@@ -40,25 +40,18 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+QUICK = dict(
+    pool=("sst2", "ag_news", "trec_coarse", "tweet_eval_offensive", "tweet_eval_emotion",
+          "cola", "rte"),
+    heldout=("rotten_tomatoes", "tweet_eval_hate", "mrpc", "stsb", "isear", "tweet_eval_emoji"),
+    eval_held_in=("sst2", "trec_coarse"),
+    iterations=6, contributors=4, train_cap=1000, eval_train_cap=500, dev_cap=200,
+    test_cap=500, seeds=6, eval_iterations="last", epochs=1)
 PROFILES = {
-    "quick": dict(
-        pool=("sst2", "ag_news", "trec_coarse", "tweet_eval_offensive", "tweet_eval_emotion",
-              "cola", "rte"),
-        heldout=("rotten_tomatoes", "tweet_eval_hate", "mrpc", "stsb", "isear",
-                 "tweet_eval_emoji"),
-        eval_held_in=("sst2", "trec_coarse"),
-        iterations=6, contributors=4, train_cap=1000, eval_train_cap=500, dev_cap=200,
-        test_cap=500, seeds=6, eval_iterations="last", epochs=1),
-    # The quick profile's tasks and iterations with 3x the steps for contributors and
-    # evaluation, so that the original base learns most tasks in the evaluation fine-tunes.
-    "medium": dict(
-        pool=("sst2", "ag_news", "trec_coarse", "tweet_eval_offensive", "tweet_eval_emotion",
-              "cola", "rte"),
-        heldout=("rotten_tomatoes", "tweet_eval_hate", "mrpc", "stsb", "isear",
-                 "tweet_eval_emoji"),
-        eval_held_in=("sst2", "trec_coarse"),
-        iterations=6, contributors=4, train_cap=1000, eval_train_cap=500, dev_cap=200,
-        test_cap=500, seeds=8, eval_iterations="last", epochs=3),
+    "quick": QUICK,
+    # The quick profile with 3x the steps for contributors and evaluation, so that the
+    # original base learns most tasks in the evaluation fine-tunes, and 8 seeds.
+    "medium": dict(QUICK, seeds=8, epochs=3),
     "full": dict(
         pool=("sst2", "ag_news", "trec_coarse", "trec_fine", "tweet_eval_offensive",
               "tweet_eval_emotion", "tweet_eval_emoji", "isear", "cola", "rte"),
@@ -185,6 +178,8 @@ def main() -> int:
   args = parser.parse_args()
   profile = dict(PROFILES[args.profile])
   if args.iterations is not None:
+    if args.iterations < 1:
+      parser.error("--iterations must be at least 1")
     profile["iterations"] = args.iterations
   if args.contributors is not None:
     if not 1 <= args.contributors <= len(profile["pool"]):
