@@ -136,10 +136,10 @@ def eval_iterations(profile: dict, chosen: str | None = None) -> list[int]:
     try:
       picked = sorted({int(i) for i in chosen.split(",")})
     except ValueError:
-      raise SystemExit(f"--eval_iterations={chosen!r}: expected a comma-separated list of "
+      raise ValueError(f"--eval_iterations={chosen!r}: expected a comma-separated list of "
                        "iteration numbers, e.g. 3,6") from None
     if picked[0] < 1 or picked[-1] > last:
-      raise SystemExit(f"--eval_iterations={chosen!r}: iterations must be between 1 and "
+      raise ValueError(f"--eval_iterations={chosen!r}: iterations must be between 1 and "
                        f"{last} (the number of fusion iterations)")
     return picked
   if profile["eval_iterations"] == "every5":
@@ -204,7 +204,10 @@ def main() -> int:
   eval_epochs = args.eval_epochs or epochs
   held_in = list(profile["eval_held_in"] or profile["pool"])
   held_out = list(profile["heldout"])
-  iterations = eval_iterations(profile, args.eval_iterations)
+  try:
+    iterations = eval_iterations(profile, args.eval_iterations)
+  except ValueError as e:
+    parser.error(str(e))
   fusion_s, eval_s = estimate(profile, held_in + held_out, 1 + len(iterations),
                               epochs, eval_epochs)
   print(f"profile {args.profile}: {profile['iterations']} iterations x "

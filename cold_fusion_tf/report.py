@@ -57,13 +57,13 @@ def markdown(table, held_in, held_out) -> str:
 
 def summary(table) -> str:
   """One sentence comparing the newest fused base with the original base."""
-  last = table[-1] if table else None
-  if last is None or all(math.isnan(row[k]) for row in table for k in ("held_in", "held_out")):
+  if all(math.isnan(row[k]) for row in table for k in ("held_in", "held_out")):
     return ("No base has been scored (eval.enabled is off); compare the newest base with "
             "the original by `python -m cold_fusion_tf.evaluate --config=<config> "
             "--store=<store>`.")
   if len(table) < 2:
     return "Only the original base has been evaluated so far."
+  last = table[-1]
   return (f"Fused base {last['iteration']} vs the original base: held-in "
           f"{_pct(last['held_in'])} ({_gain(last['held_in_gain'])} points), held-out "
           f"{_pct(last['held_out'])} ({_gain(last['held_out_gain'])} points).")
