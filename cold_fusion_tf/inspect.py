@@ -10,7 +10,6 @@ package uses absolute imports, so this module never stands in for the standard l
 
 import json
 
-from absl import app
 from absl import flags
 
 from cold_fusion_tf import cli
@@ -25,10 +24,10 @@ def main(argv):
 
   def body():
     if flags.FLAGS.results:
-      from cold_fusion_tf import results_dir  # pylint: disable=g-import-not-at-top
+      from cold_fusion_tf.evaluation import results as results_dir  # pylint: disable=g-import-not-at-top
       print(results_dir.describe(results_dir.ResultsDir(flags.FLAGS.results)))
       return
-    from cold_fusion_tf import inspect_store  # pylint: disable=g-import-not-at-top
+    from cold_fusion_tf.store import lineage as inspect_store  # pylint: disable=g-import-not-at-top
     from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top
     data = inspect_store.lineage(store_lib.Store(cli.require_store()))
     if flags.FLAGS.json:
@@ -40,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -8,7 +8,6 @@ new base on held-in and held-out tasks, and writes report.md/.csv/.png into the 
 Running the same command again resumes from LATEST.
 """
 
-from absl import app
 
 from cold_fusion_tf import cli
 
@@ -19,11 +18,11 @@ def main(argv):
   del argv
 
   def body():
-    from cold_fusion_tf import loop  # pylint: disable=g-import-not-at-top
+    from cold_fusion_tf.simulation import loop  # pylint: disable=g-import-not-at-top
     loop.run(cli.require_config(), cli.require_store(), log=cli.say)
 
   cli.run_main(body)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

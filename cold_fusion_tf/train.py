@@ -12,7 +12,6 @@ every --config.recipe.checkpoint_every_steps steps: after a preemption, run the 
 again and it resumes. TensorBoard logs go to <workdir>/tensorboard.
 """
 
-from absl import app
 from absl import flags
 
 from cold_fusion_tf import cli
@@ -24,13 +23,13 @@ def main(argv):
   del argv
 
   def body():
-    from cold_fusion_tf import contributor  # pylint: disable=g-import-not-at-top
+    from cold_fusion_tf.training import contributor  # pylint: disable=g-import-not-at-top
     from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top
     from cold_fusion_tf.errors import UserError  # pylint: disable=g-import-not-at-top
     config = cli.require_config()
     if not config.task:
       raise UserError("--config.task is required: a dataset name, folder, or tfds:<name>.")
-    from cold_fusion_tf import strategies  # pylint: disable=g-import-not-at-top
+    from cold_fusion_tf.training import distribute as strategies  # pylint: disable=g-import-not-at-top
     store = store_lib.Store(cli.require_store())
     # The strategy comes first: a multi-worker strategy must exist before any other TF work.
     strategy = strategies.make(config.get("strategy", "auto"), config.get("tpu", ""))
@@ -41,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

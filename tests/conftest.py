@@ -52,9 +52,9 @@ def gcs_test_bucket(gcs_emulator):
 def storage_backend(request, tmp_path):
   """A fresh, empty Storage: LocalStorage in tmp_path, or GCSStorage on a fresh prefix."""
   if request.param == "local":
-    from cold_fusion_tf.storage import LocalStorage  # pylint: disable=g-import-not-at-top
+    from cold_fusion_tf.store.backends import LocalStorage  # pylint: disable=g-import-not-at-top
     yield LocalStorage(str(tmp_path / "store"))
     return
-  from cold_fusion_tf.gcs_storage import GCSStorage  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.store.backends.gcs import GCSStorage  # pylint: disable=g-import-not-at-top
   bucket = request.getfixturevalue("gcs_test_bucket")
   yield GCSStorage.from_uri(f"gs://{bucket}/t-{uuid.uuid4().hex[:12]}", retry_deadline=TEST_RETRY_DEADLINE)

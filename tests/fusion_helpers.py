@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from cold_fusion_tf import store as store_lib
-from cold_fusion_tf import weights
+from cold_fusion_tf.tensors import safetensors_io as weights
 
 HIDDEN, VOCAB, POSITIONS, INTERMEDIATE, LAYERS = 8, 40, 16, 16, 1
 CONFIG = {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": HIDDEN,

@@ -17,9 +17,9 @@ import numpy as np
 import transformers
 
 from cold_fusion_tf import fusion
-from cold_fusion_tf import models
+from cold_fusion_tf.model import bodies as models
 from cold_fusion_tf import store as store_lib
-from cold_fusion_tf import weights
+from cold_fusion_tf.tensors import safetensors_io as weights
 from tests import tiny
 
 SHARED_DATA = tiny.SHARED_DATA

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cold_fusion_tf import data
-from cold_fusion_tf import inputs
+from cold_fusion_tf.training import inputs
 from cold_fusion_tf.errors import UserError
 from tests import tiny
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from cold_fusion_tf import loop
+from cold_fusion_tf.simulation import loop
 from cold_fusion_tf import store as store_lib
-from cold_fusion_tf import weights
+from cold_fusion_tf.tensors import safetensors_io as weights
 from tests import tiny
 
 HEAD_MARKERS = ("head", "classifier", "out_proj")

@@ -13,15 +13,15 @@ import pytest
 
 import fusion_helpers as h
 from cold_fusion_tf import data as data_lib
-from cold_fusion_tf import evaluation
+from cold_fusion_tf.evaluation import finetune as evaluation
 from cold_fusion_tf import fusion
-from cold_fusion_tf import models
-from cold_fusion_tf import recycling
-from cold_fusion_tf import recycling_report
-from cold_fusion_tf import results_dir
+from cold_fusion_tf.model import bodies as models
+from cold_fusion_tf.evaluation import pipeline as recycling
+from cold_fusion_tf.evaluation import summary as recycling_report
+from cold_fusion_tf.evaluation import results as results_dir
 from cold_fusion_tf import store as store_lib
-from cold_fusion_tf import training
-from cold_fusion_tf import weights
+from cold_fusion_tf.training import trainer as training
+from cold_fusion_tf.tensors import safetensors_io as weights
 from cold_fusion_tf.errors import UserError
 from tests import tiny
 

@@ -15,7 +15,7 @@ import pytest
 import transformers
 import yaml
 
-from cold_fusion_tf import export
+from cold_fusion_tf.interop import export
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.errors import UserError
 from tests import interop_models as im

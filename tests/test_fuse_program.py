@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+import faults
 import fusion_helpers as h
-from cold_fusion_tf import fusion
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.errors import UserError
 
@@ -19,22 +19,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = ("--config.fusion.server_optimizer.enabled=True",)
 
 
-def _env(tmp, fault=None) -> dict:
-  env = dict(os.environ, HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(tmp),
-             COLD_FUSION_CACHE=os.path.join(str(tmp), "cache"))
-  env.pop(fusion.FAULT_ENV, None)
-  if fault:
-    env[fusion.FAULT_ENV] = fault
-  return env
+def _env(tmp) -> dict:
+  return dict(os.environ, HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(tmp),
+              COLD_FUSION_CACHE=os.path.join(str(tmp), "cache"))
 
 
-def _command(store, *flags) -> list[str]:
-  return [sys.executable, "-m", "cold_fusion_tf.fuse", "--config=configs/demo.py",
-          f"--store={store.uri}", *flags]
+def _command(store, *flags, fault=None) -> list[str]:
+  program = ["-m", "cold_fusion_tf.fuse"] if fault is None else [faults.__file__, fault]
+  return [sys.executable, *program, "--config=configs/demo.py", f"--store={store.uri}", *flags]
 
 
 def _fuse(tmp, store, *flags, fault=None) -> subprocess.CompletedProcess:
-  return subprocess.run(_command(store, *flags), cwd=REPO, env=_env(tmp, fault),
+  return subprocess.run(_command(store, *flags, fault=fault), cwd=REPO, env=_env(tmp),
                         capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -90,7 +86,7 @@ def test_a_fusion_killed_at_any_step_reruns_to_the_same_bytes(tmp_path, referenc
   # Execute: killed at the step ...
   crashed = _fuse(tmp_path, store, *SERVER, fault=step)
   # Assert: ... it died there, and readers still see base 0 only.
-  assert crashed.returncode == fusion.FAULT_EXIT_CODE, crashed.stdout + crashed.stderr
+  assert crashed.returncode == faults.EXIT_CODE, crashed.stdout + crashed.stderr
   assert f"ending the process at {step}" in crashed.stdout
   _assert_readers_see_base_0(store)
   if step == "after_manifest":
@@ -114,9 +110,10 @@ def test_a_fusion_killed_at_any_step_reruns_to_the_same_bytes(tmp_path, referenc
 def test_two_fusers_at_once_publish_exactly_one_base(tmp_path, reference):
   # Prepare: both pause before publishing, so both have planned and fused by then.
   store = _store_with_contributions(tmp_path)
-  env = _env(tmp_path, "sleep_before_publish:2")
+  fault = "sleep_before_publish:2"
   # Execute
-  processes = [subprocess.Popen(_command(store, *SERVER), cwd=REPO, env=env, text=True,
+  processes = [subprocess.Popen(_command(store, *SERVER, fault=fault), cwd=REPO,
+                                env=_env(tmp_path), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                for _ in range(2)]
   outputs = [p.communicate(timeout=120) for p in processes]

@@ -13,10 +13,12 @@ import safetensors.numpy
 
 import fusion_helpers as h
 from cold_fusion_tf import fusion
-from cold_fusion_tf import fusion_io
-from cold_fusion_tf import fusion_methods as fm
+from cold_fusion_tf.tensors import streaming as fusion_io
+from cold_fusion_tf.fusion import methods as fm
+from cold_fusion_tf.fusion import server_optimizer
 from cold_fusion_tf import store as store_lib
-from cold_fusion_tf import weights
+from cold_fusion_tf.store import layout
+from cold_fusion_tf.tensors import safetensors_io as weights
 from cold_fusion_tf.errors import UserError
 
 
@@ -96,8 +98,8 @@ def _write_bodies(tmp_path, base: dict, bodies: list[dict]):
     ("dare", {"drop_rate": 0.5, "seed": 3})])
 def test_streamed_fusion_equals_whole_tensor_methods(tmp_path, monkeypatch, method, params):
   # Prepare: chunks of 7 elements so every tensor is split unevenly; -0.0 and float16 too.
-  monkeypatch.setattr(fusion, "CHUNK_ELEMENTS", 7)
-  monkeypatch.setattr(fusion, "MEAN_CHUNK_ELEMENTS", 7)
+  monkeypatch.setattr(fusion.stream, "CHUNK_ELEMENTS", 7)
+  monkeypatch.setattr(fusion.stream, "MEAN_CHUNK_ELEMENTS", 7)
   base = h.random_body()
   base["embeddings.LayerNorm.bias"] = np.full(h.HIDDEN, -0.0, dtype=np.float32)
   base["half"] = np.linspace(-1, 1, 30).astype(np.float16).reshape(5, 6)
@@ -345,7 +347,7 @@ def test_too_few_valid_contributions_publish_nothing_and_plan_nothing(tmp_path):
   assert "1 valid contribution(s), fewer than the 2 required" in outcome.message
   assert [r["id"] for r in outcome.rejected] == ["b"]
   assert store.latest() == 0
-  assert not store.storage.exists(fusion.plan_name(1))
+  assert not store.storage.exists(layout.plan_name(1))
   assert not store.storage.exists("bases/000001")
 
 
@@ -412,11 +414,11 @@ def test_server_optimizer_carries_its_momentum_through_the_store(tmp_path):
   expected1, expected2, buffers = {}, {}, {}
   for n in base0:
     mean = fm.mean(base0[n], [b[n] for b in first], name=n)
-    expected1[n], buffers[n] = fm.server_momentum_step(
+    expected1[n], buffers[n] = server_optimizer.server_momentum_step(
         base0[n], mean.astype(np.float64) - base0[n], None, **server)
   for n in base0:
     mean = fm.mean(base1[n], [b[n] for b in second], name=n)
-    expected2[n], buffers[n] = fm.server_momentum_step(
+    expected2[n], buffers[n] = server_optimizer.server_momentum_step(
         base1[n], mean.astype(np.float64) - base1[n], buffers[n], **server)
   for n in base0:
     np.testing.assert_array_equal(base1[n], expected1[n])
@@ -440,7 +442,7 @@ def test_a_tampered_momentum_buffer_stops_the_fusion(tmp_path):
   h.contribute(store, "a", h.nudged(base, 1))
   fusion.fuse(store, log=lambda m: None, settings=settings)
   h.contribute(store, "b", h.nudged(h.base_tensors(store), 2))
-  _overwrite(store.storage.local_path(fusion.state_name(1)),
+  _overwrite(store.storage.local_path(layout.state_name(1)),
              lambda d: d[:-4] + b"\x00\x00\x80\x3f")
   # Execute / Assert
   with pytest.raises(UserError, match="momentum.safetensors: sha256 does not match"):
@@ -463,12 +465,12 @@ def test_a_plan_made_with_other_settings_is_refused(tmp_path):
           "fusion": {"method": "median", "params": {}, "max_update_z": 3.5,
                      "server_optimizer": None, "contributions": [
                          {"id": "c0", "sha256": "0" * 64}], "rejected": []}}
-  store.write_json(fusion.plan_name(1), plan)
+  store.write_json(layout.plan_name(1), plan)
   # Execute / Assert
   with pytest.raises(UserError, match="planned with other fusion settings"):
     fusion.fuse(store, log=lambda m: None, settings=_settings())
   plan["fusion"]["method"] = "mean"
-  store.write_json(fusion.plan_name(1), plan)
+  store.write_json(layout.plan_name(1), plan)
   with pytest.raises(UserError, match="contribution c0 is no longer there as planned"):
     fusion.fuse(store, log=lambda m: None, settings=_settings())
   assert store.latest() == 0
@@ -603,7 +605,7 @@ def test_settings_reject_bad_values():
 
 def test_settings_from_the_default_config():
   # Prepare
-  from cold_fusion_tf import defaults  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.configs import defaults  # pylint: disable=g-import-not-at-top
   config = defaults.get_config()
   # Execute
   plain = fusion.Settings.from_config(config.fusion)
@@ -641,5 +643,5 @@ def test_fusion_on_a_gcs_store_with_server_state(tmp_path, gcs_emulator):
   assert store.latest() == 2 and base is not None
   for iteration in (1, 2):
     assert store.manifest(iteration)["files"] == local.manifest(iteration)["files"]
-    assert (store.storage.read_bytes(fusion.state_name(iteration))
-            == local.storage.read_bytes(fusion.state_name(iteration)))
+    assert (store.storage.read_bytes(layout.state_name(iteration))
+            == local.storage.read_bytes(layout.state_name(iteration)))

@@ -1,4 +1,4 @@
-"""Tests for cold_fusion_tf.fusion_methods: each method against a plain numpy reference."""
+"""Tests for cold_fusion_tf.fusion.methods: each method against a plain numpy reference."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from cold_fusion_tf import fusion_methods as fm
+from cold_fusion_tf.fusion import methods as fm
+from cold_fusion_tf.fusion import params as fusion_params
+from cold_fusion_tf.fusion import robust
+from cold_fusion_tf.fusion import server_optimizer
 from cold_fusion_tf.errors import UserError
 
 COUNTS = (1, 2, 5)
@@ -297,7 +300,7 @@ def test_server_step_with_lr_one_and_no_momentum_is_mean(dtype):
   base, bodies = _inputs(5, dtype)
   mean_delta = np.mean(_stack64(bodies), axis=0) - base.astype(np.float64)
   # Execute
-  new_base, buffer = fm.server_momentum_step(base, mean_delta, None, lr=1.0, momentum=0.0)
+  new_base, buffer = server_optimizer.server_momentum_step(base, mean_delta, None, lr=1.0, momentum=0.0)
   # Assert
   _assert_matches(new_base, np.mean(_stack64(bodies), axis=0), dtype)
   assert buffer.dtype == np.float32
@@ -315,9 +318,9 @@ def test_server_step_two_steps_with_momentum_match_hand_computation(nesterov, ex
   # Prepare
   base = np.full((2, 3), 1.0, np.float64)
   # Execute
-  base1, buffer1 = fm.server_momentum_step(base, np.full((2, 3), 0.5), None, lr=0.7,
+  base1, buffer1 = server_optimizer.server_momentum_step(base, np.full((2, 3), 0.5), None, lr=0.7,
                                            momentum=0.9, nesterov=nesterov)
-  base2, buffer2 = fm.server_momentum_step(base1, np.full((2, 3), -0.2), buffer1, lr=0.7,
+  base2, buffer2 = server_optimizer.server_momentum_step(base1, np.full((2, 3), -0.2), buffer1, lr=0.7,
                                            momentum=0.9, nesterov=nesterov)
   # Assert
   np.testing.assert_allclose(base1, expected_bases[0], rtol=1e-12)
@@ -332,7 +335,7 @@ def test_server_step_rejects_mismatched_buffer():
   base = np.zeros(3, np.float32)
   # Execute / Assert
   with pytest.raises(UserError, match="momentum buffer shape"):
-    fm.server_momentum_step(base, np.zeros(3), np.zeros(4))
+    server_optimizer.server_momentum_step(base, np.zeros(3), np.zeros(4))
 
 
 @pytest.mark.parametrize("attack", ["scaled", "sign_flipped"])
@@ -372,10 +375,10 @@ def test_robust_z_scores_flag_the_large_update():
   bodies.append(base + 100.0 * true_delta)
   norms = np.array([np.linalg.norm(b - base) for b in bodies])
   # Execute
-  scores = fm.robust_z_scores(norms)
+  scores = robust.robust_z_scores(norms)
   # Assert
-  assert scores[-1] > fm.ROBUST_Z_THRESHOLD
-  assert np.all(np.abs(scores[:-1]) <= fm.ROBUST_Z_THRESHOLD)
+  assert scores[-1] > robust.ROBUST_Z_THRESHOLD
+  assert np.all(np.abs(scores[:-1]) <= robust.ROBUST_Z_THRESHOLD)
 
 
 def test_robust_z_scores_matches_formula():
@@ -383,7 +386,7 @@ def test_robust_z_scores_matches_formula():
   values = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
   # median 3, |dev| = [2, 1, 0, 1, 97] -> MAD 1
   # Execute
-  scores = fm.robust_z_scores(values)
+  scores = robust.robust_z_scores(values)
   # Assert
   np.testing.assert_allclose(scores, 0.6745 * np.array([-2.0, -1.0, 0.0, 1.0, 97.0]))
 
@@ -392,10 +395,10 @@ def test_robust_z_scores_zero_mad_and_non_finite():
   # Prepare
   values = np.array([2.0, 2.0, 2.0, 5.0, 1.0, np.nan])
   # Execute
-  scores = fm.robust_z_scores(values)
+  scores = robust.robust_z_scores(values)
   # Assert
   np.testing.assert_array_equal(scores, [0.0, 0.0, 0.0, np.inf, -np.inf, np.inf])
-  assert fm.robust_z_scores(np.array([])).shape == (0,)
+  assert robust.robust_z_scores(np.array([])).shape == (0,)
 
 
 def test_get_method_returns_registered_functions():
@@ -419,15 +422,15 @@ def test_get_method_unknown_name_lists_known_names():
 
 def test_check_params_fills_defaults_and_normalizes():
   # Prepare / Execute
-  ties_params = fm.check_params("ties", {"density": np.float32(0.5)})
-  dare_params = fm.check_params("dare", {"seed": np.int64(7)})
+  ties_params = fusion_params.check_params("ties", {"density": np.float32(0.5)})
+  dare_params = fusion_params.check_params("dare", {"seed": np.int64(7)})
   # Assert
   assert ties_params == {"density": 0.5, "scale": 1.0}
   assert type(ties_params["density"]) is float
   assert dare_params == {"drop_rate": 0.9, "seed": 7}
-  assert fm.check_params("mean", None) == {}
-  assert fm.check_params("task_arithmetic", {}) == {"scale": None}
-  assert fm.check_params(fm.SERVER_MOMENTUM, {"lr": 1}) == {
+  assert fusion_params.check_params("mean", None) == {}
+  assert fusion_params.check_params("task_arithmetic", {}) == {"scale": None}
+  assert fusion_params.check_params(fusion_params.SERVER_MOMENTUM, {"lr": 1}) == {
       "lr": 1.0, "momentum": 0.9, "nesterov": True}
 
 
@@ -443,9 +446,9 @@ def test_check_params_fills_defaults_and_normalizes():
     ("dare", {"seed": 1.5}, r"seed=1\.5 .*integer"),
     ("dare", {"drop_rate": "0.5"}, r"drop_rate='0\.5' .*finite number"),
     ("dare", {"drop_rate": True}, r"drop_rate=True"),
-    (fm.SERVER_MOMENTUM, {"lr": 0.0}, r"lr=0\.0 .*> 0"),
-    (fm.SERVER_MOMENTUM, {"momentum": 1.0}, r"momentum=1\.0 .*\[0, 1\)"),
-    (fm.SERVER_MOMENTUM, {"nesterov": 1}, r"nesterov=1 .*true or false"),
+    (fusion_params.SERVER_MOMENTUM, {"lr": 0.0}, r"lr=0\.0 .*> 0"),
+    (fusion_params.SERVER_MOMENTUM, {"momentum": 1.0}, r"momentum=1\.0 .*\[0, 1\)"),
+    (fusion_params.SERVER_MOMENTUM, {"nesterov": 1}, r"nesterov=1 .*true or false"),
     ("median", {"trim_fraction": 0.1}, r"no parameter\(s\) trim_fraction.*none"),
     ("ties", {"densty": 0.1}, r"no parameter\(s\) densty.*density, scale"),
     ("fedprox", {}, r"Unknown fusion method 'fedprox'.*mean"),
@@ -453,7 +456,7 @@ def test_check_params_fills_defaults_and_normalizes():
 def test_check_params_errors_name_the_value_and_range(method_name, params, expected):
   # Prepare / Execute / Assert
   with pytest.raises(UserError, match=expected):
-    fm.check_params(method_name, params)
+    fusion_params.check_params(method_name, params)
 
 
 def test_methods_validate_their_own_params():
@@ -501,11 +504,11 @@ def test_robust_z_scores_spread_floor_spares_close_honest_updates():
   honest = np.array([1.95, 1.97, 1.98, 2.18])
   with_attacker = np.append(honest, 4.0)
   # Execute
-  plain = fm.robust_z_scores(honest)
-  floored = fm.robust_z_scores(honest, fm.MIN_RELATIVE_SPREAD)
-  attacked = fm.robust_z_scores(with_attacker, fm.MIN_RELATIVE_SPREAD)
+  plain = robust.robust_z_scores(honest)
+  floored = robust.robust_z_scores(honest, robust.MIN_RELATIVE_SPREAD)
+  attacked = robust.robust_z_scores(with_attacker, robust.MIN_RELATIVE_SPREAD)
   # Assert: without the floor the honest 2.18 is flagged; with it, only the attacker is.
-  assert plain[-1] > fm.ROBUST_Z_THRESHOLD
+  assert plain[-1] > robust.ROBUST_Z_THRESHOLD
   np.testing.assert_allclose(floored, 0.6745 * (honest - 1.975) / 0.1975)
-  assert np.all(floored <= fm.ROBUST_Z_THRESHOLD)
-  assert attacked[-1] > fm.ROBUST_Z_THRESHOLD and np.all(attacked[:-1] <= fm.ROBUST_Z_THRESHOLD)
+  assert np.all(floored <= robust.ROBUST_Z_THRESHOLD)
+  assert attacked[-1] > robust.ROBUST_Z_THRESHOLD and np.all(attacked[:-1] <= robust.ROBUST_Z_THRESHOLD)

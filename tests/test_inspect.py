@@ -11,7 +11,7 @@ import numpy as np
 
 import fusion_helpers as h
 from cold_fusion_tf import fusion
-from cold_fusion_tf import inspect_store
+from cold_fusion_tf.store import lineage as inspect_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,10 +18,10 @@ import tensorflow as tf
 import tf_keras as keras
 
 import cold_fusion_tf
-from cold_fusion_tf import keras_api
+from cold_fusion_tf.interop import keras_api
 from cold_fusion_tf import store as store_lib
-from cold_fusion_tf import training
-from cold_fusion_tf import weights
+from cold_fusion_tf.training import trainer as training
+from cold_fusion_tf.model import hf_names
 from cold_fusion_tf.errors import UserError
 from tests import interop_models as im
 
@@ -59,7 +59,7 @@ def test_load_base_gives_the_published_weights(minilm_store):
   assert tokenizer("a b")["input_ids"] == [101, 1037, 1038, 102]
   base_dir = keras_api.resolve_base_dir(minilm_store)
   published = safetensors.numpy.load_file(os.path.join(base_dir, "model.safetensors"))
-  ours = weights.body_tensors(body)
+  ours = hf_names.body_tensors(body)
   assert sorted(ours) == sorted(published)
   for name, value in ours.items():
     np.testing.assert_array_equal(value, published[name], err_msg=name)
@@ -230,7 +230,7 @@ def test_load_base_from_a_gcs_store(gcs_emulator, tmp_path, monkeypatch):
   store_lib.Store(uri).create(source, {"source_model": "tiny-bert"})
   body, tokenizer = cold_fusion_tf.load_base(uri)
   published = safetensors.numpy.load_file(os.path.join(source, "model.safetensors"))
-  for name, value in weights.body_tensors(body).items():
+  for name, value in hf_names.body_tensors(body).items():
     np.testing.assert_array_equal(value, published[name], err_msg=name)
   assert tokenizer("a b")["input_ids"] == [101, 1037, 1038, 102]
   assert keras_api.resolve_base_dir(uri, 0).startswith(str(tmp_path / "cache"))

@@ -14,10 +14,11 @@ import os
 import numpy as np
 import pytest
 
-from cold_fusion_tf import keras_api
-from cold_fusion_tf import keras_hub_export
-from cold_fusion_tf import models
-from cold_fusion_tf import weights
+from cold_fusion_tf.interop import keras_api
+from cold_fusion_tf.interop import keras_hub as keras_hub_export
+from cold_fusion_tf.model import bodies as models
+from cold_fusion_tf.tensors import safetensors_io as weights
+from cold_fusion_tf.model import hf_names
 from cold_fusion_tf.errors import UserError
 from tests import interop_models as im
 from tests import tiny
@@ -66,8 +67,8 @@ def test_published_bert_base_loads_directly(minilm_base):
   config.hidden_act = "gelu_new"
   tanh_body = models.build_body(config)
   path = os.path.join(minilm_base, "model.safetensors")
-  weights.assign_body_tensors(
-      tanh_body, weights.load_checked(path, weights.expected_specs(tanh_body), path), path)
+  hf_names.assign_body_tensors(
+      tanh_body, weights.load_checked(path, hf_names.expected_specs(tanh_body), path), path)
   diff_tanh = np.abs(ours - _tf_hidden(tanh_body, enc))[real].max()
   assert diff_tanh < 1e-4, diff_tanh
   assert diff_exact < 1e-2, diff_exact

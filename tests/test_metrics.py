@@ -4,8 +4,8 @@ import math
 
 import numpy as np
 
-from cold_fusion_tf import metrics
-from cold_fusion_tf import report
+from cold_fusion_tf.training import metrics
+from cold_fusion_tf.evaluation import report
 
 
 def test_rankdata_averages_ties():

@@ -136,7 +136,7 @@ def test_init_train_fuse_evaluate_on_gcs(tiny_run, gcs_uri, env, tmp_path):
 def test_run_one_iteration_on_gcs(tiny_run, gcs_uri, env, tmp_path):
   config = tmp_path / "tiny_run.py"
   config.write_text(textwrap.dedent(f"""
-      from cold_fusion_tf import defaults
+      from cold_fusion_tf.configs import defaults
       def get_config():
         c = defaults.get_config()
         c.model.source = {tiny_run['base']!r}

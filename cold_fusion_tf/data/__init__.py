@@ -1,0 +1,40 @@
+"""Task datasets: JSONL folders, CSV/TSV folders and TensorFlow Datasets names, all validated.
+
+A dataset is named in a config in one of three ways:
+
+* a name such as ``sst2``, looked up as a folder ``<dir>/sst2/`` in ``config.data.dirs``;
+* a path to such a folder;
+* ``tfds:<name>`` such as ``tfds:glue/rte`` or ``tfds:super_glue/cb`` (downloads on first use).
+
+A folder holds ``train``, ``dev`` and ``test`` splits as ``.jsonl``, ``.csv`` or ``.tsv`` files
+and an optional ``info.json`` (``task``: classification|regression, ``label_names``). Records
+have ``text``, optional ``text_pair`` and ``label`` (an int class id, a label name, or a float
+for regression). CSV/TSV need a header row; other column names are mapped through
+``config.data.columns``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from cold_fusion_tf.data import folder
+from cold_fusion_tf.data import tasks
+from cold_fusion_tf.data.folder import load_folder, resolve_dir
+from cold_fusion_tf.data.tasks import DEMO_DATA_DIR, SPLITS, Split, TaskData, dataset_id, sample_split
+
+__all__ = ["DEMO_DATA_DIR", "SPLITS", "Split", "TaskData", "dataset_id", "load_folder",
+           "load_task", "resolve_dir", "sample_split"]
+
+
+def load_task(name: str, dirs: Sequence[str] = (), columns: Mapping[str, str] | None = None,
+              max_examples: Mapping[str, int] | None = None) -> tasks.TaskData:
+  """Loads and validates a dataset given by name, folder or ``tfds:`` reference."""
+  if name.startswith("tfds:"):
+    from cold_fusion_tf.data import tfds  # pylint: disable=g-import-not-at-top
+    task = tfds.load(name[len("tfds:"):])
+  else:
+    task = folder.load_folder(folder.resolve_dir(name, dirs), columns or {})
+  if max_examples:
+    for split, cap in max_examples.items():
+      task.splits[split] = tasks.sample_split(task.splits[split], cap, split)
+  return task

@@ -1,0 +1,64 @@
+"""Task types: a validated dataset (:class:`TaskData`) and its splits, and sampling."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from typing import Optional
+
+import numpy as np
+
+from cold_fusion_tf.store.paths import check_path_part
+
+SPLITS = ("train", "dev", "test")
+DEMO_DATA_DIR = os.path.join(os.path.dirname(__file__), "demo")
+
+
+@dataclasses.dataclass
+class Split:
+  """One split: parallel lists of texts, optional pair texts, and labels."""
+  texts: list[str]
+  pairs: Optional[list[str]]
+  labels: np.ndarray  # int32 class ids, or float32 scores for regression
+
+  def __len__(self) -> int:
+    return len(self.texts)
+
+
+@dataclasses.dataclass
+class TaskData:
+  """A validated task: its kind, labels and splits."""
+  name: str
+  kind: str  # "classification" or "regression"
+  label_names: list[str]
+  splits: dict[str, Split]
+  source: str
+
+  @property
+  def num_outputs(self) -> int:
+    return 1 if self.kind == "regression" else len(self.label_names)
+
+  @property
+  def is_pair(self) -> bool:
+    return self.splits["train"].pairs is not None
+
+
+def dataset_id(name: str) -> str:
+  """A path-safe short name for a dataset reference (used for contributor ids and reports)."""
+  base = name[len("tfds:"):] if name.startswith("tfds:") else os.path.basename(os.path.normpath(name))
+  return check_path_part(base.replace("/", "."), "Dataset name")
+
+
+def sample_split(split: Split, cap: int, seed: str) -> Split:
+  """At most ``cap`` examples (0: all) drawn at random (seeded by ``seed``), in file order.
+
+  A random sample rather than the first ``cap`` lines: some sources are sorted by label, and
+  their first lines hold a single class.
+  """
+  if not cap or len(split) <= cap:
+    return split
+  keep = sorted(random.Random(f"cold_fusion_tf/{seed}").sample(range(len(split)), cap))
+  pick = lambda values: [values[i] for i in keep]  # noqa: E731
+  return Split(pick(split.texts), pick(split.pairs) if split.pairs else None,
+               split.labels[np.asarray(keep, dtype=np.int64)])

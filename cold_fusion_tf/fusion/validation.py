@@ -1,0 +1,250 @@
+"""Validation of contributions: each body read once, checked, and the outliers set aside."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import os
+from typing import Optional
+
+import numpy as np
+
+from cold_fusion_tf import store as store_lib
+from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.fusion import robust
+from cold_fusion_tf.fusion.settings import Settings
+from cold_fusion_tf.tensors import streaming
+
+_MAX_REASON = 600
+_MAX_METRICS = 32
+
+
+@dataclasses.dataclass
+class Checked:
+  contribution: store_lib.Contribution
+  body: streaming.BodyFile
+  scan: streaming.ScanResult
+
+  @property
+  def norm(self) -> float:
+    return math.sqrt(self.scan.squared_distance)
+
+
+def rejection(cid: str, dataset, reason: str) -> dict:
+  entry = {"id": str(cid)[:200], "reason": str(reason)[:_MAX_REASON]}
+  if isinstance(dataset, str):
+    entry["dataset"] = dataset[:200]
+  return entry
+
+
+def specs_difference(got: dict, want: dict) -> Optional[str]:
+  if got == want:
+    return None
+  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  if missing or extra:
+    return (f"tensor names do not match the base (missing {missing[:5]}, unexpected "
+            f"{extra[:5]}); is it a body of the base's architecture?")
+  name = next(n for n in sorted(want) if got[n] != want[n])
+  return (f"tensor {name} is {got[name][1]}{list(got[name][0])}, the base has "
+          f"{want[name][1]}{list(want[name][0])}")
+
+
+def _open_body(store, contribution, workdir) -> streaming.BodyFile:
+  """Fetches (remote stores) and opens a contribution's body, checking its size and header."""
+  meta = contribution.meta
+  path = store.fetch_body(contribution, workdir)
+  size = meta.get("body_size")
+  if isinstance(size, int) and not isinstance(size, bool) and os.path.getsize(path) != size:
+    raise UserError(f"body.safetensors has {os.path.getsize(path)} bytes, contribution.json "
+                    f"says {size} (truncated or changed after upload)")
+  return streaming.BodyFile(path, source=f"{store.uri}/{contribution.body_name}")
+
+
+def _checked_scan(result, meta: dict) -> streaming.ScanResult:
+  """A body's scan result, or the UserError that rejects it."""
+  if isinstance(result, UserError):
+    raise result
+  if result.sha256 != meta["body_sha256"]:
+    raise UserError("body.safetensors does not match the sha256 in contribution.json "
+                    "(changed or corrupted after upload)")
+  if result.nonfinite:
+    raise UserError(f"tensor {result.nonfinite} holds NaN or infinite values")
+  return result
+
+
+def validate(store, contributions, base, specs, workdir, threads, log) -> tuple[dict, list]:
+  """Checks each contribution's body: ({id: Checked}, [rejections]).
+
+  Bodies are read once, in parallel: ``threads`` groups of bodies with the same data layout,
+  each group scanned a chunk of all its bodies at a time (:func:`streaming.scan_group`).
+  """
+  opened, rejected = [], []
+
+  def reject(c, error):
+    rejected.append(rejection(c.contributor_id, c.meta.get("dataset"), error))
+    log(f"rejected {c.contributor_id}: {error}")
+
+  for c in contributions:  # downloads in this thread: one storage client, one thread
+    try:
+      body = _open_body(store, c, workdir)
+    except UserError as e:
+      reject(c, e)
+      continue
+    problem = specs_difference(body.specs(), specs)
+    if problem:
+      body.close()
+      reject(c, problem)
+      continue
+    opened.append((c, body))
+  groups = streaming.layout_groups([body for _, body in opened], threads)
+  results = {}
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
+    futures = [pool.submit(streaming.scan_group, [opened[i][1] for i in group], specs, base)
+               for group in groups]
+    for group, future in zip(groups, futures):
+      results.update(zip(group, future.result()))
+  checked = {}
+  for i in sorted(range(len(opened)), key=lambda i: opened[i][0].contributor_id):
+    c, body = opened[i]
+    try:
+      checked[c.contributor_id] = Checked(c, body, _checked_scan(results[i], c.meta))
+    except UserError as e:
+      body.close()
+      reject(c, e)
+  return checked, rejected
+
+
+class Validations:
+  """The contributions to the latest base validated so far, kept open for the fusion.
+
+  The fuse program keeps one while it waits for the quorum and validates each contribution
+  as it arrives, so that once the quorum is met only the fusion is left to do. A contribution
+  is validated once; it is checked again only if its ``contribution.json`` changes.
+  """
+
+  def __init__(self, store: store_lib.Store, settings: Settings, log):
+    self.store, self.settings, self.log = store, settings, log
+    self.iteration = store.require_latest()
+    self.manifest = store.manifest(self.iteration)
+    self.base_sha = self.manifest["files"][store_lib.MODEL]["sha256"]
+    self.base_dir = store.base_dir(self.iteration)
+    self._staging = store_lib.staging_dir("validate")
+    self.work = self._staging.name
+    self.base = streaming.BodyFile(os.path.join(self.base_dir, store_lib.MODEL))
+    self.specs = self.base.specs()
+    self._checked: dict[str, Checked] = {}
+    self._failed: dict[str, tuple[dict, dict]] = {}  # id -> (contribution.json, rejection)
+
+  def current(self, store: store_lib.Store) -> bool:
+    """Whether this is still about the latest base of ``store``."""
+    return store is self.store and store.require_latest() == self.iteration
+
+  def check(self, contributions, log=None) -> tuple[dict, list]:
+    """Validates those of ``contributions`` not seen yet: ({id: Checked}, [rejections]),
+    both for all of ``contributions``."""
+    log = log or self.log
+    new = []
+    for c in contributions:
+      cid = c.contributor_id
+      known = self._checked.get(cid)
+      if known is not None and known.contribution.meta != c.meta:
+        known.body.close()
+        del self._checked[cid]
+      if cid in self._failed and self._failed[cid][0] != c.meta:
+        del self._failed[cid]
+      if cid not in self._checked and cid not in self._failed:
+        new.append(c)
+    checked, rejected = validate(self.store, new, self.base, self.specs, self.work,
+                                  self.settings.threads(), log)
+    self._checked.update(checked)
+    by_id = {r["id"]: r for r in rejected}
+    for c in new:
+      if c.contributor_id in by_id:
+        self._failed[c.contributor_id] = (c.meta, by_id[c.contributor_id])
+    ids = {c.contributor_id for c in contributions}
+    return ({cid: v for cid, v in self._checked.items() if cid in ids},
+            [r for cid, (_, r) in sorted(self._failed.items()) if cid in ids])
+
+  def refresh(self) -> int:
+    """Validates the complete contributions to the base that arrived since the last call:
+    the number of valid ones so far."""
+    found, _ = candidates(self.store, self.iteration, self.base_sha, lambda m: None)
+    return len(self.check(found)[0])
+
+  def close(self) -> None:
+    for c in self._checked.values():
+      c.body.close()
+    self._checked.clear()
+    self.base.close()
+    self._staging.cleanup()
+
+
+def candidates(store, iteration: int, base_sha: str, log) -> tuple[list, list]:
+  """Complete contributions to ``iteration`` that claim the current base, and rejections
+  (unreadable contribution.json, stale base) that need no body reading."""
+  found, rejected = store.contributions(iteration)
+  for r in rejected:
+    log(f"rejected {r['id']}: {r['reason']}")
+  rejected = [rejection(r["id"], r.get("dataset"), r["reason"]) for r in rejected]
+  fresh = []
+  for c in sorted(found, key=lambda c: c.contributor_id):
+    meta = c.meta
+    if meta["base_iteration"] != iteration or meta["base_sha256"] != base_sha:
+      reason = (f"stale: trained from base {meta['base_iteration']} "
+                f"({meta['base_sha256'][:12]}), the current base is {iteration} "
+                f"({base_sha[:12]})")
+      rejected.append(rejection(c.contributor_id, meta["dataset"], reason))
+      log(f"rejected {c.contributor_id}: {reason}")
+      continue
+    fresh.append(c)
+  return fresh, rejected
+
+
+def select(checked: dict, max_update_z: float, log) -> tuple[list, list, dict]:
+  """Drops repeated bodies and outlier updates: (accepted ids, rejections, {id: z})."""
+  rejected, first_by_sha, kept = [], {}, []
+  for cid in sorted(checked):
+    c = checked[cid]
+    other = first_by_sha.setdefault(c.scan.sha256, cid)
+    if other != cid:
+      reason = f"the same body (sha256 {c.scan.sha256[:12]}) as contributor {other}; counted once"
+      rejected.append(rejection(cid, c.contribution.meta["dataset"], reason))
+      log(f"rejected {cid}: {reason}")
+      continue
+    kept.append(cid)
+  scores = {}
+  if len(kept) >= 3 and max_update_z > 0:
+    norms = np.array([checked[cid].norm for cid in kept])
+    z = robust.robust_z_scores(norms, robust.MIN_RELATIVE_SPREAD)
+    median = float(np.median(norms))
+    scores = dict(zip(kept, (float(v) for v in z)))
+    for cid, norm, score in zip(list(kept), norms, z):
+      if score > max_update_z:
+        reason = (f"update norm {norm:.4g} is far above the others' (median {median:.4g}; "
+                  f"robust z-score {score:.3g} > {max_update_z:g})")
+        rejected.append(rejection(cid, checked[cid].contribution.meta["dataset"], reason))
+        log(f"rejected {cid}: {reason}")
+        kept.remove(cid)
+  return kept, rejected, scores
+
+
+def metrics(value) -> dict:
+  """The numeric dev metrics of a contribution (untrusted: bounded and finite only)."""
+  out = {}
+  if isinstance(value, dict):
+    for key in sorted(value)[:_MAX_METRICS]:
+      v = value[key]
+      if (isinstance(key, str) and len(key) <= 64 and isinstance(v, (int, float))
+          and not isinstance(v, bool) and math.isfinite(v)):
+        out[key] = v
+  return out
+
+
+def entry(checked: Checked, z: Optional[float]) -> dict:
+  meta = checked.contribution.meta
+  return {"id": checked.contribution.contributor_id, "dataset": meta["dataset"],
+          "num_examples": meta["num_examples"], "sha256": checked.scan.sha256,
+          "dev_metrics": metrics(meta.get("dev_metrics")),
+          "update_norm": checked.norm,
+          "update_z": z if z is not None and math.isfinite(z) else None}

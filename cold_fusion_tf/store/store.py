@@ -1,0 +1,291 @@
+"""The Store: the one door to a store's objects (layout and schemas in :mod:`.layout`).
+
+Reads check everything (schemas, names, sizes, sha256); writes follow the protocol's order
+(files, then the JSON that makes them visible, then ``LATEST`` by compare-and-swap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+from typing import Optional
+
+from cold_fusion_tf import __version__
+from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.store import backends
+from cold_fusion_tf.store import layout
+from cold_fusion_tf.store import paths
+from cold_fusion_tf.store.layout import (BODY, CONTRIBUTION, FORMAT_VERSION, LATEST_FILE, MANIFEST,
+                                         MODEL, RUN_FILE, check_contribution_meta,
+                                         check_manifest)
+from cold_fusion_tf.tensors import safetensors_io
+
+
+class LostRace(Exception):
+  """Another process published this iteration first (not an error for the caller)."""
+
+
+@dataclasses.dataclass
+class Contribution:
+  contributor_id: str
+  meta: dict
+  body_name: str  # object name of body.safetensors
+
+
+class Store:
+  """A ColD Fusion store at a URI (local directory or gs://bucket/prefix)."""
+
+  def __init__(self, uri: str, cache_dir: Optional[str] = None):
+    self.uri = uri
+    self.storage = backends.open_storage(uri)
+    self.cache_dir = cache_dir or os.path.join(
+        os.environ.get("COLD_FUSION_CACHE", os.path.expanduser("~/.cache/cold_fusion_tf")),
+        hashlib.sha256(uri.encode()).hexdigest()[:16])
+
+  # ------------------------------------------------------------------ run.json
+  def exists(self) -> bool:
+    return self.storage.exists(RUN_FILE)
+
+  def run_info(self) -> dict:
+    try:
+      data = self.storage.read_bytes(RUN_FILE)
+    except FileNotFoundError:
+      raise UserError(f"{self.uri} is not a ColD Fusion store (no {RUN_FILE}). Create one with "
+                      "`python -m cold_fusion_tf.run --config=... --store=...` or "
+                      "`python -m cold_fusion_tf.init --config=... --store=... "
+                      "--config.model.source=...`.") from None
+    info = layout.parse_json(data, f"{self.uri}/{RUN_FILE}")
+    if info.get("format_version") != FORMAT_VERSION:
+      raise UserError(f"{self.uri}/{RUN_FILE}: store format version "
+                      f"{info.get('format_version')!r}; this code reads version {FORMAT_VERSION}.")
+    layout.require(info, "model_type", str, f"{self.uri}/{RUN_FILE}")
+    return info
+
+  def create(self, source_dir: str, run_settings: dict) -> bool:
+    """Writes run.json and publishes base 0 from a checked HF model directory.
+
+    Returns False if the store already existed (then nothing is written). A store whose
+    creation was interrupted (run.json but no LATEST) is completed.
+    """
+    config = layout.parse_json(open(os.path.join(source_dir, "config.json"), "rb").read(),
+                         os.path.join(source_dir, "config.json"))
+    if not self.exists():
+      leftovers = [n for n in self.storage.list_children("") if n not in ("bases",)]
+      if leftovers:
+        raise UserError(f"{self.uri} is not empty and not a ColD Fusion store (found "
+                        f"{leftovers[:5]}); use an empty directory or an existing store.")
+      info = {"format_version": FORMAT_VERSION, "model_type": config["model_type"],
+              "source_model": run_settings.get("source_model", ""),
+              "settings": run_settings, "code_version": __version__}
+      self.storage.create_exclusive(RUN_FILE, layout.json_bytes(info))
+    if self.latest() is not None:
+      return False
+    try:
+      self.publish_base(0, source_dir, {"parent": None,
+                                        "source_model": run_settings.get("source_model", "")})
+    except LostRace:
+      pass
+    return True
+
+  # ------------------------------------------------------------------ bases
+  def latest(self) -> Optional[int]:
+    """The newest complete iteration, or None before base 0 is published."""
+    try:
+      raw = self.storage.read_bytes(LATEST_FILE)
+    except FileNotFoundError:
+      return None
+    return self._parse_latest(raw)
+
+  def _parse_latest(self, raw: bytes) -> int:
+    text = raw.decode("ascii", errors="replace").strip()
+    if not (text.isdigit() and len(text) <= 6):
+      raise UserError(f"{self.uri}/{LATEST_FILE}: {text[:40]!r} is not an iteration number.")
+    return int(text)
+
+  def require_latest(self) -> int:
+    self.run_info()
+    latest = self.latest()
+    if latest is None:
+      raise UserError(f"{self.uri}: no base has been published yet (no {LATEST_FILE}).")
+    return latest
+
+  def base_prefix(self, iteration: int) -> str:
+    return f"bases/{paths.iteration_name(iteration)}"
+
+  def manifest(self, iteration: int) -> dict:
+    name = f"{self.base_prefix(iteration)}/{MANIFEST}"
+    try:
+      data = self.storage.read_bytes(name)
+    except FileNotFoundError:
+      raise UserError(f"{self.uri}/{name}: missing; base {iteration} is not complete.") from None
+    manifest = check_manifest(layout.parse_json(data, f"{self.uri}/{name}"), f"{self.uri}/{name}")
+    if manifest["iteration"] != iteration:
+      raise UserError(f"{self.uri}/{name}: says iteration {manifest['iteration']}, expected "
+                      f"{iteration}.")
+    return manifest
+
+  def base_sha256(self, iteration: int) -> str:
+    return self.manifest(iteration)["files"][MODEL]["sha256"]
+
+  def base_dir(self, iteration: int) -> str:
+    """A local directory holding base ``iteration``, every file checked against the manifest."""
+    manifest = self.manifest(iteration)
+    prefix = self.base_prefix(iteration)
+    local = self.storage.local_path(prefix)
+    if local is None:
+      local = os.path.join(self.cache_dir, prefix)
+      os.makedirs(local, exist_ok=True)
+    for name, info in sorted(manifest["files"].items()):
+      path = os.path.join(local, name)
+      if self.storage.local_path(prefix) is None:
+        fresh = (os.path.exists(path) and os.path.getsize(path) == info["size"]
+                 and safetensors_io.sha256_file(path) == info["sha256"])
+        if fresh:
+          continue
+        try:
+          self.storage.download(f"{prefix}/{name}", path)
+        except FileNotFoundError:
+          raise UserError(f"{self.uri}/{prefix}/{name}: listed in the manifest but missing.") from None
+      if not os.path.exists(path):
+        raise UserError(f"{self.uri}/{prefix}/{name}: listed in the manifest but missing.")
+      if os.path.getsize(path) != info["size"] or safetensors_io.sha256_file(path) != info["sha256"]:
+        raise UserError(f"{self.uri}/{prefix}/{name}: size or sha256 does not match the manifest; "
+                        "the base is corrupt. Republish it or restore the file.")
+    if self.storage.local_path(prefix) is None:
+      # The cache holds exactly the manifest's files (a store recreated at the same URI may
+      # have left others behind); downloads in progress (*.partial) are left alone.
+      for name in os.listdir(local):
+        path = os.path.join(local, name)
+        if name not in manifest["files"] and not name.endswith(".partial") and os.path.isfile(path):
+          try:
+            os.remove(path)
+          except FileNotFoundError:
+            pass
+    return local
+
+  def publish_base(self, iteration: int, local_dir: str, manifest_fields: dict, *,
+                   known_sha256: Optional[dict] = None, move: bool = False) -> dict:
+    """Uploads a base directory, writes its manifest, then moves LATEST (compare-and-swap).
+
+    ``known_sha256``: {file name: sha256} already computed by the caller as it wrote the file
+    (others are hashed here). ``move``: the files of ``local_dir`` may be moved into the store
+    instead of copied (see :meth:`Storage.upload`). Raises LostRace if LATEST had already moved
+    past ``iteration - 1``.
+    """
+    expected_latest = None if iteration == 0 else iteration - 1
+    raw, token = self.storage.read_versioned(LATEST_FILE)
+    current = None if raw is None else self._parse_latest(raw)
+    if current != expected_latest:
+      raise LostRace(f"LATEST is {current}, not {expected_latest}")
+    prefix = self.base_prefix(iteration)
+    files = {}
+    for name in sorted(os.listdir(local_dir)):
+      path = os.path.join(local_dir, name)
+      if name == MANIFEST or not os.path.isfile(path) or name.endswith(".partial"):
+        continue
+      paths.check_path_part(name, "Base file name")
+      sha = (known_sha256 or {}).get(name) or safetensors_io.sha256_file(path)
+      files[name] = {"sha256": sha, "size": os.path.getsize(path)}
+      self._check_latest_unmoved(token, iteration)
+      self.storage.upload(path, f"{prefix}/{name}", move=move)
+    manifest = {"format_version": FORMAT_VERSION, "iteration": iteration, "files": files,
+                "code_version": __version__, **manifest_fields}
+    check_manifest(manifest, "new manifest")
+    self._check_latest_unmoved(token, iteration)
+    self.storage.write_bytes(f"{prefix}/{MANIFEST}", layout.json_bytes(manifest))
+    if not self.storage.compare_and_swap(LATEST_FILE, f"{iteration}\n".encode(), token):
+      raise LostRace(f"LATEST moved while publishing iteration {iteration}")
+    return manifest
+
+  def _check_latest_unmoved(self, token, iteration: int) -> None:
+    """Raises LostRace once another fuser has moved LATEST, so that a slower racer stops
+    writing into a base directory that is already published."""
+    if self.storage.read_versioned(LATEST_FILE)[1] != token:
+      raise LostRace(f"LATEST moved while publishing iteration {iteration}")
+
+  # ------------------------------------------------------------------ contributions
+  def contribution_prefix(self, iteration: int, contributor_id: str) -> str:
+    paths.check_path_part(contributor_id, "Contributor id")
+    return f"contributions/{paths.iteration_name(iteration)}/{contributor_id}"
+
+  def has_contribution(self, iteration: int, contributor_id: str) -> bool:
+    return self.storage.exists(f"{self.contribution_prefix(iteration, contributor_id)}/{CONTRIBUTION}")
+
+  def put_contribution(self, iteration: int, contributor_id: str, body_path: str,
+                       meta: dict) -> dict:
+    """Uploads body.safetensors, then contribution.json (exclusive create: once per id)."""
+    prefix = self.contribution_prefix(iteration, contributor_id)
+    if self.has_contribution(iteration, contributor_id):
+      raise UserError(f"{self.uri}/{prefix}: contributor {contributor_id!r} already contributed "
+                      f"to iteration {iteration}; use another --config.contributor_id.")
+    meta = {"format_version": FORMAT_VERSION, "base_iteration": iteration,
+            "contributor_id": contributor_id, "body_sha256": safetensors_io.sha256_file(body_path),
+            "body_size": os.path.getsize(body_path), "code_version": __version__, **meta}
+    check_contribution_meta(meta, "new contribution")
+    self.storage.upload(body_path, f"{prefix}/{BODY}")
+    if not self.storage.create_exclusive(f"{prefix}/{CONTRIBUTION}", layout.json_bytes(meta)):
+      raise UserError(f"{self.uri}/{prefix}: another process contributed as {contributor_id!r} "
+                      "at the same time; its contribution stands.")
+    return meta
+
+  def contributions(self, iteration: int) -> tuple[list[Contribution], list[dict]]:
+    """(complete contributions with parsed metadata, rejections for unreadable ones)."""
+    folder = f"contributions/{paths.iteration_name(iteration)}"
+    found, rejected = [], []
+    for cid in self.storage.list_children(folder):
+      try:
+        paths.check_path_part(cid, "Contributor id")
+      except UserError as e:
+        rejected.append({"id": cid, "reason": str(e)})
+        continue
+      prefix = f"{folder}/{cid}"
+      try:
+        data = self.storage.read_bytes(f"{prefix}/{CONTRIBUTION}")
+      except FileNotFoundError:
+        continue  # incomplete: invisible
+      try:
+        meta = check_contribution_meta(layout.parse_json(data, f"{prefix}/{CONTRIBUTION}"),
+                                       f"{prefix}/{CONTRIBUTION}")
+        if meta["contributor_id"] != cid:
+          raise UserError(f"{prefix}/{CONTRIBUTION}: contributor_id {meta['contributor_id']!r} "
+                          f"does not match its folder {cid!r}.")
+      except UserError as e:
+        rejected.append({"id": cid, "reason": str(e)})
+        continue
+      found.append(Contribution(cid, meta, f"{prefix}/{BODY}"))
+    return found, rejected
+
+  def fetch_body(self, contribution: Contribution, workdir: str) -> str:
+    """A local path of a contribution's body (downloaded for remote stores)."""
+    local = self.storage.local_path(contribution.body_name)
+    if local is not None:
+      if not os.path.exists(local):
+        raise UserError(f"{self.uri}/{contribution.body_name}: missing.")
+      return local
+    path = os.path.join(workdir, f"{contribution.contributor_id}.safetensors")
+    try:
+      self.storage.download(contribution.body_name, path)
+    except FileNotFoundError:
+      raise UserError(f"{self.uri}/{contribution.body_name}: missing.") from None
+    return path
+
+  # ------------------------------------------------------------------ evaluations, reports
+  def write_json(self, name: str, obj) -> None:
+    self.storage.write_bytes(name, layout.json_bytes(obj))
+
+  def read_json(self, name: str) -> Optional[dict]:
+    try:
+      data = self.storage.read_bytes(name)
+    except FileNotFoundError:
+      return None
+    return layout.parse_json(data, f"{self.uri}/{name}")
+
+  def write_file(self, name: str, local_path: str) -> None:
+    self.storage.upload(local_path, name)
+
+
+def staging_dir(prefix: str) -> tempfile.TemporaryDirectory:
+  """A temporary local directory for building a base or a body before upload."""
+  return tempfile.TemporaryDirectory(prefix=f"cold_fusion_{prefix}_")

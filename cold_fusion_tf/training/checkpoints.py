@@ -1,0 +1,79 @@
+"""Training checkpoints for preemptible contributors.
+
+``<workdir>/checkpoints/`` (a local folder or ``gs://``) holds the latest training state:
+model and optimizer variables, the best-on-dev weights so far, and a JSON record with the
+step, the early-stopping state and a fingerprint of the run (task, batch, schedule, base).
+The step fixes the data position, because every epoch's batch order is planned from a seed
+(:func:`cold_fusion_tf.inputs.plan_epoch`). Running the same command again restores the
+state and continues; a checkpoint of a different run is refused rather than mixed in.
+
+In a multi-worker cluster every worker takes part in saving (as TensorFlow requires), but
+only the chief's copy is kept: the others write to a scratch folder they delete at once, and
+all workers restore from the chief's folder (so ``--workdir`` must be shared, e.g. ``gs://``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import tensorflow as tf
+
+from cold_fusion_tf.training import distribute as strategies
+from cold_fusion_tf.errors import UserError
+
+
+def join(*parts: str) -> str:
+  """Joins path parts for local folders and ``gs://`` alike."""
+  return "/".join([parts[0].rstrip("/")] + [p.strip("/") for p in parts[1:]])
+
+
+class Checkpoints:
+  """Saves and restores the training state of one fine-tuning run."""
+
+  def __init__(self, workdir: str, strategy, fingerprint: dict, **objects: Any):
+    self.directory = join(workdir, "checkpoints")
+    self.fingerprint = fingerprint
+    self.chief = strategies.is_chief(strategy)
+    task_type, task_id = strategies.task(strategy)
+    self.own_directory = (self.directory if self.chief
+                          else join(workdir, f"scratch-{task_type}-{task_id}"))
+    # A string variable holds the JSON record, so it is saved atomically with the weights.
+    self.state = tf.Variable("", dtype=tf.string, trainable=False, name="train_state")
+    self.checkpoint = tf.train.Checkpoint(state=self.state, **objects)
+    self.manager = tf.train.CheckpointManager(self.checkpoint, self.own_directory, max_to_keep=1)
+
+  def latest(self) -> str | None:
+    return tf.train.latest_checkpoint(self.directory)
+
+  def restore(self) -> dict | None:
+    """The saved state (after restoring every variable), or None when there is none."""
+    path = self.latest()
+    if not path:
+      return None
+    try:
+      self.checkpoint.restore(path).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+      raise UserError(f"{path}: cannot restore this checkpoint ({e}); delete "
+                      f"{self.directory} or use another --workdir.") from e
+    state = json.loads(self.state.numpy().decode("utf-8"))
+    saved = state.get("fingerprint")
+    if saved != self.fingerprint:
+      diff = sorted(k for k in set(saved or {}) | set(self.fingerprint)
+                    if (saved or {}).get(k) != self.fingerprint.get(k))
+      raise UserError(f"{self.directory} holds a checkpoint of a different run (differs in "
+                      f"{', '.join(diff)}); use another --workdir or delete it to start over.")
+    return state
+
+  def save(self, step: int, state: dict) -> str:
+    """Writes a checkpoint at ``step`` (every worker must call this at the same step)."""
+    self.state.assign(json.dumps({**state, "fingerprint": self.fingerprint}))
+    path = self.manager.save(checkpoint_number=step)
+    if not self.chief:
+      tf.io.gfile.rmtree(self.own_directory)
+    return path
+
+  def delete(self) -> None:
+    """Removes the checkpoints (the chief's, once the run's result is safe elsewhere)."""
+    if self.chief and tf.io.gfile.exists(self.directory):
+      tf.io.gfile.rmtree(self.directory)

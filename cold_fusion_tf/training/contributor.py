@@ -1,0 +1,122 @@
+"""A contributor: fine-tune the latest base on one dataset, upload only the body.
+
+Training runs under the strategy of ``config.strategy`` (see :mod:`cold_fusion_tf.training.distribute`)
+and checkpoints to a work folder, so a preempted contributor that runs the same command
+again continues where it stopped. In a multi-worker cluster only the chief writes the
+contribution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Callable
+
+from absl import logging
+import tensorflow as tf
+
+from cold_fusion_tf.training import checkpoints as checkpointing
+from cold_fusion_tf import data as data_lib
+from cold_fusion_tf.model import bodies as models
+from cold_fusion_tf.store import paths
+from cold_fusion_tf import store as store_lib
+from cold_fusion_tf.training import distribute as strategies
+from cold_fusion_tf.training import trainer as training
+from cold_fusion_tf.tensors import safetensors_io as weights
+from cold_fusion_tf.model import hf_names
+from cold_fusion_tf.errors import UserError
+
+
+def load_task(config, name: str) -> data_lib.TaskData:
+  """A dataset from the config's data settings (validated; no training time spent yet).
+
+  A ``gs://`` folder is copied to a local cache first (through ``tf.io.gfile``).
+  """
+  if name.startswith("gs://"):
+    name = _fetch_folder(name)
+  return data_lib.load_task(name, dirs=list(config.data.dirs), columns=dict(config.data.columns),
+                            max_examples=dict(config.data.max_examples))
+
+
+def _fetch_folder(uri: str) -> str:
+  """Copies the split files of a ``gs://`` dataset folder to a local folder of that name."""
+  uri = uri.rstrip("/")
+  key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+  local = os.path.join(tempfile.gettempdir(), "cold_fusion", "datasets", key,
+                       data_lib.dataset_id(uri))
+  try:
+    names = tf.io.gfile.listdir(uri)
+  except tf.errors.OpError as e:
+    raise UserError(f"Dataset folder {uri}: cannot list it ({e}).") from e
+  os.makedirs(local, exist_ok=True)
+  for name in names:
+    name = name.rstrip("/")
+    if name == "info.json" or name.split(".")[0] in data_lib.SPLITS:
+      tf.io.gfile.copy(f"{uri}/{name}", os.path.join(local, name), overwrite=True)
+  return local
+
+
+def default_workdir(store: store_lib.Store, iteration: int, contributor_id: str) -> str:
+  """``<tmp>/cold_fusion/<store hash>/<iteration>/<contributor id>``: the same for the same
+  command, so a rerun on the same machine finds its checkpoints."""
+  key = hashlib.sha256(store.uri.encode()).hexdigest()[:12]
+  return os.path.join(tempfile.gettempdir(), "cold_fusion", key,
+                      paths.iteration_name(iteration), contributor_id)
+
+
+def contribute(store: store_lib.Store, config, task_name: str, contributor_id: str = "",
+               task: data_lib.TaskData | None = None, strategy=None,
+               log: Callable[[str], None] = logging.info, workdir: str | None = None) -> dict:
+  """Trains one contribution for the latest base and writes it to the store.
+
+  Everything that can be checked (store, base, dataset, contributor id, an earlier
+  contribution under the same id, the strategy and batch) is checked before training
+  starts. ``strategy`` defaults to ``config.strategy``; ``workdir`` (local or ``gs://``,
+  for checkpoints, the token cache and TensorBoard logs) defaults to
+  :func:`default_workdir`. Returns the contribution's metadata (``{}`` on a worker that is
+  not the chief, which writes nothing).
+  """
+  strategy = strategy or strategies.make(config.get("strategy", "auto"), config.get("tpu", ""))
+  iteration = store.require_latest()
+  task = task or load_task(config, task_name)
+  dataset = data_lib.dataset_id(task_name)
+  contributor_id = paths.check_path_part(contributor_id or dataset, "Contributor id")
+  if store.has_contribution(iteration, contributor_id):
+    raise UserError(f"{store.uri}: {contributor_id!r} already contributed to iteration "
+                    f"{iteration}; choose another --config.contributor_id or wait for the "
+                    "next base.")
+  recipe = config.recipe
+  replicas = strategy.num_replicas_in_sync
+  strategies.check_batch(recipe.batch_size, strategy, strategies.accumulation_steps(
+      recipe.batch_size, replicas, recipe.get("grad_accum_steps", 1),
+      recipe.get("max_replica_batch", 0)))
+  workdir = workdir or default_workdir(store, iteration, contributor_id)
+  base_dir = store.base_dir(iteration)
+  base_sha = store.base_sha256(iteration)
+  models.set_seed(recipe.seed)
+  with training.precision(recipe.get("mixed_precision", "")), strategy.scope():
+    body = models.load_body(base_dir)
+  tokenizer = models.load_tokenizer(base_dir)
+  label = f"[{contributor_id} @ base {iteration}] "
+  result = training.finetune(body, tokenizer, task, recipe, strategy=strategy, log=log,
+                             label=label, workdir=workdir, run_key=f"{base_sha}:{contributor_id}")
+  if not strategies.is_chief(strategy):
+    task_type, task_id = strategies.task(strategy)
+    log(f"{label}[{task_type} {task_id}] done; the chief writes the contribution")
+    return {}
+  with store_lib.staging_dir("body") as work:
+    body_path = os.path.join(work, store_lib.BODY)
+    weights.save_safetensors(hf_names.body_tensors(body), body_path)
+    meta = store.put_contribution(iteration, contributor_id, body_path, {
+        "base_sha256": base_sha, "dataset": dataset, "num_examples": len(task.splits["train"]),
+        "steps": result.steps, "best_step": result.best_step,
+        "examples_seen": result.examples_seen,
+        "dev_metrics": {k: float(v) for k, v in result.dev.items()},
+        "seconds": round(result.seconds, 1)})
+  checkpoints = checkpointing.join(workdir, "checkpoints")
+  if tf.io.gfile.exists(checkpoints):
+    tf.io.gfile.rmtree(checkpoints)  # the contribution is safe in the store now
+  log(f"[{contributor_id}] contributed to iteration {iteration}: dev score "
+      f"{result.dev['score']:.4f} after {result.steps} steps")
+  return meta
