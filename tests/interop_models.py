@@ -22,8 +22,6 @@ from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.tensors import safetensors_io as weights
 from tests import tiny
 
-SHARED_DATA = tiny.SHARED_DATA
-
 
 @functools.cache
 def _root() -> str:
@@ -33,7 +31,7 @@ def _root() -> str:
 
 
 def rows(task: str, split: str, n: int) -> list[dict]:
-  with open(os.path.join(SHARED_DATA, task, f"{split}.jsonl"), encoding="utf-8") as f:
+  with open(os.path.join(tiny.DATA, task, f"{split}.jsonl"), encoding="utf-8") as f:
     return [json.loads(line) for _, line in zip(range(n), f)]
 
 

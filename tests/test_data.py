@@ -32,12 +32,12 @@ GOOD = _jsonl([{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
 INFO = {"task": "classification", "label_names": ["neg", "pos"]}
 
 
-def test_shared_jsonl_datasets_load_with_kinds_and_pairs():
-  task = data.load_task("rte", dirs=[tiny.SHARED_DATA])
+def test_shipped_jsonl_datasets_load_with_kinds_and_pairs():
+  task = data.load_task("rte", dirs=[tiny.DATA])
   assert task.kind == "classification" and task.is_pair
   assert task.label_names == ["entailment", "not_entailment"]
-  assert len(task.splits["train"]) == 2241 and task.splits["train"].labels.dtype == np.int32
-  stsb = data.load_task("stsb", dirs=[tiny.SHARED_DATA], max_examples={"train": 100})
+  assert len(task.splits["train"]) == 1000 and task.splits["train"].labels.dtype == np.int32
+  stsb = data.load_task("stsb", dirs=[tiny.TEST_DATA], max_examples={"train": 100})
   assert stsb.kind == "regression" and stsb.num_outputs == 1 and len(stsb.splits["train"]) == 100
   assert stsb.splits["train"].labels.dtype == np.float32
   assert 0.0 <= stsb.splits["train"].labels.min() and stsb.splits["train"].labels.max() <= 5.0
@@ -80,13 +80,13 @@ def test_bad_data_names_file_line_and_fix(tmp_path, files, message):
 
 def test_unknown_dataset_lists_known_ones(tmp_path):
   with pytest.raises(UserError, match=r"Unknown dataset 'nope'.*Known datasets: .*sst2"):
-    data.load_task("nope", dirs=[tiny.SHARED_DATA])
+    data.load_task("nope", dirs=[tiny.DATA])
 
 
 @pytest.mark.parametrize("name", ["a b", "", "x\n", "-rm", "caf\u00e9", "a" * 129])
 def test_unsafe_dataset_names_are_refused(name):
   with pytest.raises(UserError, match="is not a safe name"):
-    data.load_task(name, dirs=[tiny.SHARED_DATA])
+    data.load_task(name, dirs=[tiny.DATA])
 
 
 def test_tfds_source_with_mocked_data():
@@ -103,7 +103,7 @@ def test_tfds_source_with_mocked_data():
 
 
 def test_tokenize_once_and_pad_little():
-  task = data.load_task("sst2", dirs=[tiny.SHARED_DATA], max_examples={"train": 512})
+  task = data.load_task("sst2", dirs=[tiny.DATA], max_examples={"train": 512})
   encoded = inputs.encode(tiny.bert_tokenizer(), task.splits["train"], max_length=128)
   buckets = inputs.bucket_lengths(128)
   assert buckets == sorted(buckets) and buckets[-1] == 128 and len(buckets) <= 16
@@ -119,17 +119,22 @@ def test_tokenize_once_and_pad_little():
   assert labels.tolist() == task.splits["train"].labels[batches[0]].tolist()
 
 
-def test_max_examples_samples_both_classes_of_a_label_sorted_file():
-  # Prepare: shared rotten_tomatoes/train.jsonl lists all 4265 positives, then the negatives.
-  full = data.load_task("rotten_tomatoes", dirs=[tiny.SHARED_DATA]).splits["train"]
-  assert set(full.labels[:1000].tolist()) == {int(full.labels[0])}
+def test_max_examples_samples_both_classes_of_a_label_sorted_file(tmp_path):
+  # Prepare: the demo's rotten_tomatoes sorted by label: all negatives, then all positives.
+  source = os.path.join(tiny.DATA, "rotten_tomatoes")
+  folder = tmp_path / "rotten_tomatoes_sorted"
+  folder.mkdir()
+  for split in data.SPLITS:
+    with open(os.path.join(source, f"{split}.jsonl"), encoding="utf-8") as f:
+      lines = sorted(f, key=lambda line: json.loads(line)["label"])
+    (folder / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
+  full = data.load_task(str(folder)).splits["train"]
+  assert set(full.labels[:400].tolist()) == {0}
   # Execute
-  capped = data.load_task("rotten_tomatoes", dirs=[tiny.SHARED_DATA],
-                          max_examples={"train": 1000}).splits["train"]
-  again = data.load_task("rotten_tomatoes", dirs=[tiny.SHARED_DATA],
-                         max_examples={"train": 1000}).splits["train"]
+  capped = data.load_task(str(folder), max_examples={"train": 400}).splits["train"]
+  again = data.load_task(str(folder), max_examples={"train": 400}).splits["train"]
   # Assert: a seeded random sample, in file order, with both classes near half each.
-  assert len(capped) == 1000 and capped.texts == again.texts
+  assert len(capped) == 400 and capped.texts == again.texts
   positions = [full.texts.index(t) for t in capped.texts[:50]]
   assert positions == sorted(positions)
-  assert 400 < int((capped.labels == 0).sum()) < 600
+  assert 150 < int((capped.labels == 0).sum()) < 250

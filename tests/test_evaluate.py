@@ -30,7 +30,7 @@ OVERRIDES = {"data.max_examples.train": 32, "data.max_examples.dev": 8,
              "data.max_examples.test": 16, "eval.recipe.batch_size": 8,
              "eval.recipe.max_steps": 2, "eval.recipe.max_length": 32,
              "eval.recipe.learning_rate": 1e-3}
-SMALL = [f"--config.data.dirs=('{tiny.SHARED_DATA}',)"] + [
+SMALL = [f"--config.data.dirs=('{tiny.DATA}',)"] + [
     f"--config.{k}={v}" for k, v in OVERRIDES.items()]
 
 
@@ -41,7 +41,7 @@ def _demo_config():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  config.data.dirs = (tiny.SHARED_DATA,)
+  config.data.dirs = (tiny.DATA,)
   config.update_from_flattened_dict(OVERRIDES)
   return config
 
@@ -124,7 +124,7 @@ def test_program_writes_tables_and_a_later_run_extends_without_rerunning(tiny_st
 
 def test_probe_trains_only_the_head_and_finetune_moves_the_body(tiny_store):
   _, source, config = tiny_store
-  task = data_lib.load_task("sst2", [tiny.SHARED_DATA],
+  task = data_lib.load_task("sst2", [tiny.DATA],
                             max_examples={"train": 32, "dev": 8, "test": 8})
   tokenizer = models.load_tokenizer(source)
   moved = {}
@@ -148,7 +148,7 @@ def test_probe_trains_only_the_head_and_finetune_moves_the_body(tiny_store):
 
 
 def _job(tmp_path):
-  task = data_lib.load_task("rte", [tiny.SHARED_DATA], max_examples={"train": 8, "dev": 4,
+  task = data_lib.load_task("rte", [tiny.DATA], max_examples={"train": 8, "dev": 4,
                                                                      "test": 4})
   config = tiny.tiny_config("unused")
   refs = [recycling.ModelRef(n, str(tmp_path), c * 64) for n, c in

@@ -41,7 +41,7 @@ def tiny_store(tmp_path_factory):
 
 SMALL = ["--config.recipe.batch_size=8", "--config.recipe.max_steps=2",
          "--config.data.max_examples.train=32", "--config.data.max_examples.dev=8",
-         "--config.data.max_examples.test=8", f"--config.data.dirs=('{tiny.SHARED_DATA}',)"]
+         "--config.data.max_examples.test=8", f"--config.data.dirs=('{tiny.DATA}',)"]
 
 
 def test_train_then_fuse_publish_the_next_base(tiny_store, tmp_path):

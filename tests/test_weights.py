@@ -28,7 +28,7 @@ def minilm_base(tmp_path_factory):
 
 
 def _sentences(n=8):
-  with open(os.path.join(tiny.SHARED_DATA, "sst2", "dev.jsonl"), encoding="utf-8") as f:
+  with open(os.path.join(tiny.DATA, "sst2", "dev.jsonl"), encoding="utf-8") as f:
     return [json.loads(line)["text"] for _, line in zip(range(n), f)]
 
 

