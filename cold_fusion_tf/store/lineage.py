@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from cold_fusion_tf import fusion
+from cold_fusion_tf.store import layout
 from cold_fusion_tf.store import paths
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.errors import UserError
@@ -98,7 +98,7 @@ def lineage(store: store_lib.Store) -> dict:
                                 "stale": c.meta["base_sha256"] != bases[-1].get("sha256")}
                                for c in found],
              "unreadable": unreadable,
-             "planned": store.storage.exists(fusion.plan_name(latest + 1)),
+             "planned": store.storage.exists(layout.plan_name(latest + 1)),
              "unpublished_manifest": store.storage.exists(
                  f"{store.base_prefix(latest + 1)}/{store_lib.MANIFEST}")}
   return {"uri": store.uri, "model_type": _text(info.get("model_type")),
