@@ -484,7 +484,8 @@ def test_gcs_permission_denied_is_a_user_error():
   with pytest.raises(UserError) as e:
     GCSStorage("team-bucket", "run", client=ForbiddenClient(), retry_deadline=2)
   assert "Permission denied" in str(e.value)
-  assert "roles/storage.objectAdmin" in str(e.value) and "gs://team-bucket" in str(e.value)
+  assert "roles/storage.objectAdmin" not in str(e.value) and "gs://team-bucket" in str(e.value)
+  assert "roles/storage.objectCreator" in str(e.value)
 
 
 def test_gcs_retried_conditional_write_that_landed_counts_as_won(gcs_emulator, monkeypatch):

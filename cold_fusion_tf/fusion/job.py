@@ -48,28 +48,36 @@ from absl import logging
 import numpy as np
 
 from cold_fusion_tf import store as store_lib
+from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.fusion import plan as plan_lib
 from cold_fusion_tf.fusion import stream
+from cold_fusion_tf.fusion import trust
 from cold_fusion_tf.fusion import validation
 from cold_fusion_tf.fusion.settings import Outcome, Settings
 from cold_fusion_tf.fusion.validation import Validations
 from cold_fusion_tf.store import layout
+from cold_fusion_tf.store.untrusted import printable
+from cold_fusion_tf.tensors import streaming
 
 
 class _Job:
-  """One fusion of base ``iteration`` into ``iteration + 1``, and the files it holds open."""
+  """One fusion of base ``iteration`` into ``target`` (``iteration + 1`` but after a
+  rollback), and the files it holds open."""
 
   def __init__(self, validations: Validations, settings: Settings, log, work: str):
     self.validations, self.settings, self.log, self.work = validations, settings, log, work
     self.store = validations.store
     self.iteration, self.manifest = validations.iteration, validations.manifest
+    self.target = self.store.next_iteration(self.iteration)
     self.base_sha, self.base_dir = validations.base_sha, validations.base_dir
     self.base, self.specs = validations.base, validations.specs
+    self.bounds = trust.limits(validations.base_squares, validations.numel, settings)
     self.checked: dict[str, validation.Checked] = {}
     self.previous_state = None
     self.hashes: dict[str, str] = {}
     self.valid = 0
-    self.plan_where = f"{self.store.uri}/{layout.plan_name(self.iteration + 1)}"
+    self.plan_name = layout.plan_name(self.target)
+    self.plan_where = f"{self.store.uri}/{self.plan_name}"
 
   def close(self) -> None:
     """Closes what the job opened (the validated bodies belong to its Validations)."""
@@ -81,48 +89,83 @@ class _Job:
     self.checked.update(checked)
     return failed
 
-  def _read_plan(self) -> Optional[dict]:
-    plan = self.store.read_json(layout.plan_name(self.iteration + 1))
-    return None if plan is None else plan_lib.check_plan(plan, self.plan_where, self.iteration,
-                                                 self.base_sha)
+  def _read_plan(self) -> tuple[Optional[dict], object, Optional[str]]:
+    """(the plan or None, its version token, why it cannot be followed or None)."""
+    raw, token = self.store.storage.read_versioned(self.plan_name)
+    if raw is None:
+      return None, token, None
+    try:
+      plan = plan_lib.check_plan(layout.parse_json(raw, self.plan_where), self.plan_where,
+                                 self.iteration, self.base_sha, self.target)
+    except UserError as e:
+      return None, token, str(e)
+    return plan, token, None
 
-  def plan(self) -> tuple[Optional[dict], list[dict]]:
-    """Validates, then makes the plan of iteration ``i+1`` or follows the one that exists:
+  def _candidates(self, log):
+    return validation.candidates(self.store, self.iteration, self.base_sha, log,
+                                 self.validations.keys)
+
+  def _follow(self, plan: dict) -> Optional[str]:
+    """Validates the planned contributions: why the plan cannot be followed, or None."""
+    wanted = {e["id"] for e in plan["fusion"]["contributions"]}
+    self._validate([c for c in self._candidates(lambda m: None)[0]
+                    if c.contributor_id in wanted])
+    try:
+      plan_lib.follow(plan, self.plan_where, self.checked, self.settings)
+    except plan_lib.Unfollowable as e:
+      return str(e)
+    return None
+
+  def plan(self, attempts: int = 3) -> tuple[Optional[dict], list[dict]]:
+    """Validates, then makes the plan of base ``target`` or follows the one that exists:
     (the plan, or None when the quorum is not met; the rejections)."""
-    plan = self._read_plan()
-    quiet = lambda message: None  # noqa: E731
-    candidates, rejected = validation.candidates(self.store, self.iteration, self.base_sha,
-                                       quiet if plan else self.log)
+    plan, token, problem = self._read_plan()
     if plan is not None:
-      wanted = {e["id"] for e in plan["fusion"]["contributions"]}
-      self.log(f"following the plan in {self.plan_where}: fusing {', '.join(sorted(wanted))}")
-      for r in plan["fusion"]["rejected"]:
-        self.log(f"rejected {r['id']}: {r['reason']}")
-      self._validate([c for c in candidates if c.contributor_id in wanted])
-      return plan, plan["fusion"]["rejected"]
+      problem = self._follow(plan)
+      if problem is None:
+        self.log(f"following the plan in {self.plan_where}: fusing "
+                 f"{', '.join(sorted(e['id'] for e in plan['fusion']['contributions']))}")
+        for r in plan["fusion"]["rejected"]:
+          self.log(f"rejected {printable(r['id'])}: {printable(r['reason'], 600)}")
+        return plan, plan["fusion"]["rejected"]
+    if problem is not None:
+      self.log(f"the plan in {self.plan_where} cannot be followed ({printable(problem, 300)}); "
+               "planning again")
+    candidates, rejected = self._candidates(self.log)
     rejected += self._validate(candidates)
-    kept, dropped, scores = validation.select(self.checked, self.settings.max_update_z, self.log)
+    kept, dropped, scores, clips = trust.select(self.checked, self.settings, self.bounds,
+                                                self._grams, self.log)
     rejected = sorted(rejected + dropped, key=lambda r: (r["id"], r["reason"]))
     self.valid = len(kept)
     if len(kept) < self.settings.min_contributions:
       return None, rejected
-    plan = {"format_version": store_lib.FORMAT_VERSION, "iteration": self.iteration + 1,
-            "parent": {"iteration": self.iteration, "sha256": self.base_sha},
-            "fusion": {**self.settings.plan_fields(),
-                       "contributions": [validation.entry(self.checked[c], scores.get(c)) for c in kept],
-                       "rejected": rejected}}
-    if self.store.storage.create_exclusive(layout.plan_name(self.iteration + 1), layout.json_bytes(plan)):
-      return plan, rejected
-    plan = self._read_plan()  # another fuser planned first: follow it
-    self.log(f"another fuser planned iteration {self.iteration + 1} first; following its plan")
-    wanted = {e["id"] for e in plan["fusion"]["contributions"]}
-    self._validate([c for c in validation.candidates(self.store, self.iteration, self.base_sha, quiet)[0]
-                    if c.contributor_id in wanted and c.contributor_id not in self.checked])
-    return plan, plan["fusion"]["rejected"]
+    weights = trust.capped_weights(
+        [self.checked[c].contribution.meta["num_examples"] for c in kept],
+        self.settings.max_weight_ratio)
+    new = {"format_version": store_lib.FORMAT_VERSION, "iteration": self.target,
+           "parent": {"iteration": self.iteration, "sha256": self.base_sha},
+           "fusion": {**self.settings.plan_fields(),
+                      "contributions": [validation.entry(self.checked[c], scores.get(c), w,
+                                                         clips.get(c))
+                                        for c, w in zip(kept, weights)],
+                      "rejected": rejected}}
+    storage, data = self.store.storage, layout.json_bytes(new)
+    if (storage.create_exclusive(self.plan_name, data) if token in (None, 0) and problem is None
+        else storage.compare_and_swap(self.plan_name, data, token)):
+      return new, rejected
+    if attempts <= 1:
+      raise UserError(f"{self.plan_where}: kept changing while planning; run again.")
+    self.log(f"another fuser planned base {self.target} first; following its plan")
+    return self.plan(attempts - 1)
+
+  def _grams(self, ids: list[str]) -> dict:
+    return streaming.gram([self.checked[c].body for c in ids], self.specs, self.base)
 
   def build(self, plan: dict) -> tuple[str, dict]:
-    """Fuses as planned into a staging directory: (its path, the manifest fields)."""
+    """Fuses as planned into a staging directory: (its path, the manifest fields). Raises
+    UserError, publishing nothing, when the fused base fails :func:`trust.check_fused`."""
     ids = plan_lib.follow(plan, self.plan_where, self.checked, self.settings)
+    entries = {e["id"]: e for e in plan["fusion"]["contributions"]}
     out_dir = os.path.join(self.work, "base")
     os.makedirs(out_dir)
     fields = {"parent": plan["parent"], "fusion": dict(plan["fusion"])}
@@ -131,12 +174,22 @@ class _Job:
       self.previous_state, previous_sha = stream.previous_state(
           self.store, self.iteration, self.manifest, self.specs, self.work, self.log)
       state_path = os.path.join(self.work, layout.STATE)
-    counts = np.asarray([self.checked[cid].contribution.meta["num_examples"] for cid in ids],
-                        dtype=np.float64)
+    counts = np.asarray([entries[cid].get("weight", entries[cid]["num_examples"])
+                         for cid in ids], dtype=np.float64)
+    bodies = [stream.ClippedBody(self.checked[cid].body, self.base, entries[cid]["clip"])
+              if entries[cid].get("clip") else self.checked[cid].body for cid in ids]
+    check = {}
     model_sha, state_sha = stream.fuse_files(
-        self.base, [self.checked[cid].body for cid in ids], counts, self.specs, self.settings,
+        self.base, bodies, counts, self.specs, self.settings,
         os.path.join(out_dir, store_lib.MODEL), state_path, self.previous_state,
-        fsync=False)  # staged: the upload makes the stored copy
+        fsync=False, check=check)  # staged: the upload makes the stored copy
+    try:
+      trust.check_fused(check.get("squared_distance", 0.0), check.get("nonfinite"),
+                        self.bounds.base_norm, self.settings)
+    except UserError as e:
+      self._mark_failed(plan, str(e))
+      raise UserError(f"{e}. Rerun with other fusion settings, or withdraw a base with "
+                      "`python -m cold_fusion_tf.rollback`.") from None
     self.hashes = {store_lib.MODEL: model_sha}
     for name in sorted(self.manifest["files"]):
       if name != store_lib.MODEL:
@@ -144,18 +197,26 @@ class _Job:
     if state_path is not None:
       fields["fusion"]["server_optimizer"] = {
           **self.settings.server_optimizer, "previous_state_sha256": previous_sha,
-          "state": {"name": layout.state_name(self.iteration + 1),
+          "state": {"name": layout.state_name(self.target),
                     "sha256": state_sha,
                     "size": os.path.getsize(state_path)}}
     return out_dir, fields
+
+  def _mark_failed(self, plan: dict, reason: str) -> None:
+    """Records in the plan that its fused base failed the check, so that the next attempt
+    plans again (with the settings it is run with)."""
+    raw, token = self.store.storage.read_versioned(self.plan_name)
+    if raw is not None and raw == layout.json_bytes(plan):
+      self.store.storage.compare_and_swap(
+          self.plan_name, layout.json_bytes({**plan, "fused_check_failed": reason}), token)
 
   def publish(self, out_dir: str, fields: dict) -> None:
     """Uploads the server state, then the base (files, manifest, LATEST); may raise LostRace."""
     state = (fields["fusion"].get("server_optimizer") or {}).get("state")
     if state:
       self.store.storage.upload(os.path.join(self.work, layout.STATE), state["name"], move=True)
-    self.store.publish_base(self.iteration + 1, out_dir, fields, known_sha256=self.hashes,
-                            move=True)
+    self.store.publish_base(self.target, out_dir, fields, known_sha256=self.hashes,
+                            move=True, parent=self.iteration)
 
 
 def fuse(store: store_lib.Store, method: str = "mean", params: Optional[dict] = None,
@@ -184,7 +245,7 @@ def fuse(store: store_lib.Store, method: str = "mean", params: Optional[dict] = 
       timings["validate"] = time.perf_counter() - start
       iteration = job.iteration
       if plan is None:
-        message = (f"iteration {iteration}: {job.valid} valid contribution(s), fewer than the "
+        message = (f"base {iteration}: {job.valid} valid contribution(s), fewer than the "
                    f"{settings.min_contributions} required; nothing published.")
         log(message)
         return Outcome(None, [], rejected, message, timings=timings)
@@ -196,7 +257,11 @@ def fuse(store: store_lib.Store, method: str = "mean", params: Optional[dict] = 
       try:
         job.publish(out_dir, fields)
       except store_lib.LostRace as e:
-        message = f"iteration {iteration + 1} was published by another fuser ({e}); nothing to do."
+        latest = store.latest()
+        message = (f"base {job.target} was published by another fuser ({e}); nothing to do."
+                   if latest == job.target else
+                   f"LATEST moved to base {latest} while publishing base {job.target} ({e}); "
+                   "nothing published: run again to fuse from there.")
         log(message)
         return Outcome(None, fused, rejected, message, lost_race=True, timings=timings)
       timings["publish"] = time.perf_counter() - tick
@@ -205,12 +270,13 @@ def fuse(store: store_lib.Store, method: str = "mean", params: Optional[dict] = 
       if own:
         validations.close()
   timings["total"] = time.perf_counter() - start
-  message = (f"published base {iteration + 1}: {settings.method} of {len(fused)} "
+  target = job.target
+  message = (f"published base {target}: {settings.method} of {len(fused)} "
              f"contribution(s) ({', '.join(e['id'] for e in fused)}), {len(rejected)} "
              f"rejected; validation {timings['validate']:.1f}s, fusion {timings['fuse']:.1f}s, "
              f"publishing {timings['publish']:.1f}s")
   log(message)
-  return Outcome(iteration + 1, fused, rejected, message, timings=timings)
+  return Outcome(target, fused, rejected, message, timings=timings)
 
 
 def fuse_config(store: store_lib.Store, fusion_config,

@@ -188,11 +188,12 @@ def weighted(base: np.ndarray, bodies: Sequence[np.ndarray], weights: np.ndarray
     raise UserError(
         f"Tensor {name!r}: fusion method 'weighted' got weights of shape {weights.shape} for "
         f"{len(bodies)} contributions.")
-  if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
+  if not np.all(np.isfinite(weights)) or np.any(weights < 0) or not np.any(weights > 0):
     raise UserError(
         f"Fusion method 'weighted': weights {weights.tolist()} are invalid: expected finite "
         "numbers of training examples >= 0 with a positive sum.")
-  fractions = weights / weights.sum()
+  scaled = weights / weights.max()  # in [0, 1] first: the sum cannot overflow
+  fractions = scaled / scaled.sum()
   total = np.zeros(base.shape, dtype=np.float64)
   for fraction, body in zip(fractions, bodies):
     if fraction != 0.0:

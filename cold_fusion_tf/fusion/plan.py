@@ -1,5 +1,11 @@
 """The plan of one fusion: the first fuser fixes in ``fusion/<i+1>/plan.json`` what is fused and
-how; every later attempt (a racing fuser, a rerun after a crash) follows it."""
+how; every later attempt (a racing fuser, a rerun after a crash) follows it.
+
+A plan that can no longer be followed (a planned contribution is gone, changed or now
+rejected; the plan is malformed; its fused base failed the check before publishing) is
+replaced by a new one, by compare-and-swap, so a plan never makes every rerun fail the
+same way. Only a plan made with other fusion settings stops the fuser: that is the
+operator's call."""
 
 from __future__ import annotations
 
@@ -18,15 +24,21 @@ def normalized(obj):
   return json.loads(json.dumps(obj, sort_keys=True))
 
 
-def check_plan(plan: dict, where: str, iteration: int, base_sha: str) -> dict:
-  """Schema of a plan for ``iteration + 1`` (untrusted store content)."""
-  bad = lambda what: UserError(f"{where}: {what}; delete it to plan again.")  # noqa: E731
+class Unfollowable(UserError):
+  """The plan cannot be followed any more: plan again."""
+
+
+def check_plan(plan: dict, where: str, iteration: int, base_sha: str, target: int) -> dict:
+  """Schema of a plan for base ``target`` from base ``iteration`` (untrusted store content)."""
+  bad = lambda what: Unfollowable(f"{where}: {what}")  # noqa: E731
   if plan.get("format_version") != store_lib.FORMAT_VERSION:
     raise bad(f"format_version {plan.get('format_version')!r}")
-  if plan.get("iteration") != iteration + 1:
-    raise bad(f"iteration {plan.get('iteration')!r}, expected {iteration + 1}")
+  if plan.get("iteration") != target:
+    raise bad(f"iteration {plan.get('iteration')!r}, expected {target}")
   if plan.get("parent") != {"iteration": iteration, "sha256": base_sha}:
     raise bad(f"made for another parent base ({plan.get('parent')!r})")
+  if plan.get("fused_check_failed") is not None:
+    raise bad(f"its fused base failed the check ({plan['fused_check_failed']})")
   fusion = plan.get("fusion")
   if not isinstance(fusion, dict):
     raise bad("no fusion section")
@@ -41,6 +53,11 @@ def check_plan(plan: dict, where: str, iteration: int, base_sha: str) -> dict:
     store_lib.check_sha(e.get("sha256"), f"{where}: sha256 of {e.get('id')}")
     if e["id"] in seen:
       raise bad(f"contributor {e['id']} is listed twice")
+    weight, clip = e.get("weight"), e.get("clip", {})
+    if weight is not None and not (_number(weight) and 0 < weight < 2.0 ** 64):
+      raise bad(f"the weight of {e['id']} is not a positive number")
+    if not isinstance(clip, dict) or not all(_number(f) and 0 < f <= 1 for f in clip.values()):
+      raise bad(f"the clip factors of {e['id']} are not numbers in (0, 1]")
     seen.add(e["id"])
   for r in rejected:
     if not (isinstance(r, dict) and isinstance(r.get("id"), str)
@@ -49,10 +66,16 @@ def check_plan(plan: dict, where: str, iteration: int, base_sha: str) -> dict:
   return plan
 
 
+def _number(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
 def sameentry(mine: dict, planned: dict) -> bool:
   a, b = dict(mine), dict(planned)
-  a.pop("update_z", None)
-  b.pop("update_z", None)
+  for key in ("update_z", "weight", "clip"):  # decided by the plan, given to every attempt
+    a.pop(key, None)
+    b.pop(key, None)
   norm_a, norm_b = a.pop("update_norm", None), b.pop("update_norm", None)
   if not isinstance(norm_b, (int, float)) or not math.isclose(norm_a, norm_b, rel_tol=1e-6,
                                                                  abs_tol=1e-12):
@@ -72,7 +95,7 @@ def follow(plan: dict, where: str, checked: dict, settings: Settings) -> list[st
     cid = planned["id"]
     mine = checked.get(cid)
     if mine is None or not sameentry(entry(mine, None), planned):
-      raise UserError(f"{where}: contribution {cid} is no longer there as planned (missing, "
-                      "changed or now invalid); delete the plan to plan again.")
+      raise Unfollowable(f"{where}: contribution {cid} is no longer there as planned "
+                         "(missing, changed or now rejected)")
     ids.append(cid)
   return ids

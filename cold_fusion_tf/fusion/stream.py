@@ -28,6 +28,25 @@ larger reads: the fusion pass of 8 roberta-base bodies is about 30% faster than 
 ELEMENTWISE = frozenset({"mean", "weighted", "trimmed_mean", "median", "task_arithmetic"})
 """Methods whose result at a coordinate depends only on that coordinate: fused in chunks."""
 
+class ClippedBody:
+  """A body whose update is scaled: reads ``base + factor * (body - base)`` for the tensors
+  of ``factors`` ({name: factor}), the body itself for the others (norm clipping)."""
+
+  def __init__(self, body: streaming.BodyFile, base: streaming.BodyFile, factors: dict):
+    self.body, self.base, self.factors = body, base, factors
+
+  def read(self, name: str, start: int = 0, count: Optional[int] = None,
+           out: Optional[np.ndarray] = None) -> np.ndarray:
+    values = self.body.read(name, start, count, out=out)
+    factor = self.factors.get(name)
+    if factor is None:
+      return values
+    ref = self.base.read(name, start, values.size).astype(np.float64)
+    clipped = ref + factor * (values.astype(np.float64) - ref)
+    values[...] = clipped.astype(values.dtype)
+    return values
+
+
 class _Chunks(Sequence):
   """The contributions' versions of one chunk of one tensor, read on access."""
 
@@ -88,10 +107,19 @@ def _ordered(pool, fn, items, window: int) -> Iterator:
       future.cancel()
 
 
+def _measure(values: np.ndarray, base_chunk: np.ndarray) -> tuple[float, bool]:
+  """(||values - base_chunk||^2 in float64, whether every value is finite)."""
+  wide = values.astype(np.float64)
+  if not np.isfinite(wide).all():
+    return 0.0, False
+  wide -= base_chunk
+  return float(np.dot(wide, wide)), True
+
+
 def fuse_files(base: streaming.BodyFile, bodies: list, counts: np.ndarray, specs: dict,
                settings: Settings, out_path: str, state_path: Optional[str] = None,
                previous_state: Optional[streaming.BodyFile] = None,
-               fsync: bool = True) -> tuple[str, Optional[str]]:
+               fsync: bool = True, check: Optional[dict] = None) -> tuple[str, Optional[str]]:
   """Writes the fusion of ``bodies`` (and the new server momentum buffer) tensor by tensor:
   (the sha256 of the fused file, of the momentum buffer file or None).
 
@@ -99,7 +127,9 @@ def fuse_files(base: streaming.BodyFile, bodies: list, counts: np.ndarray, specs
   Element-wise methods work in chunks of :data:`CHUNK_ELEMENTS` (``mean``:
   :data:`MEAN_CHUNK_ELEMENTS`) on ``settings.threads()``
   threads; ``ties`` and ``dare`` on whole tensors, one at a time. ``fsync=False`` for files
-  that are only staged for an upload.
+  that are only staged for an upload. ``check``: filled with the fused body's
+  ``squared_distance`` from the base and its first ``nonfinite`` tensor (the momentum
+  buffer's too), for :func:`trust.check_fused`.
   """
   fn = fm.get_method(settings.method)
   server = settings.server_optimizer
@@ -123,22 +153,31 @@ def fuse_files(base: streaming.BodyFile, bodies: list, counts: np.ndarray, specs
       fused = fn(base_chunk, _Chunks(bodies, name, start, count, chunk_shape), counts,
                  name=name, **settings.params)
     fused = fused.reshape(-1)
-    if server is None:
-      return name, fused, None
     if base_chunk is None:
       base_chunk = base.read(name, start, count)
     base_chunk = base_chunk.reshape(-1)
-    previous = previous_state.read(name, start, count) if previous_state else None
-    return (name,) + server_optimizer.server_momentum_step(base_chunk, fused.astype(np.float64) - base_chunk,
-                                             previous, **server)
+    buffer = None
+    if server is not None:
+      previous = previous_state.read(name, start, count) if previous_state else None
+      with np.errstate(over="ignore", invalid="ignore"):
+        fused, buffer = server_optimizer.server_momentum_step(
+            base_chunk, fused.astype(np.float64) - base_chunk, previous, **server)
+    squared, finite = _measure(fused, base_chunk.astype(np.float64))
+    if buffer is not None and finite:
+      finite = _measure(buffer, np.zeros(1))[1]
+    return name, fused, buffer, squared, finite
 
   threads = settings.threads() if settings.method in ELEMENTWISE else 1
   writer = streaming.ChunkWriter(out_path, specs, fsync)
   state_writer = streaming.ChunkWriter(state_path, state_specs, fsync) if server else None
   try:
     with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
-      for name, fused, buffer in _ordered(pool, compute, _tasks(specs, settings.method),
-                                          2 * threads):
+      for item in _ordered(pool, compute, _tasks(specs, settings.method), 2 * threads):
+        name, fused, buffer = item[:3]
+        if check is not None and len(item) > 3:
+          check["squared_distance"] = check.get("squared_distance", 0.0) + item[3]
+          if not item[4] and check.get("nonfinite") is None:
+            check["nonfinite"] = name
         writer.write(name, fused)
         if state_writer is not None and buffer is not None:
           state_writer.write(name, buffer)

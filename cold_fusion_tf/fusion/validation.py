@@ -1,4 +1,5 @@
-"""Validation of contributions: each body read once, checked, and the outliers set aside."""
+"""Validation of contributions: each body read once and checked; any problem with one
+contribution (whatever it holds) becomes that contribution's rejection, never an abort."""
 
 from __future__ import annotations
 
@@ -8,12 +9,11 @@ import math
 import os
 from typing import Optional
 
-import numpy as np
-
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.errors import UserError
-from cold_fusion_tf.fusion import robust
 from cold_fusion_tf.fusion.settings import Settings
+from cold_fusion_tf.store import signing
+from cold_fusion_tf.store.untrusted import printable
 from cold_fusion_tf.tensors import streaming
 
 _MAX_REASON = 600
@@ -31,7 +31,9 @@ class Checked:
     return math.sqrt(self.scan.squared_distance)
 
 
-def rejection(cid: str, dataset, reason: str) -> dict:
+def rejection(cid: str, dataset, reason) -> dict:
+  if not isinstance(reason, UserError) and isinstance(reason, Exception):
+    reason = f"unreadable ({type(reason).__name__}: {reason})"
   entry = {"id": str(cid)[:200], "reason": str(reason)[:_MAX_REASON]}
   if isinstance(dataset, str):
     entry["dataset"] = dataset[:200]
@@ -50,20 +52,26 @@ def specs_difference(got: dict, want: dict) -> Optional[str]:
           f"{want[name][1]}{list(want[name][0])}")
 
 
-def _open_body(store, contribution, workdir) -> streaming.BodyFile:
-  """Fetches (remote stores) and opens a contribution's body, checking its size and header."""
+def _open_body(store, contribution, workdir, limits: dict) -> streaming.BodyFile:
+  """Fetches (remote stores: only when its size is within ``limits``) and opens a
+  contribution's body, checking its size and header against the base's layout."""
   meta = contribution.meta
-  path = store.fetch_body(contribution, workdir)
   size = meta.get("body_size")
-  if isinstance(size, int) and not isinstance(size, bool) and os.path.getsize(path) != size:
-    raise UserError(f"body.safetensors has {os.path.getsize(path)} bytes, contribution.json "
-                    f"says {size} (truncated or changed after upload)")
-  return streaming.BodyFile(path, source=f"{store.uri}/{contribution.body_name}")
+  if isinstance(size, int) and size > limits["max_bytes"]:
+    raise UserError(f"contribution.json says body.safetensors has {size} bytes, more than the "
+                    f"{limits['max_bytes']} a body of the base's layout can have")
+  path = store.fetch_body(contribution, workdir, limits["max_bytes"])
+  body = streaming.BodyFile(path, source=f"{store.uri}/{contribution.body_name}", **limits)
+  if isinstance(size, int) and body.size != size:
+    body.close()
+    raise UserError(f"body.safetensors has {body.size} bytes, contribution.json says {size} "
+                    "(truncated or changed after upload)")
+  return body
 
 
 def _checked_scan(result, meta: dict) -> streaming.ScanResult:
-  """A body's scan result, or the UserError that rejects it."""
-  if isinstance(result, UserError):
+  """A body's scan result, or the error that rejects it."""
+  if isinstance(result, Exception):
     raise result
   if result.sha256 != meta["body_sha256"]:
     raise UserError("body.safetensors does not match the sha256 in contribution.json "
@@ -80,15 +88,17 @@ def validate(store, contributions, base, specs, workdir, threads, log) -> tuple[
   each group scanned a chunk of all its bodies at a time (:func:`streaming.scan_group`).
   """
   opened, rejected = [], []
+  limits = base.limits()
 
   def reject(c, error):
-    rejected.append(rejection(c.contributor_id, c.meta.get("dataset"), error))
-    log(f"rejected {c.contributor_id}: {error}")
+    entry = rejection(c.contributor_id, c.meta.get("dataset"), error)
+    rejected.append(entry)
+    log(f"rejected {printable(c.contributor_id)}: {printable(entry['reason'], _MAX_REASON)}")
 
   for c in contributions:  # downloads in this thread: one storage client, one thread
     try:
-      body = _open_body(store, c, workdir)
-    except UserError as e:
+      body = _open_body(store, c, workdir, limits)
+    except Exception as e:  # pylint: disable=broad-except  (one contribution's problem)
       reject(c, e)
       continue
     problem = specs_difference(body.specs(), specs)
@@ -103,13 +113,16 @@ def validate(store, contributions, base, specs, workdir, threads, log) -> tuple[
     futures = [pool.submit(streaming.scan_group, [opened[i][1] for i in group], specs, base)
                for group in groups]
     for group, future in zip(groups, futures):
-      results.update(zip(group, future.result()))
+      try:
+        results.update(zip(group, future.result()))
+      except Exception as e:  # pylint: disable=broad-except  (a file that broke its group's scan)
+        results.update((i, e) for i in group)
   checked = {}
   for i in sorted(range(len(opened)), key=lambda i: opened[i][0].contributor_id):
     c, body = opened[i]
     try:
       checked[c.contributor_id] = Checked(c, body, _checked_scan(results[i], c.meta))
-    except UserError as e:
+    except Exception as e:  # pylint: disable=broad-except
       body.close()
       reject(c, e)
   return checked, rejected
@@ -131,8 +144,12 @@ class Validations:
     self.base_dir = store.base_dir(self.iteration)
     self._staging = store_lib.staging_dir("validate")
     self.work = self._staging.name
+    self.keys = signing.load_keys(store)
     self.base = streaming.BodyFile(os.path.join(self.base_dir, store_lib.MODEL))
     self.specs = self.base.specs()
+    # The base's own norms, the measure of the bounds on updates (fusion.trust).
+    self.base_squares = streaming.squared_norms(self.base, self.specs)
+    self.numel = {n: math.prod(shape) for n, (shape, _) in self.specs.items()}
     self._checked: dict[str, Checked] = {}
     self._failed: dict[str, tuple[dict, dict]] = {}  # id -> (contribution.json, rejection)
 
@@ -169,7 +186,7 @@ class Validations:
   def refresh(self) -> int:
     """Validates the complete contributions to the base that arrived since the last call:
     the number of valid ones so far."""
-    found, _ = candidates(self.store, self.iteration, self.base_sha, lambda m: None)
+    found, _ = candidates(self.store, self.iteration, self.base_sha, lambda m: None, self.keys)
     return len(self.check(found)[0])
 
   def close(self) -> None:
@@ -180,53 +197,33 @@ class Validations:
     self._staging.cleanup()
 
 
-def candidates(store, iteration: int, base_sha: str, log) -> tuple[list, list]:
-  """Complete contributions to ``iteration`` that claim the current base, and rejections
-  (unreadable contribution.json, stale base) that need no body reading."""
-  found, rejected = store.contributions(iteration)
-  for r in rejected:
-    log(f"rejected {r['id']}: {r['reason']}")
-  rejected = [rejection(r["id"], r.get("dataset"), r["reason"]) for r in rejected]
+def candidates(store, iteration: int, base_sha: str, log, keys=None) -> tuple[list, list]:
+  """Complete contributions to ``iteration`` that claim the current base (and, where the
+  store lists contributors' keys, are signed by them), and the rejections (unreadable
+  contribution.json, stale base, signature) that need no body reading."""
+  found, unreadable = store.contributions(iteration)
+  rejected = []
+
+  def reject(cid, dataset, reason):
+    rejected.append(rejection(cid, dataset, reason))
+    log(f"rejected {printable(cid)}: {printable(reason, _MAX_REASON)}")
+
+  for r in unreadable:
+    reject(r["id"], r.get("dataset"), r["reason"])
   fresh = []
   for c in sorted(found, key=lambda c: c.contributor_id):
     meta = c.meta
     if meta["base_iteration"] != iteration or meta["base_sha256"] != base_sha:
-      reason = (f"stale: trained from base {meta['base_iteration']} "
-                f"({meta['base_sha256'][:12]}), the current base is {iteration} "
-                f"({base_sha[:12]})")
-      rejected.append(rejection(c.contributor_id, meta["dataset"], reason))
-      log(f"rejected {c.contributor_id}: {reason}")
+      reject(c.contributor_id, meta["dataset"],
+             f"stale: trained from base {meta['base_iteration']} ({meta['base_sha256'][:12]}), "
+             f"the current base is {iteration} ({base_sha[:12]})")
+      continue
+    problem = signing.problem(meta, keys)
+    if problem:
+      reject(c.contributor_id, meta["dataset"], problem)
       continue
     fresh.append(c)
   return fresh, rejected
-
-
-def select(checked: dict, max_update_z: float, log) -> tuple[list, list, dict]:
-  """Drops repeated bodies and outlier updates: (accepted ids, rejections, {id: z})."""
-  rejected, first_by_sha, kept = [], {}, []
-  for cid in sorted(checked):
-    c = checked[cid]
-    other = first_by_sha.setdefault(c.scan.sha256, cid)
-    if other != cid:
-      reason = f"the same body (sha256 {c.scan.sha256[:12]}) as contributor {other}; counted once"
-      rejected.append(rejection(cid, c.contribution.meta["dataset"], reason))
-      log(f"rejected {cid}: {reason}")
-      continue
-    kept.append(cid)
-  scores = {}
-  if len(kept) >= 3 and max_update_z > 0:
-    norms = np.array([checked[cid].norm for cid in kept])
-    z = robust.robust_z_scores(norms, robust.MIN_RELATIVE_SPREAD)
-    median = float(np.median(norms))
-    scores = dict(zip(kept, (float(v) for v in z)))
-    for cid, norm, score in zip(list(kept), norms, z):
-      if score > max_update_z:
-        reason = (f"update norm {norm:.4g} is far above the others' (median {median:.4g}; "
-                  f"robust z-score {score:.3g} > {max_update_z:g})")
-        rejected.append(rejection(cid, checked[cid].contribution.meta["dataset"], reason))
-        log(f"rejected {cid}: {reason}")
-        kept.remove(cid)
-  return kept, rejected, scores
 
 
 def metrics(value) -> dict:
@@ -241,10 +238,18 @@ def metrics(value) -> dict:
   return out
 
 
-def entry(checked: Checked, z: Optional[float]) -> dict:
+def entry(checked: Checked, z: Optional[float], weight: Optional[float] = None,
+          clip: Optional[dict] = None) -> dict:
+  """A fused contribution as the plan and the manifest record it (``weight``: what it
+  counts for in ``weighted``; ``clip``: {tensor: factor} when its update was clipped)."""
   meta = checked.contribution.meta
-  return {"id": checked.contribution.contributor_id, "dataset": meta["dataset"],
-          "num_examples": meta["num_examples"], "sha256": checked.scan.sha256,
-          "dev_metrics": metrics(meta.get("dev_metrics")),
-          "update_norm": checked.norm,
-          "update_z": z if z is not None and math.isfinite(z) else None}
+  out = {"id": checked.contribution.contributor_id, "dataset": meta["dataset"],
+         "num_examples": meta["num_examples"], "sha256": checked.scan.sha256,
+         "dev_metrics": metrics(meta.get("dev_metrics")),
+         "update_norm": checked.norm,
+         "update_z": z if z is not None and math.isfinite(z) else None}
+  if weight is not None:
+    out["weight"] = weight
+  if clip:
+    out["clip"] = {name: clip[name] for name in sorted(clip)}
+  return out

@@ -40,6 +40,7 @@ def run(store: store_lib.Store, settings: Settings, watch: bool = False,
   while True:
     iteration = store.require_latest()
     base_sha = store.base_sha256(iteration)
+    target = store.next_iteration(iteration)
     if watch and settings.max_wait == 0:
       deadline = math.inf
     elif watch or settings.max_wait > 0:
@@ -50,10 +51,11 @@ def run(store: store_lib.Store, settings: Settings, watch: bool = False,
     try:
       while True:
         if store.require_latest() != iteration:
-          log(f"base {iteration + 1} was published by another fuser")
+          log(f"LATEST moved from base {iteration} to base {store.latest()} (another fuser, "
+              "or a rollback)")
           break
         pending = _pending(store, iteration, base_sha)
-        planned = store.storage.exists(layout.plan_name(iteration + 1))
+        planned = store.storage.exists(layout.plan_name(target))
         if deadline is not None and pending and not planned and pending != validated:
           # Validate contributions as they arrive: at the quorum only the fusion is left.
           if validations is None:
@@ -62,7 +64,12 @@ def run(store: store_lib.Store, settings: Settings, watch: bool = False,
         if deadline is None or ((len(pending) >= settings.min_contributions or planned)
                                 and pending != tried):
           outcome = fuse(store, log=log, settings=settings, validations=validations)
-          if outcome.published is not None or outcome.lost_race:
+          if outcome.published is not None:
+            advanced += 1
+            break
+          if outcome.lost_race:  # LATEST really moved: fuse from where it is now
+            if not watch:
+              return 0
             break
           if deadline is None:
             return 1
@@ -84,6 +91,5 @@ def run(store: store_lib.Store, settings: Settings, watch: bool = False,
     finally:
       if validations is not None:
         validations.close()
-    advanced += 1
     if not watch or advanced == settings.watch_iterations:
       return 0

@@ -17,10 +17,14 @@ from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.store import backends
 from cold_fusion_tf.store import layout
 from cold_fusion_tf.store import paths
+from cold_fusion_tf.store import untrusted
 from cold_fusion_tf.store.layout import (BODY, CONTRIBUTION, FORMAT_VERSION, LATEST_FILE, MANIFEST,
                                          MODEL, RUN_FILE, check_contribution_meta,
                                          check_manifest)
 from cold_fusion_tf.tensors import safetensors_io
+
+
+_MAX_LATEST_BYTES = 64
 
 
 class LostRace(Exception):
@@ -32,6 +36,7 @@ class Contribution:
   contributor_id: str
   meta: dict
   body_name: str  # object name of body.safetensors
+  created_ns: int = 0  # when the storage created its contribution.json (not a writer's claim)
 
 
 class Store:
@@ -50,7 +55,7 @@ class Store:
 
   def run_info(self) -> dict:
     try:
-      data = self.storage.read_bytes(RUN_FILE)
+      data = self.storage.read_bytes(RUN_FILE, layout.MAX_JSON_BYTES)
     except FileNotFoundError:
       raise UserError(f"{self.uri} is not a ColD Fusion store (no {RUN_FILE}). Create one with "
                       "`python -m cold_fusion_tf.run --config=... --store=...` or "
@@ -93,10 +98,16 @@ class Store:
   def latest(self) -> Optional[int]:
     """The newest complete iteration, or None before base 0 is published."""
     try:
-      raw = self.storage.read_bytes(LATEST_FILE)
+      raw = self.storage.read_bytes(LATEST_FILE, _MAX_LATEST_BYTES)
     except FileNotFoundError:
       return None
     return self._parse_latest(raw)
+
+  def next_iteration(self, latest: int) -> int:
+    """The iteration the next fusion of base ``latest`` publishes (see
+    :func:`layout.next_iteration`: past every base a rollback withdrew)."""
+    withdrawn = layout.withdrawn_up_to(self.storage.list_children(layout.ROLLBACKS))
+    return layout.next_iteration(latest, withdrawn)
 
   def _parse_latest(self, raw: bytes) -> int:
     text = raw.decode("ascii", errors="replace").strip()
@@ -117,7 +128,7 @@ class Store:
   def manifest(self, iteration: int) -> dict:
     name = f"{self.base_prefix(iteration)}/{MANIFEST}"
     try:
-      data = self.storage.read_bytes(name)
+      data = self.storage.read_bytes(name, layout.MAX_JSON_BYTES)
     except FileNotFoundError:
       raise UserError(f"{self.uri}/{name}: missing; base {iteration} is not complete.") from None
     manifest = check_manifest(layout.parse_json(data, f"{self.uri}/{name}"), f"{self.uri}/{name}")
@@ -166,15 +177,17 @@ class Store:
     return local
 
   def publish_base(self, iteration: int, local_dir: str, manifest_fields: dict, *,
-                   known_sha256: Optional[dict] = None, move: bool = False) -> dict:
+                   known_sha256: Optional[dict] = None, move: bool = False,
+                   parent: Optional[int] = None) -> dict:
     """Uploads a base directory, writes its manifest, then moves LATEST (compare-and-swap).
 
     ``known_sha256``: {file name: sha256} already computed by the caller as it wrote the file
     (others are hashed here). ``move``: the files of ``local_dir`` may be moved into the store
-    instead of copied (see :meth:`Storage.upload`). Raises LostRace if LATEST had already moved
-    past ``iteration - 1``.
+    instead of copied (see :meth:`Storage.upload`). ``parent``: the base LATEST must still
+    name (default ``iteration - 1``; another after a rollback). Raises LostRace if LATEST is
+    not, or no longer, at ``parent``.
     """
-    expected_latest = None if iteration == 0 else iteration - 1
+    expected_latest = None if iteration == 0 else iteration - 1 if parent is None else parent
     raw, token = self.storage.read_versioned(LATEST_FILE)
     current = None if raw is None else self._parse_latest(raw)
     if current != expected_latest:
@@ -214,21 +227,73 @@ class Store:
     return self.storage.exists(f"{self.contribution_prefix(iteration, contributor_id)}/{CONTRIBUTION}")
 
   def put_contribution(self, iteration: int, contributor_id: str, body_path: str,
-                       meta: dict) -> dict:
-    """Uploads body.safetensors, then contribution.json (exclusive create: once per id)."""
+                       meta: dict, sign=None) -> dict:
+    """Uploads body.safetensors, then contribution.json, both by exclusive create: one body
+    per id. The same body again (a retry, or a second process of the same contributor) is
+    taken as done and returns the stored metadata; a different body under a taken id is a
+    UserError, raised before anything is overwritten. ``sign(meta) -> str`` adds a signature.
+    """
     prefix = self.contribution_prefix(iteration, contributor_id)
-    if self.has_contribution(iteration, contributor_id):
-      raise UserError(f"{self.uri}/{prefix}: contributor {contributor_id!r} already contributed "
-                      f"to iteration {iteration}; use another --config.contributor_id.")
+    sha = safetensors_io.sha256_file(body_path)
     meta = {"format_version": FORMAT_VERSION, "base_iteration": iteration,
-            "contributor_id": contributor_id, "body_sha256": safetensors_io.sha256_file(body_path),
+            "contributor_id": contributor_id, "body_sha256": sha,
             "body_size": os.path.getsize(body_path), "code_version": __version__, **meta}
+    if sign is not None:
+      meta["signature"] = sign(meta)
     check_contribution_meta(meta, "new contribution")
-    self.storage.upload(body_path, f"{prefix}/{BODY}")
-    if not self.storage.create_exclusive(f"{prefix}/{CONTRIBUTION}", layout.json_bytes(meta)):
-      raise UserError(f"{self.uri}/{prefix}: another process contributed as {contributor_id!r} "
-                      "at the same time; its contribution stands.")
-    return meta
+    taken = (f"{self.uri}/{prefix}: contributor {contributor_id!r} already contributed another "
+             f"body to iteration {iteration}; use another --config.contributor_id.")
+    stored = self.contribution_meta(iteration, contributor_id)
+    if stored is None:
+      if not self.storage.upload_exclusive(body_path, f"{prefix}/{BODY}"):
+        if self.stored_body_sha256(iteration, contributor_id) != sha:
+          raise UserError(taken)
+      if self.storage.create_exclusive(f"{prefix}/{CONTRIBUTION}", layout.json_bytes(meta)):
+        return meta
+      stored = self.contribution_meta(iteration, contributor_id)
+    if stored is None or stored.get("body_sha256") != sha:
+      raise UserError(taken)
+    return stored
+
+  def contribution_meta(self, iteration: int, contributor_id: str) -> Optional[dict]:
+    """The checked contribution.json of one contributor (None when there is none)."""
+    name = f"{self.contribution_prefix(iteration, contributor_id)}/{CONTRIBUTION}"
+    try:
+      data = self.storage.read_bytes(name, layout.MAX_JSON_BYTES)
+    except FileNotFoundError:
+      return None
+    return check_contribution_meta(layout.parse_json(data, f"{self.uri}/{name}"),
+                                   f"{self.uri}/{name}")
+
+  def stored_body_sha256(self, iteration: int, contributor_id: str) -> Optional[str]:
+    """The sha256 of a contributor's stored body.safetensors, read back (None if missing)."""
+    name = f"{self.contribution_prefix(iteration, contributor_id)}/{BODY}"
+    local = self.storage.local_path(name)
+    with staging_dir("readback") as work:
+      if local is None:
+        local = os.path.join(work, BODY)
+        try:
+          self.storage.download(name, local)
+        except FileNotFoundError:
+          return None
+      try:
+        fd = untrusted.open_regular(local, f"{self.uri}/{name}")
+      except FileNotFoundError:
+        return None
+      with os.fdopen(fd, "rb") as f:
+        return safetensors_io.sha256_stream(f)
+
+  def check_own_contribution(self, iteration: int, contributor_id: str, meta: dict) -> None:
+    """Reads a contribution back: its contribution.json is ``meta`` and its body has the
+    sha256 it names; a UserError otherwise (then keep whatever could make it again)."""
+    stored = self.contribution_meta(iteration, contributor_id)
+    where = f"{self.uri}/{self.contribution_prefix(iteration, contributor_id)}"
+    if stored != meta:
+      raise UserError(f"{where}: contribution.json is not the one just written; keep the "
+                      "checkpoints and run again with another --config.contributor_id.")
+    if self.stored_body_sha256(iteration, contributor_id) != meta["body_sha256"]:
+      raise UserError(f"{where}: the stored body does not match its sha256; keep the "
+                      "checkpoints and run again with another --config.contributor_id.")
 
   def contributions(self, iteration: int) -> tuple[list[Contribution], list[dict]]:
     """(complete contributions with parsed metadata, rejections for unreadable ones)."""
@@ -242,31 +307,35 @@ class Store:
         continue
       prefix = f"{folder}/{cid}"
       try:
-        data = self.storage.read_bytes(f"{prefix}/{CONTRIBUTION}")
-      except FileNotFoundError:
-        continue  # incomplete: invisible
-      try:
+        info = self.storage.stat(f"{prefix}/{CONTRIBUTION}")
+        if info is None:
+          continue  # incomplete: invisible
+        data = self.storage.read_bytes(f"{prefix}/{CONTRIBUTION}", layout.MAX_JSON_BYTES)
         meta = check_contribution_meta(layout.parse_json(data, f"{prefix}/{CONTRIBUTION}"),
                                        f"{prefix}/{CONTRIBUTION}")
         if meta["contributor_id"] != cid:
           raise UserError(f"{prefix}/{CONTRIBUTION}: contributor_id {meta['contributor_id']!r} "
                           f"does not match its folder {cid!r}.")
+      except FileNotFoundError:
+        continue  # removed while being listed: invisible
       except UserError as e:
         rejected.append({"id": cid, "reason": str(e)})
         continue
-      found.append(Contribution(cid, meta, f"{prefix}/{BODY}"))
+      found.append(Contribution(cid, meta, f"{prefix}/{BODY}", info.created_ns))
     return found, rejected
 
-  def fetch_body(self, contribution: Contribution, workdir: str) -> str:
-    """A local path of a contribution's body (downloaded for remote stores)."""
+  def fetch_body(self, contribution: Contribution, workdir: str,
+                 max_bytes: Optional[int] = None) -> str:
+    """A local path of a contribution's body (downloaded for remote stores, when it is at
+    most ``max_bytes``: checked before the download)."""
     local = self.storage.local_path(contribution.body_name)
     if local is not None:
-      if not os.path.exists(local):
+      if not os.path.lexists(local):
         raise UserError(f"{self.uri}/{contribution.body_name}: missing.")
       return local
     path = os.path.join(workdir, f"{contribution.contributor_id}.safetensors")
     try:
-      self.storage.download(contribution.body_name, path)
+      self.storage.download(contribution.body_name, path, max_bytes)
     except FileNotFoundError:
       raise UserError(f"{self.uri}/{contribution.body_name}: missing.") from None
     return path
@@ -277,7 +346,7 @@ class Store:
 
   def read_json(self, name: str) -> Optional[dict]:
     try:
-      data = self.storage.read_bytes(name)
+      data = self.storage.read_bytes(name, layout.MAX_JSON_BYTES)
     except FileNotFoundError:
       return None
     return layout.parse_json(data, f"{self.uri}/{name}")

@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Optional
 
 import numpy as np
 import safetensors
 import safetensors.numpy
 
 from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.store import untrusted
 
 # Largest header we accept from an untrusted safetensors file (the format's own cap is 100 MB).
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Bounds on one header entry: dimensions, and elements per dimension.
+_MAX_DIMS = 8
+_MAX_DIM = 1 << 48
 _DTYPES = {"F16": np.float16, "BF16": None, "F32": np.float32, "F64": np.float64,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
            "BOOL": np.bool_}
@@ -111,52 +116,98 @@ def write_streaming(path: str, specs: Mapping[str, tuple[tuple[int, ...], str]],
   os.replace(tmp, path)
 
 
-def read_header(path: str) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]:
+Header = dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]
+
+
+def read_header(path: str, max_header_bytes: Optional[int] = None,
+                max_tensors: Optional[int] = None, source: Optional[str] = None) -> Header:
   """Parses and checks a safetensors header without reading the tensors.
 
   Returns name -> (dtype code, shape, (begin, end) byte offsets in the data section).
-  Rejects truncated files, oversized or malformed headers and overlapping ranges.
+  Rejects anything but a regular file, truncated files, headers over ``max_header_bytes``
+  (or the format's 100 MB) or with more than ``max_tensors`` entries, malformed or deeply
+  nested headers, huge numbers, and overlapping ranges.
   """
   try:
-    size = os.path.getsize(path)
-  except OSError as e:
-    raise UserError(f"{path}: cannot read ({e.strerror}).") from e
-  with open(path, "rb") as f:
-    raw = f.read(8)
-    if len(raw) < 8:
-      raise UserError(f"{path}: not a safetensors file (shorter than 8 bytes).")
-    (header_len,) = struct.unpack("<Q", raw)
-    if header_len > min(_MAX_HEADER_BYTES, size - 8):
-      raise UserError(f"{path}: not a safetensors file or truncated (header length {header_len}, "
-                      f"file size {size}).")
-    try:
-      header = json.loads(f.read(header_len))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise UserError(f"{path}: safetensors header is not valid JSON ({e}).") from e
+    fd = untrusted.open_regular(path, source or path)
+  except FileNotFoundError as e:
+    raise UserError(f"{source or path}: cannot read ({e.strerror}).") from None
+  try:
+    return read_header_fd(fd, source or path, max_header_bytes, max_tensors)
+  finally:
+    os.close(fd)
+
+
+def _pread_exactly(fd: int, count: int, offset: int, where: str) -> bytes:
+  data = bytearray()
+  while len(data) < count:
+    chunk = os.pread(fd, min(count - len(data), 8 << 20), offset + len(data))
+    if not chunk:
+      raise UserError(f"{where}: ended early (truncated while being read?).")
+    data += chunk
+  return bytes(data)
+
+
+def read_header_fd(fd: int, path: str, max_header_bytes: Optional[int] = None,
+                   max_tensors: Optional[int] = None) -> Header:
+  """:func:`read_header` of an open regular file (``path`` names it in messages)."""
+  size = os.fstat(fd).st_size
+  raw = os.pread(fd, 8, 0)
+  if len(raw) < 8:
+    raise UserError(f"{path}: not a safetensors file (shorter than 8 bytes).")
+  (header_len,) = struct.unpack("<Q", raw)
+  limit = _MAX_HEADER_BYTES if max_header_bytes is None else min(max_header_bytes,
+                                                                 _MAX_HEADER_BYTES)
+  if header_len > limit:
+    raise UserError(f"{path}: safetensors header of {header_len} bytes, more than the {limit} "
+                    "a body of the base's layout needs (or not a safetensors file).")
+  if header_len > size - 8:
+    raise UserError(f"{path}: not a safetensors file or truncated (header length {header_len}, "
+                    f"file size {size}).")
+  header = untrusted.loads(_pread_exactly(fd, header_len, 8, path),
+                           f"{path}: safetensors header", max_depth=4)
   if not isinstance(header, dict):
     raise UserError(f"{path}: safetensors header is not a JSON object.")
+  if max_tensors is not None and len(header) > max_tensors + 1:
+    raise UserError(f"{path}: {len(header) - 1} tensors in the header, more than the "
+                    f"{max_tensors} of the base's layout.")
   data_size = size - 8 - header_len
   entries = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    try:
-      dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-      ok = (dtype in _ITEMSIZE and all(isinstance(d, int) and d >= 0 for d in shape)
-            and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end)
-    except (KeyError, TypeError, ValueError):
-      ok = False
-    if not ok:
-      raise UserError(f"{path}: malformed header entry for tensor {name!r}.")
-    if end - begin != int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype] or end > data_size:
-      raise UserError(f"{path}: tensor {name!r} data is out of range or truncated "
-                      f"(file size {size} bytes).")
-    entries[name] = (dtype, shape, (begin, end))
+    entry = _header_entry(info)
+    if entry is None:
+      raise UserError(f"{path}: malformed header entry for tensor "
+                      f"{untrusted.printable(name, 80)!r}.")
+    dtype, shape, (begin, end) = entry
+    if end - begin != math.prod(shape) * _ITEMSIZE[dtype] or end > data_size:
+      raise UserError(f"{path}: tensor {untrusted.printable(name, 80)!r} data is out of range "
+                      f"or truncated (file size {size} bytes).")
+    entries[name] = entry
   spans = sorted(span for _, _, span in entries.values())
   for (_, end_a), (begin_b, _) in zip(spans, spans[1:]):
     if begin_b < end_a:
       raise UserError(f"{path}: tensors overlap in the data section.")
   return entries
+
+
+def _header_entry(info) -> Optional[tuple[str, tuple[int, ...], tuple[int, int]]]:
+  """One header entry checked for types and sizes: (dtype, shape, (begin, end)) or None."""
+  if not isinstance(info, dict):
+    return None
+  dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+  if not (isinstance(dtype, str) and dtype in _ITEMSIZE and isinstance(shape, list)
+          and len(shape) <= _MAX_DIMS and isinstance(offsets, list) and len(offsets) == 2):
+    return None
+  numbers = shape + offsets
+  if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM << 8
+             for d in numbers) or any(d > _MAX_DIM for d in shape):
+    return None
+  begin, end = offsets
+  if begin > end:
+    return None
+  return dtype, tuple(shape), (begin, end)
 
 
 def check_file_against_specs(path: str, specs, source: str) -> None:
@@ -225,8 +276,13 @@ def load_checked(path: str, specs, source: str) -> dict[str, np.ndarray]:
 
 def sha256_file(path: str, chunk: int = 8 << 20) -> str:
   """Hex sha256 of a file, streamed."""
-  digest = hashlib.sha256()
   with open(path, "rb") as f:
-    while block := f.read(chunk):
-      digest.update(block)
+    return sha256_stream(f, chunk)
+
+
+def sha256_stream(f, chunk: int = 8 << 20) -> str:
+  """Hex sha256 of what is left of an open binary file, streamed."""
+  digest = hashlib.sha256()
+  while block := f.read(chunk):
+    digest.update(block)
   return digest.hexdigest()

@@ -27,6 +27,7 @@ import numpy as np
 
 from cold_fusion_tf.tensors import safetensors_io as weights
 from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.store import untrusted
 
 # Bytes read per step of a validation pass (a multiple of every item size).
 SCAN_CHUNK_BYTES = 1 << 20
@@ -71,18 +72,27 @@ class BodyFile:
   """A header-checked safetensors file, kept open and read chunk by chunk with pread.
 
   Beyond :func:`weights.read_header`'s checks, the data section must be exactly the tensors,
-  back to back, as the safetensors format requires (no gaps, no trailing bytes).
+  back to back, as the safetensors format requires (no gaps, no trailing bytes). Only a
+  regular file is opened (a FIFO or device is refused without blocking); ``max_bytes``,
+  ``max_header_bytes`` and ``max_tensors`` bound what an untrusted file may cost (see
+  :func:`limits_for`).
   """
 
-  def __init__(self, path: str, source: Optional[str] = None):
+  def __init__(self, path: str, source: Optional[str] = None, *,
+               max_bytes: Optional[int] = None, max_header_bytes: Optional[int] = None,
+               max_tensors: Optional[int] = None):
     self.path = path
     self.source = source or path
-    self.fd = os.open(path, os.O_RDONLY)
     try:
-      self.header = weights.read_header(path)
-      opened, current = os.fstat(self.fd), os.stat(path)
-      if (opened.st_dev, opened.st_ino) != (current.st_dev, current.st_ino):
-        raise UserError(f"{self.source}: replaced while being opened; run again.")
+      self.fd = untrusted.open_regular(path, self.source)
+    except FileNotFoundError:
+      raise UserError(f"{self.source}: missing.") from None
+    try:
+      opened = os.fstat(self.fd)
+      if max_bytes is not None and opened.st_size > max_bytes:
+        raise UserError(f"{self.source}: {opened.st_size} bytes, more than the {max_bytes} a "
+                        "body of the base's layout can have.")
+      self.header = weights.read_header_fd(self.fd, self.source, max_header_bytes, max_tensors)
       self.size = opened.st_size
       prefix = os.pread(self.fd, 8, 0)
       if len(prefix) != 8:
@@ -100,6 +110,14 @@ class BodyFile:
     except BaseException:
       os.close(self.fd)
       raise
+
+  def limits(self) -> dict:
+    """Bounds for a file that must have this one's layout (keyword arguments of
+    :class:`BodyFile`): its size, and at most twice its header plus 64 KiB (room for other
+    metadata and number formats) and 16 more tensors (buffers a body may or may not hold)."""
+    header = self.data_start - 8
+    return {"max_header_bytes": 2 * header + (64 << 10), "max_tensors": len(self.header) + 16,
+            "max_bytes": self.size + header + (64 << 10) + (1 << 20)}
 
   def specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
     """HF name -> (shape, dtype code), buffers (``*.position_ids``) left out."""
@@ -149,6 +167,8 @@ class ScanResult:
   sha256: str
   squared_distance: Optional[float]  # sum over tensors of ||body - reference||^2 (None: no ref)
   nonfinite: Optional[str]           # the first tensor holding NaN or inf, else None
+  # Per floating tensor: ||body - reference||^2 (without a reference: ||body||^2).
+  tensors: dict = dataclasses.field(default_factory=dict)
 
 
 def _layout(body: BodyFile) -> tuple:
@@ -178,6 +198,7 @@ class _Scanning:
     self.body = body
     self.digest = hashlib.sha256()
     self.total = 0.0 if reference is not None else None
+    self.tensors: dict[str, float] = {}
     self.nonfinite: Optional[str] = None
     self.error: Optional[UserError] = None
 
@@ -185,7 +206,7 @@ class _Scanning:
     if self.error is not None:
       return self.error
     return ScanResult(self.digest.hexdigest(), None if self.nonfinite else self.total,
-                      self.nonfinite)
+                      self.nonfinite, {} if self.nonfinite else self.tensors)
 
 
 def _squared_distance(values: np.ndarray, ref: Optional[np.ndarray], work: np.ndarray) -> float:
@@ -259,11 +280,55 @@ def scan_group(bodies: Sequence[BodyFile], specs: Specs, reference: Optional[Bod
           if not np.isfinite(values).all():
             state.nonfinite = name
             continue
-          part = (float(np.square(values.astype(np.float64) - ref.astype(np.float64)).sum())
-                  if ref is not None else 0.0)
+          wide = values.astype(np.float64) - (ref.astype(np.float64) if ref is not None else 0.0)
+          part = float(np.dot(wide, wide))
         if state.total is not None:
           state.total += part
+        state.tensors[name] = state.tensors.get(name, 0.0) + part
   return [state.result() for state in states]
+
+
+def squared_norms(body: BodyFile, specs: Specs, chunk_elements: int = 1 << 18) -> dict:
+  """{floating tensor of ``specs``: ||tensor||^2 in float64} of a checked file."""
+  out = {}
+  for name in sorted(specs):
+    shape, code = specs[name]
+    if code in FLOAT_CODES:
+      size, total = math.prod(shape), 0.0
+      for start in range(0, size, chunk_elements):
+        values = body.read(name, start, min(chunk_elements, size - start)).astype(np.float64)
+        total += float(np.dot(values, values))
+      out[name] = total
+  return out
+
+
+def gram(bodies: Sequence[BodyFile], specs: Specs, reference: BodyFile,
+         chunk_elements: int = 1 << 16) -> dict[str, np.ndarray]:
+  """Per floating tensor of ``specs``, the N x N matrix of dot products of the updates
+  ``body_i - reference`` (float64): what the direction of each update is measured with.
+  Reads each body once more, a chunk of all of them at a time."""
+  out = {}
+  for name in sorted(specs):
+    shape, code = specs[name]
+    if code not in FLOAT_CODES:
+      continue
+    size = math.prod(shape)
+    total = np.zeros((len(bodies), len(bodies)))
+    wide = np.float64 if code == "F64" else np.float32
+    for start in range(0, size, chunk_elements):
+      count = min(chunk_elements, size - start)
+      ref = reference.read(name, start, count).astype(wide)
+      deltas = np.empty((len(bodies), count), wide)
+      for i, body in enumerate(bodies):
+        np.subtract(body.read(name, start, count), ref, out=deltas[i], dtype=wide)
+      with np.errstate(over="ignore", invalid="ignore"):
+        part = deltas @ deltas.T
+      if not np.isfinite(part).all():
+        deltas = deltas.astype(np.float64)
+        part = deltas @ deltas.T
+      total += part
+    out[name] = total
+  return out
 
 
 def scan(body: BodyFile, specs: Specs, reference: Optional[BodyFile] = None,

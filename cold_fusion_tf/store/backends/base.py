@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+  """What the storage itself (not the object's writer) says about an object."""
+
+  size: int
+  created_ns: int  # when it was created (GCS: time_created; local: the inode's change time)
+  version: int     # GCS: its generation; local: the inode number (tells replacements apart)
 
 
 class Storage(abc.ABC):
@@ -12,8 +22,13 @@ class Storage(abc.ABC):
   uri: str
 
   @abc.abstractmethod
-  def read_bytes(self, name: str) -> bytes:
-    """The whole object; raises FileNotFoundError if it is missing."""
+  def read_bytes(self, name: str, max_bytes: Optional[int] = None) -> bytes:
+    """The whole object; raises FileNotFoundError if it is missing, and UserError if it is
+    larger than ``max_bytes`` (checked before it is read) or not a regular file."""
+
+  @abc.abstractmethod
+  def stat(self, name: str) -> Optional[ObjectInfo]:
+    """Size and creation of an object (None if missing; UserError if not a regular file)."""
 
   @abc.abstractmethod
   def write_bytes(self, name: str, data: bytes) -> None:
@@ -28,8 +43,9 @@ class Storage(abc.ABC):
     """Sorted names of the immediate children (objects or folders) under ``prefix``."""
 
   @abc.abstractmethod
-  def download(self, name: str, local_path: str) -> None:
-    """Streams an object into a local file (written atomically)."""
+  def download(self, name: str, local_path: str, max_bytes: Optional[int] = None) -> None:
+    """Streams an object into a local file (written atomically); UserError if it is larger
+    than ``max_bytes`` (checked before any byte is transferred)."""
 
   @abc.abstractmethod
   def upload(self, local_path: str, name: str, move: bool = False) -> None:
@@ -39,6 +55,10 @@ class Storage(abc.ABC):
   @abc.abstractmethod
   def create_exclusive(self, name: str, data: bytes) -> bool:
     """Creates the object only if it does not exist; False if it already did."""
+
+  @abc.abstractmethod
+  def upload_exclusive(self, local_path: str, name: str) -> bool:
+    """Streams a local file into a new object only if none exists; False if one did."""
 
   @abc.abstractmethod
   def read_versioned(self, name: str) -> tuple[Optional[bytes], object]:

@@ -44,7 +44,7 @@ from google.cloud.storage import retry as storage_retry
 
 from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.store.paths import check_object_name
-from cold_fusion_tf.store.backends.base import Storage
+from cold_fusion_tf.store.backends.base import ObjectInfo, Storage
 
 RETRY_DEADLINE_ENV = "COLD_FUSION_GCS_RETRY_DEADLINE"
 """Environment variable: seconds to keep retrying one GCS operation on transient errors."""
@@ -210,11 +210,13 @@ class GCSStorage(Storage):
     except api_exceptions.Forbidden as e:
       raise GCSError(
           f"Permission denied to {action} {where} ({_short(e)}). Check the bucket name (bucket "
-          "names are global: a typo can hit someone else's bucket), then grant the account you "
-          "run as roles/storage.objectAdmin on the bucket: `gcloud storage buckets "
-          f"add-iam-policy-binding gs://{self.bucket_name} --member=user:YOU@example.com "
-          "--role=roles/storage.objectAdmin` (serviceAccount:NAME@PROJECT.iam.gserviceaccount.com "
-          "on a VM)."
+          "names are global: a typo can hit someone else's bucket), then ask the store's owner "
+          "for the role of your part (see 'Bucket access layout' in the README): "
+          "roles/storage.objectViewer to read; for a contributor, roles/storage.objectCreator "
+          "limited to its own contributions/ prefix; roles/storage.objectUser for the fuser "
+          f"(e.g. `gcloud storage buckets add-iam-policy-binding gs://{self.bucket_name} "
+          "--member=serviceAccount:NAME@PROJECT.iam.gserviceaccount.com "
+          "--role=roles/storage.objectViewer`)."
       ) from None
     except (api_exceptions.Unauthorized, auth_exceptions.RefreshError) as e:
       raise GCSError(
@@ -255,22 +257,52 @@ class GCSStorage(Storage):
 
   # --- reads ------------------------------------------------------------------------
 
-  def read_bytes(self, name: str) -> bytes:
-    return self._read(name)[0]
+  def read_bytes(self, name: str, max_bytes: Optional[int] = None) -> bytes:
+    return self._read(name, max_bytes)[0]
 
-  def _read(self, name: str) -> tuple[bytes, int]:
+  def _read(self, name: str, max_bytes: Optional[int] = None) -> tuple[bytes, int]:
     key = self._object_key(name)
     with self._errors("read", name):
-      blob = self._bucket.blob(key)
-      try:
-        data = blob.download_as_bytes(
-            raw_download=True, retry=self._retry, timeout=self._timeout)
-      except api_exceptions.NotFound:
-        raise FileNotFoundError(self._where(name)) from None
+      for _ in range(5):
+        blob = self._bucket.blob(key)
+        pinned = {}
+        if max_bytes is not None:  # the size from the object's metadata, before any byte
+          blob = self._sized_blob(name, key, max_bytes)
+          pinned = {"if_generation_match": blob.generation}
+        try:
+          data = blob.download_as_bytes(
+              raw_download=True, retry=self._retry, timeout=self._timeout, **pinned)
+          break
+        except api_exceptions.NotFound:
+          raise FileNotFoundError(self._where(name)) from None
+        except api_exceptions.PreconditionFailed:
+          continue  # replaced between the size check and the read: look again
+      else:
+        raise GCSError(f"{self._where(name)} kept changing while reading it.")
     if blob.generation is None:  # GCS (and fake-gcs-server) always send x-goog-generation.
       raise GCSError(f"Reading {self._where(name)}: the response carried no object generation.")
     generation = int(blob.generation)
     return data, generation
+
+  def _sized_blob(self, name: str, key: str, max_bytes: Optional[int]) -> storage.Blob:
+    """The object's metadata (FileNotFoundError if missing), refused over ``max_bytes``."""
+    blob = self._bucket.get_blob(key, retry=self._retry, timeout=self._timeout)
+    if blob is None:
+      raise FileNotFoundError(self._where(name))
+    if max_bytes is not None and (blob.size or 0) > max_bytes:
+      raise UserError(f"{self._where(name)}: {blob.size} bytes, more than the {max_bytes} "
+                      "allowed.")
+    return blob
+
+  def stat(self, name: str) -> Optional[ObjectInfo]:
+    key = self._object_key(name)
+    with self._errors("read", name):
+      blob = self._bucket.get_blob(key, retry=self._retry, timeout=self._timeout)
+    if blob is None:
+      return None
+    created = blob.time_created
+    created_ns = int(round(created.timestamp() * 1e6)) * 1000 if created is not None else 0
+    return ObjectInfo(int(blob.size or 0), created_ns, int(blob.generation or 0))
 
   def exists(self, name: str) -> bool:
     key = self._key(name)
@@ -304,7 +336,7 @@ class GCSStorage(Storage):
     except FileNotFoundError:
       return None, 0
 
-  def download(self, name: str, local_path: str) -> None:
+  def download(self, name: str, local_path: str, max_bytes: Optional[int] = None) -> None:
     key = self._object_key(name)
     local_path = os.path.abspath(local_path)
     os.makedirs(os.path.dirname(local_path), exist_ok=True)
@@ -319,9 +351,7 @@ class GCSStorage(Storage):
     try:
       while True:
         with self._errors("download", name):
-          blob = self._bucket.get_blob(key, retry=self._retry, timeout=self._timeout)
-          if blob is None:
-            raise FileNotFoundError(self._where(name))
+          blob = self._sized_blob(name, key, max_bytes)
           try:
             # Streams to the file (resuming with range requests on retries) and checks
             # the crc32c the server reports; pinned to the generation just looked up.
@@ -417,6 +447,22 @@ class GCSStorage(Storage):
 
   def create_exclusive(self, name: str, data: bytes) -> bool:
     return self._conditional_write(name, data, 0, "create")
+
+  def upload_exclusive(self, local_path: str, name: str) -> bool:
+    key = self._object_key(name)
+    os.stat(local_path)  # FileNotFoundError before any request.
+    write_id = uuid.uuid4().hex
+    blob = self._new_blob(key)
+    blob.metadata = {_WRITE_ID_KEY: write_id}
+    with self._errors("create", name), self._bucket_must_exist():
+      try:
+        blob.upload_from_filename(local_path, content_type="application/octet-stream",
+                                  if_generation_match=0, retry=self._retry,
+                                  timeout=self._timeout)
+        return True
+      except api_exceptions.PreconditionFailed:
+        current = self._bucket.get_blob(key, retry=self._retry, timeout=self._timeout)
+        return current is not None and (current.metadata or {}).get(_WRITE_ID_KEY) == write_id
 
   def compare_and_swap(self, name: str, data: bytes, token: object) -> bool:
     if token is None:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import tempfile
-import time
 import uuid
 from typing import Optional
 
-from cold_fusion_tf.store.backends.base import Storage
+from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.store import untrusted
+from cold_fusion_tf.store.backends.base import ObjectInfo, Storage
 from cold_fusion_tf.store.paths import check_object_name
 
 
@@ -18,8 +20,10 @@ class LocalStorage(Storage):
   """A store in a local directory.
 
   Writes go to a temporary file in the same directory and are renamed into place, so a
-  reader sees either the old or the new object. The compare-and-swap holds an exclusive
-  lock file while it checks and renames.
+  reader sees either the old or the new object. The compare-and-swap holds an OS lock
+  (``flock`` on a hidden lock file beside the object) while it checks and renames: the lock
+  ends with the process that holds it, so a killed process never leaves a lock behind.
+  Reads take regular files only, never through a symbolic link that leads out of the store.
   """
 
   def __init__(self, root: str):
@@ -28,14 +32,30 @@ class LocalStorage(Storage):
 
   def _path(self, name: str) -> str:
     check_object_name(name)
-    return os.path.join(self.root, *name.split("/")) if name else self.root
+    path = os.path.join(self.root, *name.split("/")) if name else self.root
+    if name:
+      real_root, real = os.path.realpath(self.root), os.path.realpath(path)
+      if real != real_root and not real.startswith(real_root + os.sep):
+        raise UserError(f"{self.uri}/{name}: leads out of the store (a symbolic link).")
+    return path
 
   def local_path(self, name: str) -> Optional[str]:
     return self._path(name)
 
-  def read_bytes(self, name: str) -> bytes:
-    with open(self._path(name), "rb") as f:
-      return f.read()
+  def read_bytes(self, name: str, max_bytes: Optional[int] = None) -> bytes:
+    return untrusted.read_regular(self._path(name), _UNBOUNDED if max_bytes is None else max_bytes,
+                                  f"{self.uri}/{name}")
+
+  def stat(self, name: str) -> Optional[ObjectInfo]:
+    try:
+      fd = untrusted.open_regular(self._path(name), f"{self.uri}/{name}")
+    except FileNotFoundError:
+      return None
+    try:
+      info = os.fstat(fd)
+    finally:
+      os.close(fd)
+    return ObjectInfo(info.st_size, info.st_ctime_ns, info.st_ino)
 
   def _staged(self, path: str, fill) -> str:
     """A complete, synced temporary file beside ``path`` filled by ``fill(f)``."""
@@ -62,16 +82,23 @@ class LocalStorage(Storage):
     path = self._path(prefix)
     if not os.path.isdir(path):
       return []
-    return sorted(n for n in os.listdir(path) if not n.startswith(".tmp-"))
+    # Names starting with "." are this backend's own (staged writes, locks): never objects.
+    return sorted(n for n in os.listdir(path) if not n.startswith("."))
 
-  def download(self, name: str, local_path: str) -> None:
+  def download(self, name: str, local_path: str, max_bytes: Optional[int] = None) -> None:
     src = self._path(name)
-    if not os.path.exists(src):
-      raise FileNotFoundError(src)
-    os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
-    tmp = local_path + ".partial"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, local_path)
+    fd = untrusted.open_regular(src, f"{self.uri}/{name}")
+    try:
+      size = os.fstat(fd).st_size
+      if max_bytes is not None and size > max_bytes:
+        raise UserError(f"{self.uri}/{name}: {size} bytes, more than the {max_bytes} allowed.")
+      os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+      tmp = local_path + ".partial"
+      with os.fdopen(os.dup(fd), "rb") as source, open(tmp, "wb") as target:
+        shutil.copyfileobj(source, target, 8 << 20)
+      os.replace(tmp, local_path)
+    finally:
+      os.close(fd)
 
   def upload(self, local_path: str, name: str, move: bool = False) -> None:
     path = self._path(name)
@@ -110,10 +137,19 @@ class LocalStorage(Storage):
     return True
 
   def create_exclusive(self, name: str, data: bytes) -> bool:
-    path = self._path(name)
+    return self._link_new(self._path(name), lambda f: f.write(data))
+
+  def upload_exclusive(self, local_path: str, name: str) -> bool:
+    def copy(f):
+      with open(local_path, "rb") as src:
+        shutil.copyfileobj(src, f, 8 << 20)
+
+    return self._link_new(self._path(name), copy)
+
+  def _link_new(self, path: str, fill) -> bool:
     # Write the content aside, then hard-link it into place: link() fails if the
     # name exists, so exactly one of several racing creators wins, with full content.
-    tmp = self._staged(path, lambda f: f.write(data))
+    tmp = self._staged(path, fill)
     try:
       os.link(tmp, path)
       return True
@@ -131,24 +167,20 @@ class LocalStorage(Storage):
 
   def compare_and_swap(self, name: str, data: bytes, token: object) -> bool:
     path = self._path(name)
-    lock = path + ".lock"
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    # An OS lock, held only while this process runs: waiting for it is waiting for another
+    # compare-and-swap to finish (a few milliseconds), and a killed holder frees it.
+    fd = os.open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock"),
+                 os.O_CREAT | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-      fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-      if _age_seconds(lock) < _STALE_LOCK_SECONDS:
-        return False
-      _remove_quietly(lock)  # left by a process that died while holding it
-      return self.compare_and_swap(name, data, token)
-    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
       current, _ = self.read_versioned(name)
       if current != token:
         return False
       self.write_bytes(name, data)
       return True
     finally:
-      os.close(fd)
-      _remove_quietly(lock)
+      os.close(fd)  # releases the lock; the lock file stays (removing it would race)
 
   def delete_prefix(self, prefix: str) -> None:
     path = self._path(prefix)
@@ -158,14 +190,7 @@ class LocalStorage(Storage):
       os.remove(path)
 
 
-_STALE_LOCK_SECONDS = 120.0
-
-
-def _age_seconds(path: str) -> float:
-  try:
-    return time.time() - os.path.getmtime(path)
-  except FileNotFoundError:
-    return 0.0
+_UNBOUNDED = 1 << 62
 
 
 def _remove_quietly(path: str) -> None:

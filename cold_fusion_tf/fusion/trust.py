@@ -1,0 +1,214 @@
+"""What keeps one contributor, or a few ids, from deciding the base.
+
+Applied to the contributions that passed :mod:`.validation` (well-formed, finite, fresh):
+
+1. **Repeated bodies**: identical bodies (same sha256) under several ids count once, for
+   the earliest upload (the storage's creation time of ``contribution.json``, which no
+   contributor writes); when the earliest are tied, none of them counts.
+2. **Norm bounds**, relative to the base's own norms: each tensor's update
+   ``||body_t - base_t||`` against ``max_tensor_update_ratio`` times ``||base_t||`` (for
+   tensors of small norm, at least their share of the whole base's norm), and the whole
+   update against ``max_update_ratio`` times ``||base||``. Over a bound, an update is
+   rejected, or with ``clip_updates`` scaled down onto the bound (as TensorFlow Federated's
+   robust aggregators clip updates before averaging).
+3. **Outliers** among 3 or more: robust z-scores of the update norms (:mod:`.robust`).
+4. **Direction**, among 3 or more: an update whose cosine with the mean of the others'
+   is below ``min_cosine`` is rejected.
+5. **Weights** (``weighted``): each claim of training examples counts at most
+   ``max_weight_ratio`` times the median claim.
+
+:func:`check_fused` checks the fused base before it is published: every value finite and its
+distance from the parent within ``max_fused_ratio`` times the parent's norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import numpy as np
+
+from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.fusion import robust
+from cold_fusion_tf.fusion.validation import Checked, rejection
+
+MIN_SPREAD_OF_BOUND = 0.05
+"""The MAD of update norms used for z-scores is at least this share of the whole-update bound,
+so that many near-empty updates cannot make honest ones look like outliers."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """The largest update norm allowed for the whole body and for each tensor (inf: none)."""
+
+  body: float
+  tensors: dict
+  base_norm: float
+
+
+def limits(base_squares: dict, numel: dict, settings) -> Limits:
+  """The bounds of ``settings`` for a base whose floating tensors have squared norms
+  ``base_squares`` and ``numel`` elements each."""
+  total = sum(base_squares.values())
+  count = max(1, sum(numel[n] for n in base_squares))
+  norm = math.sqrt(total)
+  body = settings.max_update_ratio * norm if settings.max_update_ratio > 0 else math.inf
+  ratio = settings.max_tensor_update_ratio
+  tensors = {n: ratio * max(math.sqrt(sq), math.sqrt(total * numel[n] / count)) if ratio > 0
+             else math.inf for n, sq in base_squares.items()}
+  return Limits(body, tensors, norm)
+
+
+def clip_factors(squares: dict, bounds: Limits) -> dict:
+  """{tensor: factor < 1} that scale an update with per-tensor squared norms ``squares``
+  onto the bounds (each tensor first, then the whole update)."""
+  factors = {}
+  for name, sq in squares.items():
+    norm = math.sqrt(sq)
+    if norm > bounds.tensors.get(name, math.inf):
+      factors[name] = bounds.tensors[name] / norm
+  clipped = math.sqrt(sum(sq * factors.get(n, 1.0) ** 2 for n, sq in squares.items()))
+  if clipped > bounds.body:
+    whole = bounds.body / clipped
+    factors = {n: factors.get(n, 1.0) * whole for n in squares}
+  return factors
+
+
+def over_bound(squares: dict, bounds: Limits, settings) -> Optional[str]:
+  """Why an update is beyond the bounds, or None."""
+  for name in sorted(squares):
+    norm, bound = math.sqrt(squares[name]), bounds.tensors.get(name, math.inf)
+    if norm > bound:
+      return (f"tensor {name}: update norm {norm:.4g} is above its bound {bound:.4g} "
+              f"(config.fusion.max_tensor_update_ratio={settings.max_tensor_update_ratio:g} "
+              "of the base tensor's norm)")
+  norm = math.sqrt(sum(squares.values()))
+  if norm > bounds.body:
+    return (f"update norm {norm:.4g} is above the bound {bounds.body:.4g} "
+            f"(config.fusion.max_update_ratio={settings.max_update_ratio:g} of the base's norm "
+            f"{bounds.base_norm:.4g})")
+  return None
+
+
+def _earliest(checked: dict, log, rejected: list) -> list[str]:
+  """Ids left once identical bodies count once (for the earliest upload)."""
+  by_sha: dict[str, list[str]] = {}
+  for cid in sorted(checked):
+    by_sha.setdefault(checked[cid].scan.sha256, []).append(cid)
+  kept = []
+  for sha, ids in by_sha.items():
+    if len(ids) == 1:
+      kept.append(ids[0])
+      continue
+    first = min(checked[c].contribution.created_ns for c in ids)
+    earliest = [c for c in ids if checked[c].contribution.created_ns == first]
+    winner = earliest[0] if len(earliest) == 1 else None
+    for cid in ids:
+      if cid == winner:
+        kept.append(cid)
+        continue
+      reason = (f"the same body (sha256 {sha[:12]}) as contributor {winner}, uploaded earlier; "
+                "the earliest upload is counted" if winner else
+                f"the same body (sha256 {sha[:12]}) as {', '.join(i for i in earliest if i != cid)}"
+                ", uploaded at the same time; none of them is counted")
+      _reject(rejected, checked[cid], reason, log)
+  return sorted(kept)
+
+
+def _reject(rejected: list, checked: Checked, reason: str, log) -> None:
+  cid = checked.contribution.contributor_id
+  rejected.append(rejection(cid, checked.contribution.meta["dataset"], reason))
+  log(f"rejected {cid}: {reason}")
+
+
+def cosines(grams: dict, ids: list[str], factors: dict) -> dict:
+  """{id: cosine of its update with the mean of the others' updates} from per-tensor Gram
+  matrices over ``ids`` (in that order) and clip factors ({id: {tensor: factor}})."""
+  total = np.zeros((len(ids), len(ids)))
+  for name, g in grams.items():
+    scale = np.array([factors.get(cid, {}).get(name, 1.0) for cid in ids])
+    total += g * np.outer(scale, scale)
+  out, n = {}, len(ids)
+  for i, cid in enumerate(ids):
+    others = [j for j in range(n) if j != i]
+    dot = total[i, others].sum() / (n - 1)
+    mean_sq = total[np.ix_(others, others)].sum() / (n - 1) ** 2
+    own = total[i, i]
+    out[cid] = (1.0 if own <= 0 or mean_sq <= 0
+                else float(dot / math.sqrt(own * mean_sq)))
+  return out
+
+
+def select(checked: dict, settings, bounds: Limits,
+           grams: Callable[[list[str]], dict], log) -> tuple[list, list, dict, dict]:
+  """The contributions that count: (ids, rejections, {id: z-score}, {id: clip factors}).
+
+  ``grams(ids)`` computes the per-tensor Gram matrices of those ids' updates (read only when
+  the direction check runs).
+  """
+  rejected: list[dict] = []
+  kept, factors = [], {}
+  for cid in _earliest(checked, log, rejected):
+    squares = checked[cid].scan.tensors
+    if settings.clip_updates:
+      found = clip_factors(squares, bounds)
+      if found:
+        factors[cid] = found
+        log(f"clipped {cid}: its update is beyond the norm bounds; scaled onto them")
+      kept.append(cid)
+      continue
+    reason = over_bound(squares, bounds, settings)
+    if reason:
+      _reject(rejected, checked[cid], reason, log)
+    else:
+      kept.append(cid)
+  scores = {}
+  if len(kept) >= 3 and settings.max_update_z > 0:
+    norms = np.array([_clipped_norm(checked[c].scan.tensors, factors.get(c, {})) for c in kept])
+    median = float(np.median(norms))
+    spread = max(robust.MIN_RELATIVE_SPREAD, MIN_SPREAD_OF_BOUND * bounds.body / median
+                 if median > 0 and math.isfinite(bounds.body) else 0.0)
+    z = robust.robust_z_scores(norms, spread)
+    scores = dict(zip(kept, (float(v) for v in z)))
+    for cid, norm, score in zip(list(kept), norms, z):
+      if score > settings.max_update_z:
+        _reject(rejected, checked[cid],
+                f"update norm {norm:.4g} is far above the others' (median {median:.4g}; "
+                f"robust z-score {score:.3g} > {settings.max_update_z:g})", log)
+        kept.remove(cid)
+  if len(kept) >= 3 and settings.min_cosine > -1:
+    for cid, cos in cosines(grams(kept), kept, factors).items():
+      if cos < settings.min_cosine:
+        _reject(rejected, checked[cid],
+                f"update points away from the others' (cosine {cos:.3g} with their mean, "
+                f"below config.fusion.min_cosine={settings.min_cosine:g})", log)
+        kept.remove(cid)
+  return kept, rejected, scores, {c: f for c, f in factors.items() if c in kept}
+
+
+def _clipped_norm(squares: dict, factors: dict) -> float:
+  return math.sqrt(sum(sq * factors.get(n, 1.0) ** 2 for n, sq in squares.items()))
+
+
+def capped_weights(claims: list[int], ratio: float) -> list[float]:
+  """Each claim of training examples, at most ``ratio`` times the median claim (the lower
+  median: with two, the smaller); claims are at most 2**53, so no sum overflows."""
+  if not claims:
+    return []
+  cap = ratio * sorted(claims)[(len(claims) - 1) // 2] if ratio > 0 else math.inf
+  return [float(min(c, cap)) for c in claims]
+
+
+def check_fused(squared_distance: float, nonfinite: Optional[str], base_norm: float,
+                settings) -> None:
+  """Refuses a fused base that is not finite or moved too far from its parent."""
+  if nonfinite:
+    raise UserError(f"the fused base holds NaN or infinite values (tensor {nonfinite}); "
+                    "nothing was published")
+  distance = math.sqrt(squared_distance)
+  bound = settings.max_fused_ratio * base_norm
+  if settings.max_fused_ratio > 0 and not distance <= bound:
+    raise UserError(f"the fused base is {distance:.4g} away from its parent, above the bound "
+                    f"{bound:.4g} (config.fusion.max_fused_ratio={settings.max_fused_ratio:g} "
+                    "of the parent's norm); nothing was published")
