@@ -84,12 +84,17 @@ def run_tf(args) -> dict:
   os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
   sys.path.insert(0, ROOT)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from cold_fusion_tf import data, defaults, models, training  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf import data
+  from cold_fusion_tf.model import bodies as models
+  from cold_fusion_tf.training import trainer as training
+  from cold_fusion_tf.training.recipe import Recipe
+  # pylint: enable=g-import-not-at-top
   path = models.resolve_source(MODEL)
   task = data.load_task(args.dataset, dirs=[args.data_dir])
-  recipe = defaults.recipe(batch_size=args.batch_size, max_length=args.max_length,
-                           steps_per_execution=args.steps_per_execution,
-                           jit_compile=args.jit_compile, epochs=1)
+  recipe = Recipe(batch_size=args.batch_size, max_length=args.max_length,
+                  steps_per_execution=args.steps_per_execution,
+                  jit_compile=args.jit_compile, epochs=1)
   models.set_seed(0)
   body = models.load_body(path)
   tokenizer = models.load_tokenizer(path)

@@ -29,14 +29,11 @@ def main(argv):
     config = cli.require_config()
     if not config.task:
       raise UserError("--config.task is required: a dataset name, folder, or tfds:<name>.")
-    from cold_fusion_tf.training import distribute as strategies  # pylint: disable=g-import-not-at-top
     store = store_lib.Store(cli.require_store())
-    # The strategy comes first: a multi-worker strategy must exist before any other TF work.
-    strategy = strategies.make(config.get("strategy", "auto"), config.get("tpu", ""))
-    contributor.contribute(store, config, config.task, config.contributor_id, strategy=strategy,
-                           log=cli.say, workdir=flags.FLAGS.workdir)
+    contributor.contribute(store, config, config.task, config.contributor_id, log=cli.say,
+                           workdir=flags.FLAGS.workdir)
 
-  cli.run_main(body)
+  cli.run_main(body, tensorflow=True)
 
 
 if __name__ == "__main__":

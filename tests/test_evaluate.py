@@ -17,7 +17,8 @@ from cold_fusion_tf.evaluation import finetune as evaluation
 from cold_fusion_tf import fusion
 from cold_fusion_tf.model import bodies as models
 from cold_fusion_tf.evaluation import pipeline as recycling
-from cold_fusion_tf.evaluation import summary as recycling_report
+from cold_fusion_tf.evaluation import report
+from cold_fusion_tf.evaluation import summary as summary_lib
 from cold_fusion_tf.evaluation import results as results_dir
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.training import trainer as training
@@ -96,7 +97,7 @@ def test_program_writes_tables_and_a_later_run_extends_without_rerunning(tiny_st
   gain = summary["gains"][f"{store}@1"]["tasks"]["sst2"]
   assert gain["mean"] == pytest.approx(scores[(f"{store}@1", 0)] - scores[(f"{store}@0", 0)])
   assert gain["n"] == 1 and gain["se"] is None  # undefined from one pair: JSON null
-  assert summary["groups"] == {"all tasks": ["sst2"]}  # sst2 is in demo.py's pool: held-in
+  assert summary["groups"] == {"held-in": ["sst2"]}  # sst2 is in demo.py's pool
   for name in ("summary.csv", "summary.md", "gains.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0
   assert f"| {store}@0 (reference) |" in open(os.path.join(out, "summary.md")).read()
@@ -132,8 +133,7 @@ def test_probe_trains_only_the_head_and_finetune_moves_the_body(tiny_store):
     # Prepare
     body = evaluation.load_eval_body(source, mode)
     before = [w.numpy().copy() for w in body.weights]
-    recipe = evaluation.recipe_for(config.eval, mode)
-    recipe.max_steps = 2
+    recipe = evaluation.recipe_for(config.eval, mode).replace(max_steps=2)
     # Execute
     result = training.finetune(body, tokenizer, task, recipe, evaluate_test=True,
                                log=lambda message: None)
@@ -172,26 +172,29 @@ def test_gains_are_paired_by_seed_with_standard_errors(tmp_path):
   for (task, seed), (a, b) in table.items():
     records += [_record(job, ref, task, seed, a), _record(job, fused, task, seed, b)]
   # Execute
-  summary = recycling_report.summarize(job, records, {"held-in": ["t1"], "held-out": ["t2"]})
+  summary = summary_lib.summarize(job, records, {"held-in": ["t1"], "held-out": ["t2"]})
   # Assert
   gains = summary["gains"]["fused"]
-  d1 = np.array([0.05, 0.08, 0.01])
+  d1, d2 = np.array([0.05, 0.08, 0.01]), np.array([-0.01, 0.05])
   assert gains["tasks"]["t1"]["mean"] == pytest.approx(d1.mean())
   assert gains["tasks"]["t1"]["se"] == pytest.approx(d1.std(ddof=1) / math.sqrt(3))
   assert gains["tasks"]["t2"]["n"] == 2  # seed 2 has no pair
-  pooled = np.array([0.05, 0.08, 0.01, -0.01, 0.05])
-  assert gains["groups"]["all tasks"]["mean"] == pytest.approx(pooled.mean())
-  assert gains["groups"]["all tasks"]["se"] == pytest.approx(pooled.std(ddof=1) / math.sqrt(5))
+  both = gains["groups"]["all tasks"]
+  assert both["mean"] == pytest.approx((d1.mean() + d2.mean()) / 2)  # unweighted over tasks
+  per_seed = [(0.05 - 0.01) / 2, (0.08 + 0.05) / 2]  # the seeds both tasks have
+  assert both["se_seeds"] == pytest.approx(np.std(per_seed, ddof=1) / math.sqrt(2))
+  assert both["se_tasks"] == pytest.approx(abs(d1.mean() - d2.mean()) / 2)
+  assert both["n_seeds"] == 2 and both["losses"] == []
   assert gains["groups"]["held-out"]["mean"] == pytest.approx(0.02)
   orig = summary["scores"]["orig"]["tasks"]["t2"]
   assert orig["mean"] == pytest.approx(np.mean([0.5, 0.55, 0.9])) and orig["n"] == 3
   assert summary["scores"]["orig"]["groups"]["all tasks"] == pytest.approx(
       (0.7 + np.mean([0.5, 0.55, 0.9])) / 2)
-  text = recycling_report.markdown(summary)
-  assert f"| **mean, all tasks** | | **+{100 * pooled.mean():.2f} ± " in text
-  assert "| orig (reference) | 67.5 | 70.0 | 65.0 | 70.0 ± 10.0 | 65.0 ± 21.8 |" in text
-  rows = recycling_report.to_csv(summary).splitlines()
-  assert rows[0] == "model,task,mean,std,n,gain,gain_se" and len(rows) == 1 + 2 * (2 + 3)
+  text = report.markdown(summary)
+  assert "| orig (reference) | 70.0 | - | 65.0 | - | 70.0 ± 10.0 | 65.0 ± 21.8 |" in text
+  assert f"| all tasks | 2 | +{100 * both['mean']:.2f} |" in text
+  rows = report.to_csv(summary).splitlines()
+  assert rows[0].startswith("model,task,mean,std,n,gain") and len(rows) == 1 + 2 * (2 + 3)
 
 
 def test_results_file_skips_damaged_lines_and_duplicates(tmp_path):

@@ -81,14 +81,18 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     sys.path.insert(0, sys.argv[1])
     import tiny_models
-    from cold_fusion_tf import data, defaults, models, strategies, training
+    from cold_fusion_tf import data
+    from cold_fusion_tf.model import bodies as models
+    from cold_fusion_tf.training import distribute as strategies
+    from cold_fusion_tf.training import trainer as training
+    from cold_fusion_tf.training.recipe import Recipe
 
     task = data.load_task("trec_coarse", dirs=[tiny_models.DATA],
                           max_examples={"train": 96, "dev": 40, "test": 8})
     tokenizer = tiny_models.tokenizer()
-    recipe = defaults.recipe(batch_size=16, eval_batch_size=10, learning_rate=1e-3, epochs=1,
-                             max_length=48, eval_every_steps=1000, steps_per_execution=2,
-                             log_every_seconds=1e9)
+    recipe = Recipe(batch_size=16, eval_batch_size=10, learning_rate=1e-3, epochs=1,
+                    max_length=48, eval_every_steps=1000, steps_per_execution=2,
+                    log_every_seconds=1e9)
 
     def train(strategy, seed):
       with strategy.scope():

@@ -12,7 +12,10 @@ import tensorflow as tf
 import tf_keras as keras
 
 import tiny_models
-from cold_fusion_tf import data, defaults, models, training
+from cold_fusion_tf import data
+from cold_fusion_tf.model import bodies as models
+from cold_fusion_tf.training import trainer as training
+from cold_fusion_tf.training.recipe import Recipe
 from cold_fusion_tf.errors import UserError
 
 TOKENIZER = tiny_models.tokenizer()
@@ -30,7 +33,7 @@ def recipe(**overrides):
   settings = dict(batch_size=16, eval_batch_size=16, learning_rate=1e-3, epochs=1,
                   max_length=32, log_every_seconds=1e9, checkpoint_every_steps=0)
   settings.update(overrides)
-  return defaults.recipe(**settings)
+  return Recipe(**settings)
 
 
 def train(the_recipe, the_task=TREC, body=None, **kwargs):

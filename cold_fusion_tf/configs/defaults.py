@@ -6,55 +6,44 @@ Every field is documented here; configs override what differs.
 import ml_collections
 
 from cold_fusion_tf.data import DEMO_DATA_DIR
+from cold_fusion_tf.training.recipe import Recipe
 
 
 def recipe(**overrides):
-  """Fine-tuning recipe (ColD Fusion: AdamW, linear schedule, 0.6% warm-up, decay 0.01)."""
-  r = ml_collections.ConfigDict(dict(
-      learning_rate=5e-5,       # peak learning rate (the paper: 5e-5 RoBERTa, 2e-5 BERT)
-      warmup_fraction=0.006,    # share of steps of linear warm-up
-      weight_decay=0.01,        # AdamW decay; not on LayerNorm weights and biases
-      adam_epsilon=1e-8,
-      clip_norm=1.0,            # global gradient clipping (0 disables)
-      batch_size=32,            # global batch size (over all replicas and accumulation steps)
-      grad_accum_steps=1,       # micro-batches per optimizer step (gradient accumulation)
-      max_replica_batch=0,      # if > 0: accumulate so a replica's micro-batch is at most this
-      eval_batch_size=64,
-      epochs=1.0,               # passes over the training data (the paper: at most 10)
-      max_steps=0,              # cap on optimizer steps (0: no cap)
-      max_length=128,           # tokens per example (pairs are truncated longest-first)
-      eval_every_steps=0,       # dev evaluation period in steps (0: once per epoch)
-      eval_every_examples=0,    # ... in training examples; overrides eval_every_steps if > 0
-      patience_evals=0,         # early stop after this many evaluations without gain (0: off)
-      patience_examples=0,      # ... after this many examples without gain; overrides if > 0
-      seed=0,
-      jit_compile=False,        # XLA-compile the gradient computation
-      mixed_precision="",       # "" (float32) or "mixed_bfloat16" (TPU) / "mixed_float16"
-      steps_per_execution=8,    # optimizer steps per tf.function call (no Python in between)
-      static_shapes=False,      # one static shape per length bucket (always on for TPUs)
-      length_buckets=0,         # padded lengths: 0 = any (x8 on GPU/TPU); N = N quantiles
-      checkpoint_every_steps=200,  # training-state checkpoints in the workdir (0: none)
-      log_every_seconds=30.0,   # progress line (examples/s, ETA) at most this often
-      log_every_steps=0,        # ... and every this many steps (0: time only)
-  ))
+  """The fine-tuning recipe section: :class:`~cold_fusion_tf.training.recipe.Recipe`'s defaults
+  (every field documented there) updated by ``overrides``."""
+  r = ml_collections.ConfigDict(Recipe().to_dict())
   r.update(overrides)
   return r
 
 
 def get_config():
   config = ml_collections.ConfigDict()
-  # Where base 0 comes from: a Hugging Face directory, a hub name (roberta-base), or
-  # package:<python package>/<folder> for a model shipped in a Python package.
-  config.model = ml_collections.ConfigDict(dict(source="roberta-base"))
+  config.model = ml_collections.ConfigDict(dict(
+      # Where base 0 comes from: a Hugging Face directory, a hub name (roberta-base), or
+      # package:<python package>/<folder> for a model shipped in a Python package.
+      source="roberta-base",
+      # The body a contributor trains (cold_fusion_tf/model/body.py); contributions are the
+      # same Hugging Face-named file either way. "transformers_tf": transformers' TF model
+      # on tf-keras (every supported model type). "keras_hub": a keras-hub backbone on
+      # Keras 3 (BERT and RoBERTa), on the TensorFlow or JAX backend.
+      body="transformers_tf",
+      backend="",             # keras_hub only: "tensorflow" or "jax" ("": $KERAS_BACKEND,
+                              # else tensorflow)
+  ))
   config.data = ml_collections.ConfigDict(dict(
       dirs=(DEMO_DATA_DIR,),  # folders searched for named datasets (a tuple)
-      columns={},             # CSV/TSV column names, e.g. {"text": "sentence", "label": "y"}
+      # The column (JSON key) of each record field: --config.data.columns.text=sentence
+      columns=dict(text="text", text_pair="text_pair", label="label"),
       max_examples={"train": 0, "dev": 0, "test": 0},  # caps per split (0: all)
   ))
   config.recipe = recipe()
   # One contributor (python -m cold_fusion_tf.train).
   config.task = ""            # dataset name, folder, or tfds:<name>
   config.contributor_id = ""  # defaults to the dataset name
+  # Private key (PEM file from python -m cold_fusion_tf.keys) that signs contribution.json;
+  # required by a store whose owner lists contributors' keys in contributors.json.
+  config.signing_key = ""
   config.strategy = "auto"    # auto, tpu, mirrored, multi_worker (TF_CONFIG), one_device, default
   config.tpu = ""             # TPU for strategy tpu/auto: "local" on a TPU VM, or a TPU name
   # Fusion (python -m cold_fusion_tf.fuse).
@@ -65,6 +54,25 @@ def get_config():
       # Reject an update whose norm ||body - base|| has a robust z-score above this
       # (median/MAD; needs >= 3 contributions; 0 disables).
       max_update_z=3.5,
+      # Bounds on each update, relative to the base's own norm, for any number of
+      # contributions (0 disables). Measured on the demo (MiniLM-L6, 62 steps of 16 at lr
+      # 5e-5 on trec_coarse, ag_news and rte): ||body - base|| / ||base|| was 0.0031-0.0057,
+      # and per tensor (the ratio to the tensor's norm, or for small tensors to their share of
+      # the base's norm) at most 0.012. The defaults leave about 35x (whole) and 40x (per
+      # tensor) room for longer fine-tunes (the paper's recipe runs up to 10 epochs) and still
+      # stop a body that moves the base by a large fraction of its own size.
+      max_update_ratio=0.2,         # whole update: ||body - base|| <= this * ||base||
+      max_tensor_update_ratio=0.5,  # each tensor: ||body_t - base_t|| <= this * ||base_t||
+      clip_updates=False,      # True: scale an update beyond the bounds onto them, not reject it
+      # With >= 3 contributions, reject an update whose cosine with the mean of the others' is
+      # below this (-1 disables). Honest demo updates: -0.02 to +0.03 (nearly orthogonal).
+      min_cosine=-0.5,
+      # weighted: each contributor's claimed examples count at most this times the median
+      # claim (0: no cap).
+      max_weight_ratio=4.0,
+      # Never publish a fused base that is not finite or lies farther than this times the
+      # parent's norm from the parent (0 disables the distance check).
+      max_fused_ratio=1.0,
       # Server optimizer (DiLoCo / FedOpt): SGD with Nesterov momentum on the fused delta,
       # its momentum buffer kept in the store (fusion/<iteration>/momentum.safetensors).
       server_optimizer=ml_collections.ConfigDict(dict(
@@ -82,8 +90,10 @@ def get_config():
   config.seed = 0             # sampling of contributors
   config.eval = ml_collections.ConfigDict(dict(
       recipe=recipe(),
-      seeds=1,                # fine-tuning seeds per (base, task)
-      enabled=True,
+      seeds=3,                # fine-tuning seeds per (base, task); 1 gives no standard error
+      enabled=True,           # run: evaluate bases (evaluations/<i>.json, report.*)
+      every=1,                # run: evaluate every N-th base (0: only base 0 and the last)
+      max_train_examples=0,   # training examples per evaluation fine-tune (0: the split)
       probe_learning_rate=1e-3,  # evaluate --mode=probe: frozen body, head only, this lr
   ))
   return config

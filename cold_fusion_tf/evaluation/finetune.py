@@ -14,16 +14,15 @@ Two modes:
 from __future__ import annotations
 
 import gc
-import math
 import os
-from typing import Callable, Mapping, Sequence
+from typing import Callable
 
 from absl import logging
-import numpy as np
 import tf_keras as keras
 
 from cold_fusion_tf.model import bodies as models
 from cold_fusion_tf.training import trainer as training
+from cold_fusion_tf.training.recipe import Recipe
 from cold_fusion_tf.tensors import safetensors_io as weights
 from cold_fusion_tf.model import hf_names
 from cold_fusion_tf.data import TaskData
@@ -45,11 +44,11 @@ def recipe_for(eval_config, mode: str = "finetune", seed_index: int = 0):
   """The recipe of one evaluation run: ``eval_config.recipe`` with its seed shifted by
   ``seed_index`` and, for probes, the probe learning rate."""
   check_mode(mode)
-  recipe = eval_config.recipe.copy_and_resolve_references()
-  recipe.seed = int(eval_config.recipe.seed) + int(seed_index)
+  recipe = Recipe.from_config(eval_config.recipe, "config.eval.recipe")
+  recipe = recipe.replace(seed=recipe.seed + int(seed_index))
   if mode == "probe":
-    recipe.learning_rate = float(eval_config.get("probe_learning_rate",
-                                                 DEFAULT_PROBE_LEARNING_RATE))
+    recipe = recipe.replace(learning_rate=float(eval_config.get("probe_learning_rate",
+                                                                DEFAULT_PROBE_LEARNING_RATE)))
   return recipe
 
 
@@ -85,46 +84,3 @@ def finetune_once(base_dir: str, tokenizer, task: TaskData, eval_config, seed_in
     del body
     keras.backend.clear_session()
     gc.collect()
-
-
-def score_base(base_dir: str, tasks: Mapping[str, TaskData], eval_config,
-               log: Callable[[str], None] = logging.info, label: str = "",
-               done: Mapping[str, list[float]] | None = None,
-               on_result: Callable[[str, list[float]], None] | None = None) -> dict:
-  """{task: {"score": mean over seeds, "std": ..., "scores": [...]}} for one base.
-
-  ``done`` holds scores already measured (task -> per-seed list) that are not redone;
-  ``on_result`` is called after each task so callers can save progress.
-  """
-  tokenizer = models.load_tokenizer(base_dir)
-  results = {}
-  for name, task in tasks.items():
-    scores = list((done or {}).get(name, []))
-    for seed in range(len(scores), eval_config.seeds):
-      result = finetune_once(base_dir, tokenizer, task, eval_config, seed, log=log,
-                             label=f"{label}[eval {name} seed {seed}] ")
-      scores.append(float(result.test["score"]))
-      if on_result:
-        on_result(name, scores)
-    results[name] = summarize(scores)
-  return results
-
-
-def summarize(scores: list[float]) -> dict:
-  values = np.asarray(scores, dtype=np.float64)
-  std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-  return {"score": float(values.mean()), "std": std, "scores": [float(s) for s in scores]}
-
-
-def mean_and_se(values: Sequence[float]) -> dict:
-  """{"mean", "se", "n"}: the mean and its standard error std(ddof=1)/sqrt(n) (nan if n < 2)."""
-  values = np.asarray(list(values), dtype=np.float64)
-  n = len(values)
-  mean = float(values.mean()) if n else math.nan
-  se = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-  return {"mean": mean, "se": se, "n": n}
-
-
-def paired_diffs(scores: Mapping[int, float], reference: Mapping[int, float]) -> list[float]:
-  """Per-seed differences ``scores[s] - reference[s]`` over the seeds both have, in seed order."""
-  return [float(scores[s]) - float(reference[s]) for s in sorted(set(scores) & set(reference))]

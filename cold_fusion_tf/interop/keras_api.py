@@ -23,9 +23,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tf_keras as keras  # pylint: disable=g-import-not-at-top
 
-from cold_fusion_tf.configs import defaults  # pylint: disable=g-import-not-at-top
 from cold_fusion_tf.model import bodies as models  # pylint: disable=g-import-not-at-top
 from cold_fusion_tf.training import trainer as training  # pylint: disable=g-import-not-at-top
+from cold_fusion_tf.training.recipe import Recipe  # pylint: disable=g-import-not-at-top
 from cold_fusion_tf.errors import UserError  # pylint: disable=g-import-not-at-top
 
 PACKAGE = "cold_fusion_tf"
@@ -222,13 +222,12 @@ class RecipeAdamW(keras.optimizers.AdamW):
 
 def compile_classifier(model, num_labels: int, train_steps: Optional[int] = None,
                        recipe=None) -> None:
-  """Compiles with the paper's recipe (``defaults.recipe()`` updated by ``recipe``).
+  """Compiles with the paper's recipe (:class:`~cold_fusion_tf.training.recipe.Recipe`'s defaults updated by ``recipe``).
 
   With ``train_steps`` the learning rate warms up linearly over ``warmup_fraction`` of them
   and decays linearly to 0 at ``train_steps``; without, it stays at the peak.
   """
-  settings = defaults.recipe()
-  settings.update(dict(recipe or {}))
+  settings = Recipe.from_config({**Recipe().to_dict(), **dict(recipe or {})}, "recipe")
   _check_steps(train_steps)
   if train_steps is not None:
     # The recipe lives in training.make_optimizer; RecipeAdamW keeps its no-decay list
@@ -272,7 +271,7 @@ def keras_classifier(store_or_dir: str, num_labels: int, *, iteration: Optional[
     max_length: tokens per example for ``inputs="text"`` (default: the recipe's 128).
     train_steps: optimizer steps the learning-rate schedule spans (epochs x batches per
       epoch); None keeps the learning rate constant at its peak.
-    recipe: overrides of :func:`cold_fusion_tf.defaults.recipe` (``learning_rate``,
+    recipe: overrides of :class:`cold_fusion_tf.training.recipe.Recipe`'s fields (``learning_rate``,
       ``warmup_fraction``, ``weight_decay``, ``adam_epsilon``, ``clip_norm``).
     seed: seeds the head's initialisation and dropout.
 
@@ -291,7 +290,7 @@ def keras_classifier(store_or_dir: str, num_labels: int, *, iteration: Optional[
   names = models.body_input_names(body)
   if inputs == "text":
     settings = wordpiece_settings(tokenizer)
-    length = min(max_length or defaults.recipe().max_length, max_positions(config))
+    length = min(max_length or Recipe().max_length, max_positions(config))
     if length < 4:
       raise UserError(f"max_length={max_length}: needs room for the special tokens.")
     encoder = WordPieceEncoder(max_length=length, output_names=names, name="tokenize",

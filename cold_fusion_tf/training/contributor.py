@@ -1,8 +1,12 @@
 """A contributor: fine-tune the latest base on one dataset, upload only the body.
 
-Training runs under the strategy of ``config.strategy`` (see :mod:`cold_fusion_tf.training.distribute`)
-and checkpoints to a work folder, so a preempted contributor that runs the same command
-again continues where it stopped. In a multi-worker cluster only the chief writes the
+The body is ``config.model.body`` (:mod:`cold_fusion_tf.model.body`): the transformers-TF
+body, or the keras-hub body on Keras 3's ``config.model.backend`` (tensorflow or jax); the
+contribution is the same Hugging Face-named file either way, and records which made it.
+Training runs under the strategy of ``config.strategy`` (see
+:mod:`cold_fusion_tf.training.distribute`; on JAX, ``keras.distribution.DataParallel``) and
+checkpoints to a work folder, so a preempted contributor that runs the same command again
+continues where it stopped. In a multi-worker cluster only the chief writes the
 contribution.
 """
 
@@ -18,13 +22,13 @@ import tensorflow as tf
 
 from cold_fusion_tf.training import checkpoints as checkpointing
 from cold_fusion_tf import data as data_lib
-from cold_fusion_tf.model import bodies as models
+from cold_fusion_tf.model import body as body_lib
 from cold_fusion_tf.store import paths
+from cold_fusion_tf.store import signing
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.training import distribute as strategies
-from cold_fusion_tf.training import trainer as training
+from cold_fusion_tf.training.recipe import Recipe
 from cold_fusion_tf.tensors import safetensors_io as weights
-from cold_fusion_tf.model import hf_names
 from cold_fusion_tf.errors import UserError
 
 
@@ -77,7 +81,10 @@ def contribute(store: store_lib.Store, config, task_name: str, contributor_id: s
   :func:`default_workdir`. Returns the contribution's metadata (``{}`` on a worker that is
   not the chief, which writes nothing).
   """
-  strategy = strategy or strategies.make(config.get("strategy", "auto"), config.get("tpu", ""))
+  body_type, backend = body_lib.settings(config)
+  if body_type == "keras_hub":
+    body_lib.select_backend(backend)  # before Keras 3 is imported
+  strategy = strategy or body_lib.make_strategy(config, body_type, backend)
   iteration = store.require_latest()
   task = task or load_task(config, task_name)
   dataset = data_lib.dataset_id(task_name)
@@ -86,34 +93,31 @@ def contribute(store: store_lib.Store, config, task_name: str, contributor_id: s
     raise UserError(f"{store.uri}: {contributor_id!r} already contributed to iteration "
                     f"{iteration}; choose another --config.contributor_id or wait for the "
                     "next base.")
-  recipe = config.recipe
-  replicas = strategy.num_replicas_in_sync
-  strategies.check_batch(recipe.batch_size, strategy, strategies.accumulation_steps(
-      recipe.batch_size, replicas, recipe.get("grad_accum_steps", 1),
-      recipe.get("max_replica_batch", 0)))
+  sign = signing.signer(store, contributor_id, config.get("signing_key", ""))
+  recipe = Recipe.from_config(config.recipe)
+  body_lib.check_batch(recipe, strategy)
   workdir = workdir or default_workdir(store, iteration, contributor_id)
   base_dir = store.base_dir(iteration)
   base_sha = store.base_sha256(iteration)
-  models.set_seed(recipe.seed)
-  with training.precision(recipe.get("mixed_precision", "")), strategy.scope():
-    body = models.load_body(base_dir)
-  tokenizer = models.load_tokenizer(base_dir)
+  body_lib.set_seed(recipe.seed, body_type)
+  body, tokenizer = body_lib.load(base_dir, body_type, recipe, strategy)
   label = f"[{contributor_id} @ base {iteration}] "
-  result = training.finetune(body, tokenizer, task, recipe, strategy=strategy, log=log,
-                             label=label, workdir=workdir, run_key=f"{base_sha}:{contributor_id}")
+  result = body.finetune(tokenizer, task, recipe, strategy=strategy, log=log, label=label,
+                         workdir=workdir, run_key=f"{base_sha}:{contributor_id}")
   if not strategies.is_chief(strategy):
     task_type, task_id = strategies.task(strategy)
     log(f"{label}[{task_type} {task_id}] done; the chief writes the contribution")
     return {}
   with store_lib.staging_dir("body") as work:
     body_path = os.path.join(work, store_lib.BODY)
-    weights.save_safetensors(hf_names.body_tensors(body), body_path)
+    weights.save_safetensors(body.hf_tensors(), body_path)
     meta = store.put_contribution(iteration, contributor_id, body_path, {
         "base_sha256": base_sha, "dataset": dataset, "num_examples": len(task.splits["train"]),
         "steps": result.steps, "best_step": result.best_step,
         "examples_seen": result.examples_seen,
         "dev_metrics": {k: float(v) for k, v in result.dev.items()},
-        "seconds": round(result.seconds, 1)})
+        "seconds": round(result.seconds, 1), "body": body_type, "backend": backend}, sign=sign)
+  store.check_own_contribution(iteration, contributor_id, meta)  # read back before deleting
   checkpoints = checkpointing.join(workdir, "checkpoints")
   if tf.io.gfile.exists(checkpoints):
     tf.io.gfile.rmtree(checkpoints)  # the contribution is safe in the store now

@@ -217,3 +217,11 @@ def check_batch(batch_size: int, strategy, accumulation: int = 1) -> int:
         f"{accumulation} accumulation step(s)",
         f"Choose --config.recipe.batch_size as a multiple of {replicas * accumulation}.")
   return batch_size // (replicas * accumulation)
+
+
+def check_recipe_batch(recipe, strategy) -> tuple[int, int]:
+  """(accumulation steps, per-replica micro-batch) of a Recipe under ``strategy``; fails
+  unless its batch divides evenly."""
+  accumulation = accumulation_steps(recipe.batch_size, strategy.num_replicas_in_sync,
+                                    recipe.grad_accum_steps, recipe.max_replica_batch)
+  return accumulation, check_batch(recipe.batch_size, strategy, accumulation)

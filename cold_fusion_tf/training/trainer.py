@@ -21,10 +21,9 @@ How it runs:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 from absl import logging
 import numpy as np
@@ -32,8 +31,10 @@ import tensorflow as tf
 import tf_keras as keras
 
 from cold_fusion_tf.training import checkpoints as checkpointing
+from cold_fusion_tf.training.common import FinetuneResult, duration_text, linear_schedule_value  # pylint: disable=unused-import
 from cold_fusion_tf.training import inputs
 from cold_fusion_tf.training import metrics as metrics_lib
+from cold_fusion_tf.training.recipe import Recipe
 from cold_fusion_tf.model import bodies as models
 from cold_fusion_tf.training import distribute as strategies
 from cold_fusion_tf.data import TaskData
@@ -41,13 +42,6 @@ from cold_fusion_tf.errors import UserError
 
 NO_DECAY = ("LayerNorm", "layer_norm", "bias")
 PRECISIONS = ("", "float32", "mixed_bfloat16", "mixed_float16")
-
-
-def linear_schedule_value(step: float, peak: float, warmup_steps: int, total_steps: int) -> float:
-  """Learning rate at ``step``: linear warm-up to ``peak``, then linear decay to 0."""
-  if warmup_steps > 0 and step < warmup_steps:
-    return peak * step / warmup_steps
-  return peak * max(0.0, total_steps - step) / max(1, total_steps - warmup_steps)
 
 
 class LinearWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
@@ -67,7 +61,7 @@ class LinearWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
     return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
 
 
-def make_optimizer(recipe, total_steps: int):
+def make_optimizer(recipe: Recipe, total_steps: int):
   """AdamW with the linear schedule; no weight decay on LayerNorm weights and biases.
 
   Gradients are clipped by their global norm after they are summed over replicas.
@@ -76,7 +70,7 @@ def make_optimizer(recipe, total_steps: int):
   optimizer = keras.optimizers.AdamW(
       learning_rate=LinearWarmupDecay(recipe.learning_rate, warmup, total_steps),
       weight_decay=recipe.weight_decay, beta_1=0.9, beta_2=0.999, epsilon=recipe.adam_epsilon,
-      global_clipnorm=recipe.get("clip_norm") or None)
+      global_clipnorm=recipe.clip_norm or None)
   optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY))
   return optimizer
 
@@ -98,7 +92,7 @@ def precision(policy: str):
     keras.mixed_precision.set_global_policy(previous)
 
 
-def max_length_for(body, recipe) -> int:
+def max_length_for(body, recipe: Recipe) -> int:
   config = body.config
   limit = config.max_position_embeddings
   if config.model_type in ("roberta", "xlm-roberta"):
@@ -106,19 +100,7 @@ def max_length_for(body, recipe) -> int:
   return min(recipe.max_length, limit)
 
 
-@dataclasses.dataclass
-class FinetuneResult:
-  dev: dict[str, float]            # metrics of the restored (best) model on dev
-  test: Optional[dict[str, float]]  # metrics on test, if asked for
-  steps: int
-  best_step: int
-  examples_seen: int
-  seconds: float
-  history: list[dict]
-  resumed_from: int = 0            # the step a checkpoint was restored at (0: a fresh start)
-
-
-def finetune(body, tokenizer, task: TaskData, recipe, *, strategy=None, evaluate_test=False,
+def finetune(body, tokenizer, task: TaskData, recipe: Recipe, *, strategy=None, evaluate_test=False,
              log: Callable[[str], None] = logging.info, label: str = "",
              workdir: str | None = None, run_key: str = "") -> FinetuneResult:
   """Fine-tunes ``body`` (in place) with a fresh head on ``task``; returns its metrics.
@@ -132,7 +114,7 @@ def finetune(body, tokenizer, task: TaskData, recipe, *, strategy=None, evaluate
                   log, label, workdir, run_key).run(evaluate_test)
 
 
-def throughput(body, tokenizer, task: TaskData, recipe, *, steps: int, warmup_steps: int = 2,
+def throughput(body, tokenizer, task: TaskData, recipe: Recipe, *, steps: int, warmup_steps: int = 2,
                strategy=None) -> dict:
   """Times ``steps`` training steps of the contributor loop (after ``warmup_steps`` that
   trace and warm up), on the first epoch's planned batches; no evaluation, no checkpoints.
@@ -140,14 +122,12 @@ def throughput(body, tokenizer, task: TaskData, recipe, *, steps: int, warmup_st
   Returns examples, seconds, and the real and padded token counts of the timed steps (and
   the sequence lengths, for FLOP estimates).
   """
-  recipe = recipe.copy_and_resolve_references()
-  with recipe.unlocked():
-    recipe.checkpoint_every_steps = 0
+  recipe = recipe.replace(checkpoint_every_steps=0)
   trainer = _Trainer(body, tokenizer, task, recipe, strategy or tf.distribute.get_strategy(),
                      lambda message: None, "", None, "")
   train = trainer.encoded["train"]
   plan = inputs.plan_epoch(train.lengths, trainer.global_batch, trainer.buckets,
-                           seed=int(recipe.seed), static_shapes=trainer.static,
+                           seed=recipe.seed, static_shapes=trainer.static,
                            steps_per_execution=trainer.per_execution)
   if len(plan) < warmup_steps + steps:
     raise UserError(f"{task.name}: one epoch has {len(plan)} steps; fewer than "
@@ -189,13 +169,10 @@ class _Trainer:
       self.label = f"{label}[{task_type} {task_id}] "
     self.original_body = body
     self.input_names = models.body_input_names(body)
-    self.static = bool(recipe.get("static_shapes", False)) or strategies.is_tpu(strategy)
-    self.per_execution = max(1, int(recipe.get("steps_per_execution", 1)))
+    self.static = recipe.static_shapes or strategies.is_tpu(strategy)
+    self.per_execution = recipe.steps_per_execution
     self.replicas = strategy.num_replicas_in_sync
-    self.accumulation = strategies.accumulation_steps(
-        recipe.batch_size, self.replicas, recipe.get("grad_accum_steps", 1),
-        recipe.get("max_replica_batch", 0))
-    self.micro = strategies.check_batch(recipe.batch_size, strategy, self.accumulation)
+    self.accumulation, self.micro = strategies.check_recipe_batch(recipe, strategy)
     self.global_batch = recipe.batch_size
     self.eval_batch = -(-recipe.eval_batch_size // self.replicas) * self.replicas
     self.label_dtype = tf.float32 if task.kind == "regression" else tf.int32
@@ -205,7 +182,7 @@ class _Trainer:
     self.tokenize = lambda split: inputs.encode(tokenizer, task.splits[split], max_length, cache)
     self.encoded = {s: self.tokenize(s) for s in ("train", "dev")}
     train = self.encoded["train"]
-    num_buckets = int(recipe.get("length_buckets", 0)) or (8 if self.static else 0)
+    num_buckets = recipe.length_buckets or (8 if self.static else 0)
     # Static shapes and GPUs want lengths in multiples of 8; a CPU's cost is linear in the
     # length, so there a batch is padded only to its longest example.
     on_gpu = strategies.uses_gpu(strategy)
@@ -226,14 +203,14 @@ class _Trainer:
     if recipe.max_steps:
       total = min(total, recipe.max_steps)
     self.total_steps = max(total, 1)
-    self.eval_every = self._period(recipe.get("eval_every_examples", 0),
-                                   recipe.get("eval_every_steps", 0)) or self.steps_per_epoch
-    self.checkpoint_every = int(recipe.get("checkpoint_every_steps", 0) or 0)
+    self.eval_every = self._period(recipe.eval_every_examples,
+                                   recipe.eval_every_steps) or self.steps_per_epoch
+    self.checkpoint_every = recipe.checkpoint_every_steps
     self.fingerprint = {
         "task": task.name, "train_examples": len(train), "kind": task.kind,
         "num_outputs": task.num_outputs, "batch_size": self.global_batch,
         "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-        "seed": int(recipe.seed), "learning_rate": float(recipe.learning_rate),
+        "seed": recipe.seed, "learning_rate": recipe.learning_rate,
         "max_length": max_length, "static_shapes": self.static, "run_key": run_key}
     if self.static:  # then the batch order also depends on these
       self.fingerprint.update(buckets=self.buckets, steps_per_execution=self.per_execution)
@@ -249,7 +226,7 @@ class _Trainer:
 
   def _build(self, body) -> None:
     recipe, strategy = self.recipe, self.strategy
-    policy = recipe.get("mixed_precision", "")
+    policy = recipe.mixed_precision
     with precision(policy), strategy.scope():
       self.body = self._body_in_scope(body, policy)
       self.model = models.TaskModel(self.body, self.task.num_outputs)
@@ -300,7 +277,7 @@ class _Trainer:
         grads = [tf.convert_to_tensor(g) for g in grads]
       return grads, loss
 
-    if self.recipe.get("jit_compile", False):
+    if self.recipe.jit_compile:
       gradients = tf.function(gradients, jit_compile=True, autograph=False)
 
     def replica_step(features, labels):
@@ -419,11 +396,11 @@ class _Trainer:
     self._session = {"start": time.time(), "steps": 0, "other_seconds": 0.0}
     pending_loss, pending_steps = [], 0
     last_log = time.time()
-    log_every_steps = int(recipe.get("log_every_steps", 0) or 0)
+    log_every_steps = recipe.log_every_steps
     while step < self.total_steps and not state["stopped"]:
       epoch, offset = divmod(step, self.steps_per_epoch)
       plan = inputs.plan_epoch(self.encoded["train"].lengths, self.global_batch, self.buckets,
-                               seed=int(recipe.seed) + 1000 * epoch, static_shapes=self.static,
+                               seed=recipe.seed + 1000 * epoch, static_shapes=self.static,
                                steps_per_execution=self.per_execution)
       iterators = {}
       while offset < len(plan) and step < self.total_steps and not state["stopped"]:
@@ -438,7 +415,7 @@ class _Trainer:
         step, offset, pending_steps = step + n, offset + n, pending_steps + n
         self._session["steps"] += n
         is_eval = step % self.eval_every == 0 or step == self.total_steps
-        is_log = (is_eval or time.time() - last_log >= recipe.get("log_every_seconds", 30)
+        is_log = (is_eval or time.time() - last_log >= recipe.log_every_seconds
                   or (log_every_steps and step % log_every_steps == 0))
         if is_log:  # the only place the loss is read back from the device
           loss = sum(float(x) for x in pending_loss) / pending_steps
@@ -522,11 +499,11 @@ class _Trainer:
       return
     state["evals_without_gain"] += 1
     recipe = self.recipe
-    patience_examples = recipe.get("patience_examples", 0)
+    patience_examples = recipe.patience_examples
     if patience_examples:
       stop = (step - state["best_step"]) * self.global_batch >= patience_examples
     else:
-      patience = recipe.get("patience_evals", 0)
+      patience = recipe.patience_evals
       stop = bool(patience) and state["evals_without_gain"] >= patience
     if stop:
       self.log(f"{self.label}{self.task.name}: early stop at step {step} "
@@ -538,12 +515,3 @@ class _Trainer:
     for s, t in zip(source, target):
       t.assign(s)
 
-
-def duration_text(seconds: float) -> str:
-  """``75`` -> ``1m15s``: a short duration for progress lines."""
-  seconds = int(round(seconds))
-  if seconds < 60:
-    return f"{seconds}s"
-  if seconds < 3600:
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
