@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cold_fusion_tf.data import Split, TaskData
+from cold_fusion_tf.data.tasks import Split, TaskData
 from cold_fusion_tf.errors import UserError
 
 # Which features hold the first and second text; anything not listed falls back to the
