@@ -80,7 +80,8 @@ def _store_with_contributions(uri, tiny_run, ids, tmp_path):
   base = safetensors.numpy.load_file(os.path.join(tiny_run["base"], store_lib.MODEL))
   for i, cid in enumerate(ids):
     rng = np.random.default_rng(i)
-    body = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in base.items()}
+    # A fine-tune's size of change: the tiny base's weights have a standard deviation of 0.02.
+    body = {k: (v + 0.001 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in base.items()}
     path = str(tmp_path / f"{cid}.safetensors")
     safetensors.numpy.save_file(body, path)
     store.put_contribution(0, cid, path, {

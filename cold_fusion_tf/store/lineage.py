@@ -13,15 +13,28 @@ from typing import Optional
 
 from cold_fusion_tf.store import layout
 from cold_fusion_tf.store import paths
+from cold_fusion_tf.store import rollbacks
+from cold_fusion_tf.store import untrusted
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.errors import UserError
 
 
 def _text(value, limit: int = 200) -> str:
   """A printable one-line version of an untrusted value."""
-  text = value if isinstance(value, str) else ("?" if value is None else str(value))
-  text = "".join(c if c.isprintable() else "?" for c in text)
-  return text if len(text) <= limit else text[:limit - 3] + "..."
+  return untrusted.printable(value, limit)
+
+
+def _chain(store: store_lib.Store, latest: int) -> list[int]:
+  """The bases of LATEST's lineage, oldest first (after a rollback, withdrawn bases are left
+  out); a base whose parent cannot be read is followed by the one numbered before it."""
+  chain = [latest]
+  while chain[-1] > 0:
+    try:
+      parent = rollbacks.parent_of(store, chain[-1])
+    except UserError:
+      parent = chain[-1] - 1
+    chain.append(parent)
+  return chain[::-1]
 
 
 def _number(value) -> Optional[float]:
@@ -54,8 +67,8 @@ def lineage(store: store_lib.Store) -> dict:
   """Everything :func:`format_lineage` prints, as plain data."""
   info = store.run_info()
   latest = store.require_latest()
-  bases, previous_sha = [], None
-  for iteration in range(latest + 1):
+  bases, previous_sha, previous = [], None, None
+  for iteration in _chain(store, latest):
     row = {"iteration": iteration, "problems": []}
     try:
       manifest = store.manifest(iteration)
@@ -70,9 +83,9 @@ def lineage(store: store_lib.Store) -> dict:
       row["source_model"] = _text(manifest.get("source_model") or info.get("source_model"))
     elif isinstance(parent, dict):
       row["parent"] = {"iteration": parent.get("iteration"), "sha256": parent.get("sha256")}
-      if parent.get("iteration") != iteration - 1 or (
+      if parent.get("iteration") != previous or (
           previous_sha is not None and parent.get("sha256") != previous_sha):
-        row["problems"].append(f"its parent is {_text(parent)}, not base {iteration - 1} "
+        row["problems"].append(f"its parent is {_text(parent)}, not base {previous} "
                                f"({(previous_sha or '?')[:12]})")
     else:
       row["problems"].append("the manifest names no parent base")
@@ -89,8 +102,9 @@ def lineage(store: store_lib.Store) -> dict:
       row["problems"].append(problem)
     row["code_version"] = _text(manifest.get("code_version"))
     bases.append(row)
-    previous_sha = row["sha256"]
+    previous_sha, previous = row["sha256"], iteration
   found, unreadable = store.contributions(latest)
+  target = store.next_iteration(latest)
   pending = {"iteration": latest,
              "contributions": [{"id": c.contributor_id, "dataset": c.meta["dataset"],
                                 "num_examples": c.meta["num_examples"],
@@ -98,10 +112,13 @@ def lineage(store: store_lib.Store) -> dict:
                                 "stale": c.meta["base_sha256"] != bases[-1].get("sha256")}
                                for c in found],
              "unreadable": unreadable,
-             "planned": store.storage.exists(layout.plan_name(latest + 1)),
+             "planned": store.storage.exists(layout.plan_name(target)),
+             "next": target,
              "unpublished_manifest": store.storage.exists(
-                 f"{store.base_prefix(latest + 1)}/{store_lib.MANIFEST}")}
+                 f"{store.base_prefix(target)}/{store_lib.MANIFEST}")}
   return {"uri": store.uri, "model_type": _text(info.get("model_type")),
+          "rollbacks": [{k: (v if isinstance(v, (int, list)) else _text(v, 300))
+                         for k, v in r.items()} for r in rollbacks.records(store)],
           "source_model": _text(info.get("source_model")), "latest": latest, "bases": bases,
           "open": pending}
 
@@ -167,13 +184,18 @@ def format_lineage(data: dict) -> str:
         extra = f" +- {s['std']:.4f}" if s["std"] else ""
         runs = f" ({s['runs']} run{'s' if s['runs'] != 1 else ''})" if s["runs"] else ""
         lines.append(f"    {task:<24} {s['score']:.4f}{extra}{runs}")
+  for r in data.get("rollbacks", []):
+    lines.append("")
+    lines.append(f"rollback from base {_text(r.get('from'))} to base {_text(r.get('to'))} "
+                 f"by {_text(r.get('by'))} at {_text(r.get('time'))}: {_text(r.get('reason'), 300)}"
+                 + (f"  PROBLEM: {_text(r['problem'], 300)}" if r.get("problem") else ""))
   pending = data["open"]
   lines.append("")
   lines.append(f"iteration {pending['iteration']} (open): "
                f"{len(pending['contributions'])} contribution(s) so far"
                + ("; a fuser has planned it" if pending["planned"] else "")
                + ("; base {} has a manifest but LATEST has not moved (an interrupted "
-                  "publish: run the fuser again)".format(pending["iteration"] + 1)
+                  "publish: run the fuser again)".format(pending.get("next"))
                   if pending["unpublished_manifest"] else ""))
   for c in pending["contributions"]:
     lines.append(_contribution_line(c) + ("  STALE" if c["stale"] else ""))

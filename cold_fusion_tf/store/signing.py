@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 from typing import Optional
 
 from cryptography.exceptions import InvalidSignature
@@ -119,3 +120,65 @@ def problem(meta: dict, keys: Optional[dict]) -> Optional[str]:
   except (binascii.Error, ValueError, InvalidSignature):
     return f"the signature does not verify with the key {layout.CONTRIBUTORS_FILE} lists for {cid}"
   return None
+
+
+def signer(store, contributor_id: str, key_path: str):
+  """How a contributor signs for ``store``: ``sign(meta) -> signature`` or None (no key and
+  none needed). Checked before any training: a store that lists keys needs this id listed
+  and a private key that matches the listed public key."""
+  keys = load_keys(store)
+  if not key_path:
+    if keys is not None:
+      raise UserError(f"{store.uri} accepts only signed contributions "
+                      f"({layout.CONTRIBUTORS_FILE} lists the contributors' keys): pass "
+                      "--config.signing_key=<your private key file>.")
+    return None
+  key = load_private_key(key_path)
+  if keys is not None:
+    listed = keys.get(contributor_id)
+    if listed is None:
+      raise UserError(f"{store.uri}/{layout.CONTRIBUTORS_FILE} does not list contributor "
+                      f"{contributor_id!r}; ask the store's owner to add the line printed by "
+                      "`python -m cold_fusion_tf.keys`.")
+    if public_key_text(listed) != public_key_text(key.public_key()):
+      raise UserError(f"--config.signing_key={key_path} is not the key "
+                      f"{layout.CONTRIBUTORS_FILE} lists for {contributor_id!r}.")
+  return lambda meta: sign(meta, key)
+
+
+def create_key(path: str, contributor_id: str) -> str:
+  """Writes a new private key to ``path`` (owner-only, never over an existing file): the
+  ``ed25519:...`` public key to list for ``contributor_id``."""
+  del contributor_id  # the key is bound to the id by the store's list, not by the key
+  key = ed25519.Ed25519PrivateKey.generate()
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+  except FileExistsError:
+    raise UserError(f"--private_key={path} exists; choose another file (keys are never "
+                    "overwritten).") from None
+  except OSError as e:
+    raise UserError(f"--private_key={path}: cannot create it ({e.strerror}).") from None
+  with os.fdopen(fd, "wb") as f:
+    f.write(private_key_pem(key))
+  return public_key_text(key.public_key())
+
+
+def add_key(store, contributor_id: str, public_key: str) -> None:
+  """Lists ``public_key`` for ``contributor_id`` in the store's contributors.json
+  (compare-and-swap, so concurrent additions are not lost)."""
+  paths.check_path_part(contributor_id, "Contributor id")
+  parse_public_key(public_key, "--public_key")
+  store.run_info()
+  name = layout.CONTRIBUTORS_FILE
+  for _ in range(5):
+    raw, token = store.storage.read_versioned(name)
+    listed = {"format_version": layout.FORMAT_VERSION, "contributors": {}}
+    if raw is not None:
+      listed = layout.parse_json(raw, f"{store.uri}/{name}")
+      check_keys(listed, f"{store.uri}/{name}")
+    listed["contributors"][contributor_id] = public_key
+    data = layout.json_bytes(listed)
+    if (store.storage.create_exclusive(name, data) if raw is None
+        else store.storage.compare_and_swap(name, data, token)):
+      return
+  raise UserError(f"{store.uri}/{name}: kept changing; run again.")

@@ -14,6 +14,7 @@ fuser goes through here first:
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -112,6 +113,8 @@ def open_regular(path: str, where: str | None = None) -> int:
   except NotADirectoryError:
     raise UserError(f"{where}: a part of the path is a file, not a folder.") from None
   except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise UserError(f"{where}: is a symbolic link, not a regular file.") from None
     raise UserError(f"{where}: cannot be opened as a regular file ({e.strerror}).") from None
   mode = os.fstat(fd).st_mode
   if not stat.S_ISREG(mode):
@@ -126,8 +129,8 @@ def open_regular(path: str, where: str | None = None) -> int:
 
 def printable(value, limit: int = 200) -> str:
   """A one-line version of an untrusted value for a terminal: control and other
-  non-printable characters (escape sequences, bidirectional marks) become ``\\xNN`` /
-  ``\\uNNNN``; at most ``limit`` characters."""
+  non-printable characters (escape sequences, line breaks, bidirectional marks) become
+  ``?``; at most ``limit`` characters."""
   text = value if isinstance(value, str) else ("?" if value is None else str(value))
-  text = "".join(c if c.isprintable() else repr(c)[1:-1] if c != "\\" else c for c in text)
+  text = "".join(c if c.isprintable() else "?" for c in text)
   return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -168,8 +168,9 @@ def read_header_fd(fd: int, path: str, max_header_bytes: Optional[int] = None,
                            f"{path}: safetensors header", max_depth=4)
   if not isinstance(header, dict):
     raise UserError(f"{path}: safetensors header is not a JSON object.")
-  if max_tensors is not None and len(header) > max_tensors + 1:
-    raise UserError(f"{path}: {len(header) - 1} tensors in the header, more than the "
+  count = len(header) - ("__metadata__" in header)
+  if max_tensors is not None and count > max_tensors:
+    raise UserError(f"{path}: {count} tensors in the header, more than the "
                     f"{max_tensors} of the base's layout.")
   data_size = size - 8 - header_len
   entries = {}
