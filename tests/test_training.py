@@ -118,7 +118,8 @@ def test_regression_task_on_a_roberta_body():
       attention_probs_dropout_prob=0.0, pad_token_id=0)
   models.set_seed(0)
   body = models.build_body(config)
-  result, _ = train(recipe(max_length=64), task("stsb"), body=body)
+  stsb = task(os.path.join(tiny_models.TEST_DATA, "stsb"))
+  result, _ = train(recipe(max_length=64), stsb, body=body)
   assert result.steps == 4 and set(result.dev) == {"score", "spearman", "pearson"}
   assert np.isfinite(result.dev["score"])
 
