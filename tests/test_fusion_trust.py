@@ -451,10 +451,12 @@ def test_names_from_the_store_are_escaped_in_the_output(tmp_path):
   store = h.make_store(tmp_path)
   _honest(store)
   os.makedirs(store.storage.local_path(FOLDER) + "/evil\x1b[2J\nname")
+  os.makedirs(os.fsencode(store.storage.local_path(FOLDER)) + b"/not-utf8-\xff")
   # Execute
   outcome, logged = _fuse_in_thread(store, _settings())
   # Assert
   assert outcome.published == 1
-  lines = [m for m in logged if m.startswith("rejected ")]
-  assert len(lines) == 1 and "evil?[2J?name" in lines[0]
+  lines = sorted(m for m in logged if m.startswith("rejected "))
+  assert len(lines) == 2 and "evil?[2J?name" in lines[0] and "not-utf8-?" in lines[1]
+  store.manifest(1)  # the rejections are recorded, escaped as JSON
   assert not any(c in m for m in logged for c in "\x1b\n")

@@ -1,7 +1,9 @@
 """The fusion job: validate the latest iteration's contributions, fuse them, publish the next base.
 
 * :mod:`.settings`: what a job does (:class:`Settings`, from ``config.fusion``);
-* :mod:`.validation`: each contribution checked, outliers set aside;
+* :mod:`.validation`: each contribution checked; any problem is its rejection;
+* :mod:`.trust`: no contributor decides the base (duplicates, norm bounds or clipping,
+  outliers, direction, capped weights) and the fused base is checked before publishing;
 * :mod:`.plan`: what is fused, fixed once per iteration in the store;
 * :mod:`.stream`: the fusion pass, tensor by tensor in chunks;
 * :mod:`.methods`, :mod:`.params`: the fusion rules (mean, weighted, TIES, DARE, ...);

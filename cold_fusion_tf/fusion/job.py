@@ -1,31 +1,34 @@
 """The fusion job: validate the latest iteration's contributions, fuse them tensor by tensor,
 publish the next base.
 
-One fusion of base ``i`` into base ``i+1``:
+One fusion of base ``i`` into base ``i+1`` (after a rollback, into the first number past
+every withdrawn base, with parent ``i``):
 
 1. **Validate** every complete contribution to iteration ``i`` (each body is read once, in
-   parallel threads): the schema of ``contribution.json``; the base iteration and sha256 it
-   claims are base ``i``'s (stale work is rejected); its size and sha256; the same tensor
-   names, shapes and dtypes as the base; a well-formed safetensors file (a truncated or
-   corrupt file is rejected); every value finite. Then a body identical to an earlier one
-   (same sha256, another contributor id) counts once, and, with 3 or more contributions, an
-   update whose norm ``||body - base||`` is far above the others' (a robust z-score above
-   ``max_update_z``, see :func:`fusion_methods.robust_z_scores`) is rejected. With fewer than
-   3, z-scores cannot tell an outlier apart and this check is skipped. Every rejection is
-   printed, recorded with its reason, and the fusion goes on with the rest. A fuser that
-   waits for the quorum (``max_wait``, ``--watch``) validates each contribution as it
-   arrives (:class:`Validations`), so that at the quorum only steps 2-4 are left.
+   parallel threads): the size and schema of ``contribution.json``; the base iteration and
+   sha256 it claims are base ``i``'s (stale work is rejected); its signature where the store
+   lists keys; its size and sha256; the same tensor names, shapes and dtypes as the base; a
+   well-formed safetensors file of the base's layout; every value finite. Then
+   :mod:`.trust`: identical bodies count once (the earliest upload), updates beyond the norm
+   bounds are rejected (or clipped), and with 3 or more contributions outliers and updates
+   against the others' direction are rejected. Every rejection is printed, recorded with its
+   reason, and the fusion goes on with the rest: whatever a contribution holds, it is that
+   contribution's rejection. A fuser that waits for the quorum (``max_wait``, ``--watch``)
+   validates each contribution as it arrives (:class:`Validations`), so that at the quorum
+   only steps 2-4 are left.
 2. **Plan**: the fuser that first creates ``fusion/<i+1>/plan.json`` (an exclusive create)
    fixes which contributions are fused, which are rejected, and how. Every other attempt at
    iteration ``i+1`` (a racing fuser, a rerun after a crash) fuses exactly that plan, so all
    of them write the same bytes. A plan made with other settings is an error: rerun with
-   those settings, or delete the plan if its fuser is gone and nothing was published.
+   those settings, or delete the plan if its fuser is gone and nothing was published. A plan
+   that can no longer be followed is replaced (compare-and-swap).
 3. **Fuse**, streaming: tensor by tensor in name order, in chunks of
    :data:`CHUNK_ELEMENTS` elements for the element-wise methods (``ties`` and ``dare`` work
    on whole tensors), read with ``pread`` from the files validated in step 1, written by a
    chunk writer, optionally followed by a server optimizer step whose momentum buffer is
    stored in ``fusion/<i+1>/momentum.safetensors``. Memory stays at about a chunk per
-   thread and contribution, whatever the number of contributions.
+   thread and contribution, whatever the number of contributions. The fused base is checked
+   (finite, within ``max_fused_ratio`` of the parent's norm) and never published otherwise.
 4. **Publish** with :meth:`Store.publish_base`: the files (the fused body's sha256 computed as
    it was written; on a local store on the same filesystem the staged file is synced and
    hard-linked into place rather than copied), then ``manifest.json``, then ``LATEST`` by

@@ -151,6 +151,9 @@ def select(checked: dict, settings, bounds: Limits,
   kept, factors = [], {}
   for cid in _earliest(checked, log, rejected):
     squares = checked[cid].scan.tensors
+    if not math.isfinite(sum(squares.values())):
+      _reject(rejected, checked[cid], "the update's norm overflows (values far too large)", log)
+      continue
     if settings.clip_updates:
       found = clip_factors(squares, bounds)
       if found:
