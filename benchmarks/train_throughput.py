@@ -87,10 +87,11 @@ def run_tf(args) -> dict:
   # pylint: disable=g-import-not-at-top
   from cold_fusion_tf import data
   from cold_fusion_tf.model import bodies as models
+  from cold_fusion_tf.model import sources
   from cold_fusion_tf.training import trainer as training
   from cold_fusion_tf.training.recipe import Recipe
   # pylint: enable=g-import-not-at-top
-  path = models.resolve_source(MODEL)
+  path = sources.resolve_source(MODEL)
   task = data.load_task(args.dataset, dirs=[args.data_dir])
   recipe = Recipe(batch_size=args.batch_size, max_length=args.max_length,
                   steps_per_execution=args.steps_per_execution,

@@ -18,6 +18,7 @@ import transformers
 
 from cold_fusion_tf import fusion
 from cold_fusion_tf.model import bodies as models
+from cold_fusion_tf.model import sources
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.tensors import safetensors_io as weights
 from tests import tiny
@@ -48,7 +49,7 @@ def _new_store(name: str, source_dir: str, source_model: str) -> str:
 @functools.cache
 def minilm_store() -> str:
   """A store whose base 0 is the real MiniLM-L6-H384 (BERT) encoder."""
-  body, tokenizer = models.load_source_model(models.resolve_source(tiny.MINILM))
+  body, tokenizer = models.load_source_model(sources.resolve_source(tiny.MINILM))
   source = os.path.join(_root(), "minilm_source")
   models.write_base_dir(body, tokenizer, source)
   return _new_store("minilm_store", source, tiny.MINILM)
@@ -104,7 +105,7 @@ def fused_tiny_bert_store() -> str:
   os.makedirs(work, exist_ok=True)
   for k, (dataset, examples) in enumerate((("sst2", 48), ("trec_coarse", 40))):
     rng = np.random.default_rng(k)
-    body = {n: (v + rng.normal(0, 0.01, v.shape)).astype(v.dtype) for n, v in tensors.items()}
+    body = {n: (v + rng.normal(0, 0.002, v.shape)).astype(v.dtype) for n, v in tensors.items()}
     path = os.path.join(work, f"{dataset}.safetensors")
     weights.save_safetensors(body, path)
     store.put_contribution(0, dataset, path, {

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import fusion_helpers as h
+from cold_fusion_tf.store import refs
 from cold_fusion_tf import data as data_lib
 from cold_fusion_tf.evaluation import finetune as evaluation
 from cold_fusion_tf import fusion
@@ -63,7 +64,7 @@ def tiny_store(tmp_path_factory):
   store.create(source, {"source_model": source})
   base = h.base_tensors(store)
   for seed, cid in enumerate(("alice", "bob")):
-    h.contribute(store, cid, h.nudged(base, seed, scale=0.05), dataset="sst2")
+    h.contribute(store, cid, h.nudged(base, seed, scale=0.005), dataset="sst2")
   fusion.fuse(store, log=lambda message: None, settings=fusion.Settings(workers=1))
   return str(root / "store"), source, tiny.tiny_config(source)
 
@@ -151,7 +152,7 @@ def _job(tmp_path):
   task = data_lib.load_task("rte", [tiny.DATA], max_examples={"train": 8, "dev": 4,
                                                                      "test": 4})
   config = tiny.tiny_config("unused")
-  refs = [recycling.ModelRef(n, str(tmp_path), c * 64) for n, c in
+  refs = [refs.BaseRef(n, str(tmp_path), c * 64) for n, c in
           (("orig", "a"), ("fused", "b"))]
   return recycling.Job(refs, {"t1": task, "t2": task}, config.eval, seeds=3)
 
@@ -217,23 +218,23 @@ def test_results_file_skips_damaged_lines_and_duplicates(tmp_path):
 
 def test_model_references_resolve_or_fail_clearly(tiny_store, tmp_path):
   store, source, _ = tiny_store
-  latest = recycling.resolve_model(store)
+  latest = refs.resolve(store)
   assert latest.name == f"{store}@1" and os.path.isfile(os.path.join(latest.directory,
                                                                       "config.json"))
-  assert recycling.resolve_model(f"{store}@0").sha256 == weights.sha256_file(
+  assert refs.resolve(f"{store}@0").sha256 == weights.sha256_file(
       os.path.join(store, "bases", "000000", "model.safetensors"))
-  assert recycling.resolve_model(source).sha256 == weights.sha256_file(
+  assert refs.resolve(source).sha256 == weights.sha256_file(
       os.path.join(source, "model.safetensors"))
-  assert recycling.default_reference(f"{store}@1") == f"{store}@0"
-  assert recycling.default_reference(source) is None
-  with pytest.raises(UserError, match="newest base is 1"):
-    recycling.resolve_model(f"{store}@7")
+  assert refs.default_reference(f"{store}@1") == f"{store}@0"
+  assert refs.default_reference(source) is None
+  with pytest.raises(UserError, match=r"holds bases 0\.\.1"):
+    refs.resolve(f"{store}@7")
   with pytest.raises(UserError, match="is a model directory, not a store"):
-    recycling.resolve_model(f"{source}@1")
-  with pytest.raises(UserError, match="neither a Hugging Face model directory"):
-    recycling.resolve_model(str(tmp_path))
+    refs.resolve(f"{source}@1")
+  with pytest.raises(UserError, match="neither a ColD Fusion store"):
+    refs.resolve(str(tmp_path))
   with pytest.raises(UserError, match="does not exist"):
-    recycling.resolve_model(str(tmp_path / "nope"), "--reference")
+    refs.resolve(str(tmp_path / "nope"), what="--reference")
 
 
 def test_program_errors_are_one_line_before_any_training(tiny_store, tmp_path):

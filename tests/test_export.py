@@ -81,7 +81,7 @@ def test_base_zero_and_bad_arguments(fused_store, tmp_path):
   assert "This is base 0: the source model as published in the store" in body
   assert "It is the source model as the run published it, before any fusion." in body
   assert "| task | base 0 |" in body and "| sst2 | 80.0 |" in body
-  with pytest.raises(UserError, match=r"--iteration=2: .* holds bases 0\.\.1"):
+  with pytest.raises(UserError, match=r"base 2 is not published; .* holds bases 0\.\.1"):
     export.export_model(fused_store, str(tmp_path / "two"), iteration=2)
   with pytest.raises(UserError, match="--format='onnx'"):
     export.export_model(fused_store, str(tmp_path / "onnx"), fmt="onnx")

@@ -18,6 +18,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 import cold_fusion_tf
+from cold_fusion_tf.store import refs
 from cold_fusion_tf.interop import keras_api
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.training import trainer as training
@@ -57,27 +58,27 @@ def test_load_base_gives_the_published_weights(minilm_store):
   body, tokenizer = cold_fusion_tf.load_base(minilm_store)
   assert type(body).__name__ == "TFBertModel" and tokenizer.is_fast
   assert tokenizer("a b")["input_ids"] == [101, 1037, 1038, 102]
-  base_dir = keras_api.resolve_base_dir(minilm_store)
+  base_dir = refs.resolve(minilm_store).directory
   published = safetensors.numpy.load_file(os.path.join(base_dir, "model.safetensors"))
   ours = hf_names.body_tensors(body)
   assert sorted(ours) == sorted(published)
   for name, value in ours.items():
     np.testing.assert_array_equal(value, published[name], err_msg=name)
   # iteration=0 and the base directory itself name the same model.
-  assert keras_api.resolve_base_dir(minilm_store, 0) == base_dir
+  assert refs.resolve(minilm_store, 0).directory == base_dir
   assert base_dir == store_lib.Store(minilm_store).base_dir(0)
-  assert keras_api.resolve_base_dir(base_dir) == base_dir
+  assert refs.resolve(base_dir).directory == base_dir
 
 
 def test_load_base_errors_name_the_problem(minilm_store, tmp_path):
-  with pytest.raises(UserError, match=r"iteration 3 is not published; .* holds bases 0\.\.0"):
+  with pytest.raises(UserError, match=r"base 3 is not published; .* holds bases 0\.\.0"):
     cold_fusion_tf.load_base(minilm_store, iteration=3)
-  base_dir = keras_api.resolve_base_dir(minilm_store)
+  base_dir = refs.resolve(minilm_store).directory
   with pytest.raises(UserError, match="is a model directory, not a store"):
     cold_fusion_tf.load_base(base_dir, iteration=0)
-  with pytest.raises(UserError, match="not a store .* and not a model directory"):
+  with pytest.raises(UserError, match="neither a ColD Fusion store .* nor a Hugging Face model directory"):
     cold_fusion_tf.load_base(str(tmp_path))
-  with pytest.raises(UserError, match="not a store"):
+  with pytest.raises(UserError, match="does not exist"):
     cold_fusion_tf.load_base(str(tmp_path / "missing"))
 
 
@@ -128,7 +129,7 @@ def _check_torch(store):
   enc = tokenizer(im.texts("sst2", "dev", 32), padding=True, truncation=True, max_length=64,
                   return_tensors="np")
   ours = body(**dict(enc), training=False).last_hidden_state.numpy()
-  pt = transformers.AutoModel.from_pretrained(keras_api.resolve_base_dir(store)).eval()
+  pt = transformers.AutoModel.from_pretrained(refs.resolve(store).directory).eval()
   with torch.no_grad():
     theirs = pt(**{k: torch.from_numpy(v) for k, v in enc.items()}).last_hidden_state.numpy()
   real = enc["attention_mask"].astype(bool)
@@ -226,11 +227,11 @@ def test_load_base_from_a_gcs_store(gcs_emulator, tmp_path, monkeypatch):
   # its manifest and cached.
   monkeypatch.setenv("COLD_FUSION_CACHE", str(tmp_path / "cache"))
   uri = f"gs://{gcs_emulator.make_bucket()}/run"
-  source = keras_api.resolve_base_dir(im.tiny_bert_store())
+  source = refs.resolve(im.tiny_bert_store()).directory
   store_lib.Store(uri).create(source, {"source_model": "tiny-bert"})
   body, tokenizer = cold_fusion_tf.load_base(uri)
   published = safetensors.numpy.load_file(os.path.join(source, "model.safetensors"))
   for name, value in hf_names.body_tensors(body).items():
     np.testing.assert_array_equal(value, published[name], err_msg=name)
   assert tokenizer("a b")["input_ids"] == [101, 1037, 1038, 102]
-  assert keras_api.resolve_base_dir(uri, 0).startswith(str(tmp_path / "cache"))
+  assert refs.resolve(uri, 0).directory.startswith(str(tmp_path / "cache"))

