@@ -151,3 +151,26 @@ def test_a_broken_key_list_stops_the_fuser_with_one_message(tmp_path):
     fusion.fuse(store, log=lambda m: None, settings=fusion.Settings(workers=1))
   assert store.latest() == 0
   assert np.isfinite(h.base_tensors(store)["pooler.dense.bias"]).all()
+
+
+def test_a_signing_contributor_counts_in_a_store_that_lists_its_key(tmp_path):
+  # Prepare
+  import tiny_models  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top
+  path = tiny_models.make_store(str(tmp_path / "store"))
+  store = store_lib.Store(path)
+  key_path = str(tmp_path / "alice.key")
+  signing.add_key(store, "alice", signing.create_key(key_path, "alice"))
+  config = tiny_models.write_config(str(tmp_path / "config.py"), train=32)
+  # Execute
+  result = subprocess.run(
+      tiny_models.train_command(config, path, str(tmp_path / "workdir"),
+                                "--config.contributor_id=alice",
+                                f"--config.signing_key={key_path}"),
+      env=tiny_models.env(), capture_output=True, text=True, timeout=300, check=False)
+  # Assert
+  assert result.returncode == 0, result.stderr[-3000:]
+  meta = store.contribution_meta(0, "alice")
+  assert meta["signature"] and signing.problem(meta, signing.load_keys(store)) is None
+  outcome = fusion.fuse(store, log=lambda m: None, settings=fusion.Settings(workers=1))
+  assert [e["id"] for e in outcome.fused] == ["alice"] and outcome.rejected == []

@@ -226,3 +226,25 @@ def test_gcs_objects_over_their_limit_are_refused_before_download(gcs_emulator, 
   assert "5242880 bytes, more than the 4194304 allowed" in reasons["huge-json"]
   assert "67108864 bytes, more than the" in reasons["huge-body"]
   assert not any("huge" in name for name in downloaded)
+
+
+def test_a_contributor_keeps_its_checkpoints_when_its_id_holds_another_body(tmp_path):
+  # Prepare: another process of the same contributor has uploaded a different body (and not
+  # yet its contribution.json).
+  import tiny_models  # pylint: disable=g-import-not-at-top
+  path = tiny_models.make_store(str(tmp_path / "store"))
+  store = store_lib.Store(path)
+  store.storage.upload(_body(tmp_path, "other", 3),
+                       "contributions/000000/trec_coarse/body.safetensors")
+  config = tiny_models.write_config(str(tmp_path / "config.py"), train=32,
+                                    checkpoint_every_steps=1, steps_per_execution=1)
+  workdir = str(tmp_path / "workdir")
+  # Execute
+  result = subprocess.run(tiny_models.train_command(config, path, workdir),
+                          env=tiny_models.env(), capture_output=True, text=True, timeout=300,
+                          check=False)
+  # Assert: refused with one message; the checkpoints that can make the body again are kept.
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "already contributed another body" in result.stderr.strip().splitlines()[-1]
+  assert os.listdir(os.path.join(workdir, "checkpoints"))
+  assert not store.has_contribution(0, "trec_coarse")
