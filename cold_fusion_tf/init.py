@@ -14,13 +14,13 @@ def main(argv):
   del argv
 
   def body():
-    from cold_fusion_tf.simulation import loop  # pylint: disable=g-import-not-at-top
+    from cold_fusion_tf.model import base_zero  # pylint: disable=g-import-not-at-top
     from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top
     store = store_lib.Store(cli.require_store())
-    loop.ensure_store(store, cli.require_config(), log=cli.say)
+    base_zero.ensure_store(store, cli.require_config(), log=cli.say)
     cli.say(f"store {store.uri}: LATEST = {store.require_latest()}")
 
-  cli.run_main(body)
+  cli.run_main(body, tensorflow=True)
 
 
 if __name__ == "__main__":

@@ -24,33 +24,11 @@ from cold_fusion_tf.evaluation import summary as summary_lib
 from cold_fusion_tf import fusion
 from cold_fusion_tf import progress
 from cold_fusion_tf.simulation import scalars
-from cold_fusion_tf.model import bodies as models
-from cold_fusion_tf.model import sources
+from cold_fusion_tf.model.base_zero import ensure_store
 from cold_fusion_tf import store as store_lib
-from cold_fusion_tf.store import refs
 from cold_fusion_tf.store import layout
+from cold_fusion_tf.store import refs
 from cold_fusion_tf.errors import UserError
-
-
-def ensure_store(store: store_lib.Store, config, log: Callable[[str], None]) -> None:
-  """Creates the store from ``config.model.source`` if needed (publishing base 0)."""
-  if store.exists() and store.latest() is not None:
-    info = store.run_info()
-    source = config.model.source
-    if info.get("source_model") and info["source_model"] != source:
-      log(f"note: the store was created from {info['source_model']!r}; "
-          f"config.model.source={source!r} is ignored.")
-    return
-  source = sources.resolve_source(config.model.source)
-  log(f"creating store {store.uri} from {config.model.source}")
-  body, tokenizer = models.load_source_model(source)
-  with store_lib.staging_dir("base0") as work:
-    models.write_base_dir(body, tokenizer, work, source=source)
-    store.create(work, {"source_model": config.model.source,
-                        "fusion_method": config.fusion.method,
-                        "contributors_per_iteration": config.contributors_per_iteration})
-  del body
-  keras.backend.clear_session()
 
 
 def sample_contributors(pool, k: int, seed: int, iteration: int) -> list[str]:
@@ -142,10 +120,13 @@ class _Evaluator:
 
   def __init__(self, store, config, tasks):
     self.store, self.config = store, config
-    self.tasks = {data_lib.dataset_id(n): pipeline.eval_task(config, t) for n, t in tasks.items()}
+    names, self.groups = pipeline.resolve_tasks(config, config.eval.tasks)
+    unknown = [n for n in names if n not in tasks]
+    if unknown:
+      raise UserError(f"config.eval.tasks={config.eval.tasks!r}: {', '.join(unknown)} is not in "
+                      "config.pool or config.heldout; use pool, heldout or all.")
+    self.tasks = {data_lib.dataset_id(n): pipeline.eval_task(config, tasks[n]) for n in names}
     self.task_keys = {t: pipeline.task_key(task) for t, task in self.tasks.items()}
-    self.groups = {"held-in": [data_lib.dataset_id(n) for n in config.pool],
-                   "held-out": [data_lib.dataset_id(n) for n in config.heldout]}
     self.text = self.table = ""  # the report, and its table of scores per base
 
   def _job(self, models) -> pipeline.Job:
@@ -161,7 +142,7 @@ class _Evaluator:
 
   def evaluate(self, iteration: int, log) -> None:
     model = refs.BaseRef(f"base {iteration}", self.store.base_dir(iteration),
-                              self.store.base_sha256(iteration))
+                         self.store.base_sha256(iteration))
     log(f"evaluating base {iteration} on {len(self.tasks)} task(s)")
     pipeline.run(self._job([model]), self._runs(iteration), log)
 
