@@ -460,3 +460,17 @@ def test_names_from_the_store_are_escaped_in_the_output(tmp_path):
   assert len(lines) == 2 and "evil?[2J?name" in lines[0] and "not-utf8-?" in lines[1]
   store.manifest(1)  # the rejections are recorded, escaped as JSON
   assert not any(c in m for m in logged for c in "\x1b\n")
+
+
+def test_an_iteration_folder_that_leads_out_of_the_store_counts_for_nothing(tmp_path):
+  # Prepare: contributions/000000 is a link to a folder outside the store.
+  store = h.make_store(tmp_path)
+  outside = tmp_path / "elsewhere"
+  outside.mkdir()
+  os.makedirs(store.storage.local_path("contributions"), exist_ok=True)
+  os.symlink(outside, store.storage.local_path(FOLDER))
+  # Execute
+  outcome = fusion.fuse(store, log=lambda m: None, settings=_settings())
+  # Assert: no traceback, nothing published, the reason given.
+  assert outcome.published is None and store.latest() == 0
+  assert "leads out of the store" in _reasons(outcome)[FOLDER]

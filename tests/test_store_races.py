@@ -130,6 +130,24 @@ def test_read_back_finds_a_body_that_does_not_match(tmp_path):
     store.check_own_contribution(0, "alice", meta)
 
 
+def test_the_storage_tells_size_and_creation_order(any_store):
+  # Prepare
+  storage = any_store.storage
+  storage.write_bytes("probe/first", b"12345")
+  first = storage.stat("probe/first")
+  while True:  # until the storage's clock has moved on
+    storage.write_bytes("probe/second", b"1")
+    second = storage.stat("probe/second")
+    if second.created_ns > first.created_ns:
+      break
+    storage.delete_prefix("probe/second")
+  # Execute
+  again = storage.stat("probe/first")
+  # Assert: what the storage says, not what a writer claims.
+  assert (first.size, second.size) == (5, 1) and again == first
+  assert storage.stat("probe/missing") is None
+
+
 # ----------------------------------------------------------------------------------------------
 # LATEST: OS locks and real races only.
 

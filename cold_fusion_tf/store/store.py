@@ -299,7 +299,11 @@ class Store:
     """(complete contributions with parsed metadata, rejections for unreadable ones)."""
     folder = f"contributions/{paths.iteration_name(iteration)}"
     found, rejected = [], []
-    for cid in self.storage.list_children(folder):
+    try:
+      children = self.storage.list_children(folder)
+    except UserError as e:  # e.g. a folder that is a link out of the store: nothing counts
+      return [], [{"id": folder, "reason": str(e)}]
+    for cid in children:
       try:
         paths.check_path_part(cid, "Contributor id")
       except UserError as e:
