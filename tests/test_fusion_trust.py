@@ -474,3 +474,31 @@ def test_an_iteration_folder_that_leads_out_of_the_store_counts_for_nothing(tmp_
   # Assert: no traceback, nothing published, the reason given.
   assert outcome.published is None and store.latest() == 0
   assert "leads out of the store" in _reasons(outcome)[FOLDER]
+
+
+def test_cosines_with_the_others_mean_match_a_direct_computation(tmp_path):
+  # Prepare: 5 bodies, one update clipped in one tensor.
+  from cold_fusion_tf.fusion import trust  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.tensors import streaming  # pylint: disable=g-import-not-at-top
+  base = h.random_body()
+  bodies = [h.nudged(base, i, scale=0.1) for i in range(5)]
+  paths = []
+  for i, tensors in enumerate([base] + bodies):
+    paths.append(str(tmp_path / f"{i}.safetensors"))
+    weights.save_safetensors(tensors, paths[-1])
+  files = [streaming.BodyFile(p) for p in paths]
+  factors = [{}, {"pooler.dense.weight": 0.25}, {}, {}, {}]
+  names = sorted(base)
+  deltas = [np.concatenate([(b[n].astype(np.float64) - base[n]).ravel()
+                            * f.get(n, 1.0) for n in names]) for b, f in zip(bodies, factors)]
+  # Execute
+  terms = streaming.direction_terms(files[1:], files[0].specs(), files[0], factors,
+                                    chunk_elements=7)
+  got = trust.cosines(*terms, [f"c{i}" for i in range(5)])
+  # Assert
+  for i, d in enumerate(deltas):
+    others = np.mean([e for j, e in enumerate(deltas) if j != i], axis=0)
+    expected = d @ others / np.linalg.norm(d) / np.linalg.norm(others)
+    assert got[f"c{i}"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+  for f in files:
+    f.close()

@@ -137,7 +137,7 @@ class _Job:
     candidates, rejected = self._candidates(self.log)
     rejected += self._validate(candidates)
     kept, dropped, scores, clips = trust.select(self.checked, self.settings, self.bounds,
-                                                self._grams, self.log)
+                                                self._directions, self.log)
     rejected = sorted(rejected + dropped, key=lambda r: (r["id"], r["reason"]))
     self.valid = len(kept)
     if len(kept) < self.settings.min_contributions:
@@ -161,8 +161,9 @@ class _Job:
     self.log(f"another fuser planned base {self.target} first; following its plan")
     return self.plan(attempts - 1)
 
-  def _grams(self, ids: list[str]) -> dict:
-    return streaming.gram([self.checked[c].body for c in ids], self.specs, self.base)
+  def _directions(self, ids: list[str], factors: dict) -> tuple:
+    return streaming.direction_terms([self.checked[c].body for c in ids], self.specs,
+                                     self.base, [factors.get(c, {}) for c in ids])
 
   def build(self, plan: dict) -> tuple[str, dict]:
     """Fuses as planned into a staging directory: (its path, the manifest fields). Raises

@@ -33,7 +33,7 @@ from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.fusion import robust
 from cold_fusion_tf.fusion.validation import Checked, rejection
 
-MIN_SPREAD_OF_BOUND = 0.05
+MIN_SPREAD_OF_BOUND = 0.02
 """The MAD of update norms used for z-scores is at least this share of the whole-update bound,
 so that many near-empty updates cannot make honest ones look like outliers."""
 
@@ -122,30 +122,24 @@ def _reject(rejected: list, checked: Checked, reason: str, log) -> None:
   log(f"rejected {cid}: {reason}")
 
 
-def cosines(grams: dict, ids: list[str], factors: dict) -> dict:
-  """{id: cosine of its update with the mean of the others' updates} from per-tensor Gram
-  matrices over ``ids`` (in that order) and clip factors ({id: {tensor: factor}})."""
-  total = np.zeros((len(ids), len(ids)))
-  for name, g in grams.items():
-    scale = np.array([factors.get(cid, {}).get(name, 1.0) for cid in ids])
-    total += g * np.outer(scale, scale)
-  out, n = {}, len(ids)
-  for i, cid in enumerate(ids):
-    others = [j for j in range(n) if j != i]
-    dot = total[i, others].sum() / (n - 1)
-    mean_sq = total[np.ix_(others, others)].sum() / (n - 1) ** 2
-    own = total[i, i]
-    out[cid] = (1.0 if own <= 0 or mean_sq <= 0
-                else float(dot / math.sqrt(own * mean_sq)))
+def cosines(dots: np.ndarray, own: np.ndarray, total: float, ids: list[str]) -> dict:
+  """{id: cosine of its update with the mean of the others' updates} from
+  :func:`streaming.direction_terms` over ``ids`` (in that order): with ``S`` the sum of all
+  updates, the others' sum is ``S - d_i``."""
+  out = {}
+  for cid, dot, sq in zip(ids, dots, own):
+    others_sq = total - 2 * dot + sq
+    out[cid] = (1.0 if sq <= 0 or others_sq <= 0
+                else float((dot - sq) / math.sqrt(sq * others_sq)))
   return out
 
 
 def select(checked: dict, settings, bounds: Limits,
-           grams: Callable[[list[str]], dict], log) -> tuple[list, list, dict, dict]:
+           directions: Callable[[list[str], dict], tuple], log) -> tuple[list, list, dict, dict]:
   """The contributions that count: (ids, rejections, {id: z-score}, {id: clip factors}).
 
-  ``grams(ids)`` computes the per-tensor Gram matrices of those ids' updates (read only when
-  the direction check runs).
+  ``directions(ids, factors)`` reads those ids' updates for
+  :func:`streaming.direction_terms` (only when the direction check runs).
   """
   rejected: list[dict] = []
   kept, factors = [], {}
@@ -181,7 +175,7 @@ def select(checked: dict, settings, bounds: Limits,
                 f"robust z-score {score:.3g} > {settings.max_update_z:g})", log)
         kept.remove(cid)
   if len(kept) >= 3 and settings.min_cosine > -1:
-    for cid, cos in cosines(grams(kept), kept, factors).items():
+    for cid, cos in cosines(*directions(kept, factors), kept).items():
       if cos < settings.min_cosine:
         _reject(rejected, checked[cid],
                 f"update points away from the others' (cosine {cos:.3g} with their mean, "

@@ -302,33 +302,38 @@ def squared_norms(body: BodyFile, specs: Specs, chunk_elements: int = 1 << 18) -
   return out
 
 
-def gram(bodies: Sequence[BodyFile], specs: Specs, reference: BodyFile,
-         chunk_elements: int = 1 << 16) -> dict[str, np.ndarray]:
-  """Per floating tensor of ``specs``, the N x N matrix of dot products of the updates
-  ``body_i - reference`` (float64): what the direction of each update is measured with.
-  Reads each body once more, a chunk of all of them at a time."""
-  out = {}
+def direction_terms(bodies: Sequence, specs: Specs, reference: BodyFile,
+                    factors: Optional[Sequence[dict]] = None,
+                    chunk_elements: int = 1 << 16) -> tuple[np.ndarray, np.ndarray, float]:
+  """What the direction of each update is measured with, in float64: for the updates
+  ``d_i = f_i * (body_i - reference)`` (``factors[i]``: {tensor: f}, default 1) and their sum
+  ``S``, the arrays ``d_i . S`` and ``||d_i||^2``, and ``||S||^2``. Memory stays at a few
+  chunks whatever the number of bodies (each chunk of each body is read twice)."""
+  count = len(bodies)
+  factors = factors or [{}] * count
+  dots, own, total = np.zeros(count), np.zeros(count), 0.0
   for name in sorted(specs):
     shape, code = specs[name]
     if code not in FLOAT_CODES:
       continue
     size = math.prod(shape)
-    total = np.zeros((len(bodies), len(bodies)))
-    wide = np.float64 if code == "F64" else np.float32
+    scale = [f.get(name, 1.0) for f in factors]
     for start in range(0, size, chunk_elements):
-      count = min(chunk_elements, size - start)
-      ref = reference.read(name, start, count).astype(wide)
-      deltas = np.empty((len(bodies), count), wide)
-      for i, body in enumerate(bodies):
-        np.subtract(body.read(name, start, count), ref, out=deltas[i], dtype=wide)
-      with np.errstate(over="ignore", invalid="ignore"):
-        part = deltas @ deltas.T
-      if not np.isfinite(part).all():
-        deltas = deltas.astype(np.float64)
-        part = deltas @ deltas.T
-      total += part
-    out[name] = total
-  return out
+      length = min(chunk_elements, size - start)
+      ref = reference.read(name, start, length).astype(np.float64)
+
+      def delta(i):
+        return (bodies[i].read(name, start, length).astype(np.float64) - ref) * scale[i]
+
+      summed = np.zeros(length)
+      for i in range(count):
+        d = delta(i)
+        summed += d
+        own[i] += float(np.dot(d, d))
+      for i in range(count):
+        dots[i] += float(np.dot(delta(i), summed))
+      total += float(np.dot(summed, summed))
+  return dots, own, total
 
 
 def scan(body: BodyFile, specs: Specs, reference: Optional[BodyFile] = None,
