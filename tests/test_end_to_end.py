@@ -21,7 +21,8 @@ def finished_store(request, tmp_path_factory):
   family = request.param
   root = tmp_path_factory.mktemp(f"e2e_{family}")
   source = tiny.write_tiny_base(str(root / "source"), family)
-  config = tiny.tiny_config(source, **({"eval.enabled": False} if family == "roberta" else {}))
+  config = tiny.tiny_config(source, **({"eval.enabled": False} if family == "roberta"
+                                      else {"eval.seeds": 2, "eval.every": 0}))
   lines = []
   # Execute
   table = loop.run(config, str(root / "store"), log=lines.append)
@@ -97,26 +98,46 @@ def test_no_head_tensor_in_any_base_or_body(finished_store):
 
 
 def test_report_compares_fused_and_original(finished_store):
-  family, root, _, table, lines = finished_store
-  if family == "roberta":  # evaluation disabled: the report still lists every base
-    assert [r["iteration"] for r in table] == [0, 1, 2]
-    assert os.path.exists(os.path.join(root, "report.md"))
-    return
-  assert [r["iteration"] for r in table] == [0, 1, 2]
+  family, root, _, summary, lines = finished_store
   report = open(os.path.join(root, "report.md")).read()
-  assert "| 0 (original base) |" in report and "| 2 |" in report
-  assert "held-in" in report and "held-out" in report and "rte (held out)" in report
-  assert "Fused base 2 vs the original base" in report
+  if family == "roberta":  # evaluation disabled: the report says so
+    assert "No base has been scored (eval.enabled is off)" in report
+    assert [m["name"] for m in summary["models"]] == ["base 0"]
+    return
+  # Bases 0 and 2 (eval.every=0: the original and the last) were scored on 3 tasks x 2 seeds
+  # through the evaluate program's pipeline.
+  assert [m["name"] for m in summary["models"]] == ["base 0", "base 2"]
+  assert not os.path.exists(os.path.join(root, "evaluations", "000001.json"))
+  assert summary["groups"] == {"all tasks": ["sst2", "trec_coarse", "rte"],
+                               "held-in": ["sst2", "trec_coarse"], "held-out": ["rte"]}
+  for iteration in (0, 2):
+    saved = json.load(open(os.path.join(root, "evaluations", f"{iteration:06d}.json")))
+    sha = _sha(os.path.join(root, "bases", f"{iteration:06d}", "model.safetensors"))
+    assert saved["base_sha256"] == sha and len(saved["runs"]) == 6
+    assert {(r["task"], r["seed"]) for r in saved["runs"]} == {
+        (t, s) for t in ("sst2", "trec_coarse", "rte") for s in (0, 1)}
+    assert all(r["model"] == sha and r["mode"] == "finetune" for r in saved["runs"])
+    assert len({r["recipe_key"] for r in saved["runs"]}) == 1
+    for task, value in saved["scores"].items():
+      runs = sorted((r["seed"], r["score"]) for r in saved["runs"] if r["task"] == task)
+      assert value["scores"] == [score for _, score in runs]
+      assert value["score"] == pytest.approx(np.mean(value["scores"]))
+  # The report: scores per base, the newest base's paired gains with standard errors.
+  assert "| base 0 (reference) |" in report and "| base 2 |" in report
+  assert "| base 1 |" not in report
+  assert "## The newest base against the original" in report
+  assert "| rte | held-out |" in report and "- held-out: " in report
+  gain = summary["gains"]["base 2"]["tasks"]["rte"]
+  scores = summary["scores"]
+  assert gain["mean"] == pytest.approx(scores["base 2"]["tasks"]["rte"]["mean"]
+                                       - scores["base 0"]["tasks"]["rte"]["mean"])
+  assert gain["n"] == 2 and gain["se"] >= 0
   with open(os.path.join(root, "report.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   csv_rows = open(os.path.join(root, "report.csv")).read().splitlines()
-  assert csv_rows[0].startswith("iteration,held_in,held_in_gain,held_out,held_out_gain")
-  assert len(csv_rows) == 4
-  for iteration in range(3):
-    saved = json.load(open(os.path.join(root, "evaluations", f"{iteration:06d}.json")))
-    assert set(saved["scores"]) == {"sst2", "trec_coarse", "rte"}
-    assert all(0.0 <= v["score"] <= 1.0 for v in saved["scores"].values())
-  assert table[0]["held_in_gain"] == 0.0
+  assert csv_rows[0].startswith("model,task,mean,std,n,gain,gain_se")
+  assert len(csv_rows) == 1 + 2 * (3 + 3)  # 2 bases x (3 tasks + 3 group means)
+  assert sum("6 runs (1 model(s) x 3 task(s) x 2 seed(s)" in l for l in lines) == 2
 
 
 def test_store_reads_back_as_a_valid_store(finished_store):
@@ -134,13 +155,23 @@ def test_rerun_resumes_without_training_again(finished_store):
             for n in ("000001", "000002")}
   lines = []
   loop.run(config, root, log=lines.append)
-  assert not [l for l in lines if "training" in l]
+  assert not [l for l in lines if l.startswith("[")]  # no contributor, no fine-tune
+  if family == "bert":  # every evaluation run is reused
+    assert sum("6 already in" in l and "0 to run" in l for l in lines) == 2
   after = {n: os.path.getmtime(os.path.join(root, "bases", n, "model.safetensors"))
            for n in before}
   assert before == after
-  # One more iteration continues from LATEST = 2.
+  # One more seed: only the new seed's runs are done, for the evaluated bases 0 and 2.
   if family == "bert":
     config.unlock()
+    config.eval.seeds = 3
+    lines = []
+    summary = loop.run(config, root, log=lines.append)
+    assert sum("9 runs (1 model(s)" in l and "6 already in" in l and "3 to run" in l
+               for l in lines) == 2
+    assert summary["gains"]["base 2"]["groups"]["held-in"]["n_seeds"] == 3
+  # One more iteration continues from LATEST = 2.
+  if family == "bert":
     config.iterations = 3
     config.eval.enabled = False
     lines = []

@@ -64,7 +64,7 @@ def tiny_store(tmp_path_factory):
   store.create(source, {"source_model": source})
   base = h.base_tensors(store)
   for seed, cid in enumerate(("alice", "bob")):
-    h.contribute(store, cid, h.nudged(base, seed, scale=0.005), dataset="sst2")
+    h.contribute(store, cid, h.nudged(base, seed, scale=0.002), dataset="sst2")
   fusion.fuse(store, log=lambda message: None, settings=fusion.Settings(workers=1))
   return str(root / "store"), source, tiny.tiny_config(source)
 
@@ -152,9 +152,8 @@ def _job(tmp_path):
   task = data_lib.load_task("rte", [tiny.DATA], max_examples={"train": 8, "dev": 4,
                                                                      "test": 4})
   config = tiny.tiny_config("unused")
-  refs = [refs.BaseRef(n, str(tmp_path), c * 64) for n, c in
-          (("orig", "a"), ("fused", "b"))]
-  return recycling.Job(refs, {"t1": task, "t2": task}, config.eval, seeds=3)
+  bases = [refs.BaseRef(n, str(tmp_path), c * 64) for n, c in (("orig", "a"), ("fused", "b"))]
+  return recycling.Job(bases, {"t1": task, "t2": task}, config.eval, seeds=3)
 
 
 def _record(job, model, task, seed, score):
@@ -245,3 +244,28 @@ def test_program_errors_are_one_line_before_any_training(tiny_store, tmp_path):
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and "--reference is required" in errors[0], result.stderr[-2000:]
   assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "out")
+
+
+def test_the_loop_keeps_every_run_of_a_base_in_its_evaluation_file(tiny_store):
+  # Prepare: runs of base 1 with an older recipe (r0), then two seeds of the current one (r1).
+  store = store_lib.Store(tiny_store[0])
+  runs = recycling.StoreRuns(store, 1, ["sst2"])
+  run = {"model": store.base_sha256(1), "name": "base 1", "task": "sst2", "task_key": "k",
+         "mode": "finetune", "recipe_key": "r0", "seed": 0, "score": 0.1}
+  # Execute
+  for record in (run, {**run, "recipe_key": "r1", "seed": 1, "score": 0.8},
+                 {**run, "recipe_key": "r1", "seed": 0, "score": 0.6}):
+    runs.append(record)
+  reread = recycling.StoreRuns(store, 1, ["sst2"])
+  saved = json.load(open(os.path.join(tiny_store[0], "evaluations", "000001.json")))
+  # Assert: every run is kept; the scores summarise the newest recipe's runs in seed order.
+  assert len(reread.records()) == 3 and reread.records()[0] == run
+  assert saved["base_sha256"] == store.base_sha256(1) and saved["contributors"] == ["sst2"]
+  assert saved["scores"]["sst2"]["scores"] == [0.6, 0.8]
+  assert saved["scores"]["sst2"]["score"] == pytest.approx(0.7)
+  assert saved["scores"]["sst2"]["std"] == pytest.approx(0.1 * math.sqrt(2))
+  # A damaged file is refused with what to do, before any run.
+  store.write_json("evaluations/000001.json", {**saved, "runs": [{**run, "score": "high"}]})
+  with pytest.raises(UserError, match="run 0 is malformed; delete the file"):
+    recycling.StoreRuns(store, 1, [])
+  os.remove(os.path.join(tiny_store[0], "evaluations", "000001.json"))

@@ -32,9 +32,10 @@ def get_config():
   config.recipe.max_length = 128
   config.recipe.eval_every_steps = 0  # once per epoch
 
-  # Evaluation of each base: a short fine-tune with a fresh head per task (model recycling).
-  config.eval.recipe.learning_rate = 5e-5
+  # Evaluation of each base: a fine-tune with a fresh head per task (model recycling), long
+  # enough that the original base learns each task, over several seeds.
+  config.eval.recipe.learning_rate = 1e-4
   config.eval.recipe.batch_size = 16
-  config.eval.recipe.epochs = 1
-  config.eval.seeds = 1
+  config.eval.recipe.epochs = 3
+  config.eval.seeds = 3
   return config

@@ -20,13 +20,13 @@ library and numpy, so ``inspect --results`` is quick.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Callable, Mapping
 
 import numpy as np
 
 from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.store import layout
 
 RESULTS = "results.jsonl"
 SUMMARIES = ("summary.md", "summary_probe.md")
@@ -91,26 +91,13 @@ class ResultsDir:
     os.replace(tmp, self.file(name))
 
 
-def _finite(value) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value))
-
-
 def parse_record(line: str) -> dict | None:
   """A result line as a dict, or None if it is not one (truncated, wrong types...)."""
   try:
     record = json.loads(line)
   except ValueError:
     return None
-  if not isinstance(record, dict):
-    return None
-  strings = ("model", "task", "task_key", "mode", "recipe_key", "name")
-  if not all(isinstance(record.get(k), str) for k in strings):
-    return None
-  seed = record.get("seed")
-  if not (isinstance(seed, int) and not isinstance(seed, bool) and _finite(record.get("score"))):
-    return None
-  return record
+  return record if layout.check_run(record) else None
 
 
 def describe(results) -> str:

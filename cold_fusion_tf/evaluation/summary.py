@@ -1,28 +1,94 @@
-"""Model-recycling summaries: scores, paired gains with standard errors, tables and a chart.
+"""Model-recycling numbers: scores over seeds, paired gains with standard errors, flagged
+losses and a verdict (the tables and charts are drawn by :mod:`.report`).
 
-Scores are a task's test metric (accuracy; Spearman for regression) x 100, as mean and
-standard deviation over seeds. A base's gain on a task is the mean over seeds of the paired
-difference (base - reference, same seed, so the same head initialisation and data order),
-with standard error std(differences, ddof=1) / sqrt(n). A group's gain (all tasks, held-in,
-held-out) pools the paired differences of all its (task, seed) pairs the same way; with the
-same seeds on every task its mean is the unweighted average of the per-task gains.
+Scores are a task's test metric (accuracy; Spearman for regression), as mean and standard
+deviation over seeds. Every model is fine-tuned with the same seeds (the same head
+initialisation and data order), so a base's gain over the reference is measured by paired
+differences ``d[task, seed] = base - reference``:
+
+* a task's gain: the mean of its differences, with standard error std(d, ddof=1) / sqrt(n);
+  the task is a *flagged loss* when its gain is below minus two standard errors;
+* a group's gain (held-in, held-out, all tasks): the unweighted mean of its tasks' gains, with
+  two standard errors: over seeds (of the per-seed means over the group's tasks, on the seeds
+  every task has: the fine-tuning noise) and over tasks (of the per-task gains: which tasks
+  happened to be chosen). The larger of the two is the group's standard error ``se``;
+* the verdict of a group: ``gain`` only when the mean gain is above two standard errors
+  (``se``) and no task of the group is a flagged loss; ``loss`` when the mean is below minus
+  two standard errors; ``unclear`` otherwise; ``illustration`` with fewer than two seeds (no
+  standard error: one seed is never a finding).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from cold_fusion_tf.evaluation import finetune as evaluation
+VERDICTS = ("gain", "loss", "unclear", "illustration")
+
+
+def score_stats(scores: Sequence[float]) -> dict:
+  """{"mean", "std", "n"} of one model's scores on one task (std 0 for a single seed)."""
+  values = np.asarray(list(scores), dtype=np.float64)
+  if not len(values):
+    return {"mean": math.nan, "std": math.nan, "n": 0}
+  std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+  return {"mean": float(values.mean()), "std": std, "n": len(values)}
+
+
+def mean_and_se(values: Sequence[float]) -> dict:
+  """{"mean", "se", "n"}: the mean and its standard error std(ddof=1)/sqrt(n) (nan if n < 2)."""
+  values = np.asarray(list(values), dtype=np.float64)
+  n = len(values)
+  mean = float(values.mean()) if n else math.nan
+  se = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+  return {"mean": mean, "se": se, "n": n}
+
+
+def paired_diffs(scores: Mapping[int, float], reference: Mapping[int, float]) -> dict[int, float]:
+  """{seed: scores[seed] - reference[seed]} over the seeds both have."""
+  return {s: float(scores[s]) - float(reference[s]) for s in sorted(set(scores) & set(reference))}
+
+
+def task_gain(diffs: Mapping[int, float]) -> dict:
+  """A task's gain from its paired differences: mean, se, n and ``loss`` (below -2 se)."""
+  stats = mean_and_se(list(diffs.values()))
+  stats["loss"] = bool(stats["n"] > 1 and stats["mean"] < -2 * stats["se"])
+  return stats
+
+
+def group_gain(diffs: Mapping[str, Mapping[int, float]]) -> dict:
+  """A group's gain from each task's paired differences ({task: {seed: difference}})."""
+  scored = {t: d for t, d in diffs.items() if d}
+  gains = {t: task_gain(d) for t, d in scored.items()}
+  means = [g["mean"] for g in gains.values()]
+  seeds = sorted(set.intersection(*(set(d) for d in scored.values()))) if scored else []
+  by_seeds = mean_and_se([np.mean([scored[t][s] for t in scored]) for s in seeds])
+  by_tasks = mean_and_se(means)
+  defined = [se for se in (by_seeds["se"], by_tasks["se"]) if not math.isnan(se)]
+  out = {"mean": float(np.mean(means)) if means else math.nan,
+         "se_seeds": by_seeds["se"], "se_tasks": by_tasks["se"],
+         "se": max(defined) if by_seeds["n"] > 1 else math.nan,
+         "n_tasks": len(scored), "n_seeds": len(seeds),
+         "losses": [t for t, g in gains.items() if g["loss"]]}
+  out["verdict"] = verdict(out)
+  return out
+
+
+def verdict(group: Mapping) -> str:
+  """One of :data:`VERDICTS` for a group's gain (see the module doc)."""
+  if group["n_seeds"] < 2 or math.isnan(group["se"]):
+    return "illustration"
+  if group["mean"] > 2 * group["se"] and not group["losses"]:
+    return "gain"
+  if group["mean"] < -2 * group["se"]:
+    return "loss"
+  return "unclear"
 
 
 def scores_by_seed(job, records: Sequence[dict]) -> dict[str, dict[str, dict[int, float]]]:
-  """{model name: {task: {seed: score}}} for a ``recycling.Job``'s models, tasks and seeds."""
+  """{model name: {task: {seed: score}}} for a ``pipeline.Job``'s models, tasks and seeds."""
   index = {job.key_of(r): r for r in records}
   out = {m.name: {t: {} for t in job.tasks} for m in job.models}
   for model, task, seed in job.runs():
@@ -34,39 +100,38 @@ def scores_by_seed(job, records: Sequence[dict]) -> dict[str, dict[str, dict[int
 
 def summarize(job, records: Sequence[dict],
               groups: Mapping[str, Sequence[str]] | None = None) -> dict:
-  """Everything the tables and the chart show, as plain JSON-able data (``job``: a
-  ``recycling.Job``; ``records``: its runs' lines of results.jsonl)."""
+  """Everything the tables and charts show, as plain JSON-able data.
+
+  ``job``: a ``pipeline.Job`` (its first model is the reference); ``records``: its runs;
+  ``groups``: named subsets of the tasks (held-in, held-out...); "all tasks" is added when
+  the groups do not already cover exactly all tasks with one group.
+  """
   by_seed = scores_by_seed(job, records)
   tasks = list(job.tasks)
-  groups = {"all tasks": tasks, **{k: list(v) for k, v in (groups or {}).items()
-                                   if list(v) != tasks}}
+  groups = {k: [t for t in v if t in job.tasks] for k, v in (groups or {}).items()}
+  groups = {k: v for k, v in groups.items() if v}
+  if list(groups.values()) != [tasks]:
+    groups = {"all tasks": tasks, **groups}
   reference = job.models[0].name
   scores, gains = {}, {}
   for model in job.models:
     per_task = {}
     for task in tasks:
       values = by_seed[model.name][task]
-      stats = evaluation.summarize(list(values.values())) if values else None
-      per_task[task] = {"mean": stats["score"] if stats else math.nan,
-                        "std": stats["std"] if stats else math.nan, "n": len(values),
+      per_task[task] = {**score_stats(list(values.values())),
                         "scores": {str(s): v for s, v in sorted(values.items())}}
     group_means = {g: _nanmean([per_task[t]["mean"] for t in members])
                    for g, members in groups.items()}
     scores[model.name] = {"tasks": per_task, "groups": group_means}
     if model.name == reference:
       continue
-    task_gains = {t: evaluation.mean_and_se(evaluation.paired_diffs(
-        by_seed[model.name][t], by_seed[reference][t])) for t in tasks}
-    group_gains = {}
-    for g, members in groups.items():
-      diffs = [d for t in members for d in evaluation.paired_diffs(by_seed[model.name][t],
-                                                                   by_seed[reference][t])]
-      group_gains[g] = evaluation.mean_and_se(diffs)
-    gains[model.name] = {"tasks": task_gains, "groups": group_gains}
+    diffs = {t: paired_diffs(by_seed[model.name][t], by_seed[reference][t]) for t in tasks}
+    gains[model.name] = {"tasks": {t: task_gain(diffs[t]) for t in tasks},
+                         "groups": {g: group_gain({t: diffs[t] for t in members})
+                                    for g, members in groups.items()}}
   return {"mode": job.mode, "seeds": job.seed_values, "recipe_key": job.recipe_key,
           "reference": reference, "tasks": tasks, "groups": groups,
-          "models": [{"name": m.name, "sha256": m.sha256, "directory": m.directory}
-                     for m in job.models],
+          "models": [{"name": m.name, "sha256": m.sha256} for m in job.models],
           "scores": scores, "gains": gains}
 
 
@@ -75,136 +140,12 @@ def _nanmean(values) -> float:
   return float(np.mean(values)) if values else math.nan
 
 
-def _pct(value: float) -> str:
-  return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
-
-
-def _gain(stats: Mapping) -> str:
-  if not stats["n"]:
-    return "-"
-  text = f"{100 * stats['mean']:+.2f}"
-  if not math.isnan(stats["se"]):
-    text += f" ± {100 * stats['se']:.2f}"
-  return text
-
-
-def _significance(stats: Mapping) -> str:
-  """How many standard errors the gain is from 0 (blank when undefined)."""
-  if not stats["n"] or math.isnan(stats["se"]) or stats["se"] == 0:
-    return ""
-  return f"{stats['mean'] / stats['se']:+.1f}"
-
-
-def markdown(summary: Mapping) -> str:
-  """A model-card style score table, then the gains against the reference."""
-  tasks, groups, reference = summary["tasks"], summary["groups"], summary["reference"]
-  seeds = len(summary["seeds"])
-  mode = {"finetune": "full fine-tuning", "probe": "linear probe (frozen body)"}[summary["mode"]]
-  lines = [f"Model recycling, {mode}: test accuracy x 100 (Spearman x 100 for regression), "
-           f"mean ± std over {seeds} seed(s); avg = unweighted mean over tasks.", ""]
-  group_names = [g for g in groups if g != "all tasks"]
-  header = ["model", "avg"] + [f"avg {g}" for g in group_names] + tasks
-  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for model in summary["models"]:
-    name = model["name"]
-    row = summary["scores"][name]
-    cells = [f"{name} (reference)" if name == reference else name,
-             _pct(row["groups"]["all tasks"])] + [_pct(row["groups"][g]) for g in group_names]
-    for task in tasks:
-      stats = row["tasks"][task]
-      cell = _pct(stats["mean"])
-      if stats["n"] > 1:
-        cell += f" ± {100 * stats['std']:.1f}"
-      cells.append(cell)
-    lines.append("| " + " | ".join(cells) + " |")
-  for name, gain in summary["gains"].items():
-    lines += ["", f"Gain of {name} over {reference} (points, paired by seed, ± standard "
-                  "error; z = gain / standard error):", "",
-              "| task | group | gain | z | seeds |", "|---|---|---|---|---|"]
-    membership = {t: g for g in group_names for t in groups[g]}
-    for task in tasks:
-      stats = gain["tasks"][task]
-      lines.append(f"| {task} | {membership.get(task, '')} | {_gain(stats)} | "
-                   f"{_significance(stats)} | {stats['n']} |")
-    for g, stats in gain["groups"].items():
-      lines.append(f"| **mean, {g}** | | **{_gain(stats)}** | {_significance(stats)} | "
-                   f"{stats['n']} |")
-  return "\n".join(lines) + "\n"
-
-
-def to_csv(summary: Mapping) -> str:
-  """One row per (model, task or group): mean, std, seeds; gain and its standard error."""
-  buffer = io.StringIO()
-  writer = csv.writer(buffer)
-  writer.writerow(["model", "task", "mean", "std", "n", "gain", "gain_se"])
-  for model in summary["models"]:
-    name = model["name"]
-    row, gain = summary["scores"][name], summary["gains"].get(name)
-    for task in summary["tasks"]:
-      stats = row["tasks"][task]
-      g = gain["tasks"][task] if gain else {"mean": "", "se": ""}
-      writer.writerow([name, task, stats["mean"], stats["std"], stats["n"], g["mean"], g["se"]])
-    for group in summary["groups"]:
-      g = gain["groups"][group] if gain else {"mean": "", "se": "", "n": ""}
-      writer.writerow([name, f"mean:{group}", row["groups"][group], "", g.get("n", ""),
-                       g["mean"], g["se"]])
-  return buffer.getvalue()
-
-
-def plot(summary: Mapping, path: str) -> None:
-  """Per-task and group-mean gains (points) of each base, with standard-error bars."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  labels = list(summary["tasks"]) + [f"mean, {g}" for g in summary["groups"]]
-  bases = list(summary["gains"])
-  fig, ax = plt.subplots(figsize=(7.0, 1.2 + 0.35 * len(labels) * max(1, len(bases))), dpi=100)
-  height = 0.8 / max(1, len(bases))
-  for i, name in enumerate(bases):
-    gain = summary["gains"][name]
-    stats = [gain["tasks"][t] for t in summary["tasks"]] + list(gain["groups"].values())
-    values = [100 * s["mean"] if s["n"] else 0.0 for s in stats]
-    errors = [0.0 if math.isnan(s["se"]) else 100 * s["se"] for s in stats]
-    positions = [j + (i - (len(bases) - 1) / 2) * height for j in range(len(labels))]
-    ax.barh(positions, values, height=height, xerr=errors, capsize=2, label=name)
-  ax.axvline(0, color="black", linewidth=0.8)
-  ax.set_yticks(range(len(labels)))
-  ax.set_yticklabels(labels)
-  ax.invert_yaxis()
-  ax.set_xlabel(f"gain over {summary['reference']} (points, ± standard error)")
-  subject = bases[0] if len(bases) == 1 else f"{len(bases)} bases"
-  ax.set_title(f"Model recycling of {subject} ({summary['mode']}, "
-               f"{len(summary['seeds'])} seed(s))", fontsize=9)
-  if len(bases) > 1:
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-
-
-def _json_safe(value):
+def json_safe(value):
   """``value`` with NaN (an undefined mean or standard error) as None: strict JSON."""
   if isinstance(value, float) and math.isnan(value):
     return None
   if isinstance(value, dict):
-    return {k: _json_safe(v) for k, v in value.items()}
+    return {k: json_safe(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
+    return [json_safe(v) for v in value]
   return value
-
-
-def suffix(mode: str) -> str:
-  return "" if mode == "finetune" else f"_{mode}"
-
-
-def write(results, summary: Mapping) -> list[str]:
-  """summary[_probe].json/.csv/.md and gains[_probe].png in the results directory."""
-  end = suffix(summary["mode"])
-  names = [f"summary{end}.json", f"summary{end}.csv", f"summary{end}.md", f"gains{end}.png"]
-  results.write_text(names[0], json.dumps(_json_safe(summary), indent=2, sort_keys=True,
-                                          allow_nan=False) + "\n")
-  results.write_text(names[1], to_csv(summary))
-  results.write_text(names[2], "# Model recycling\n\n" + markdown(summary)
-                     + f"\n![gains]({names[3]})\n")
-  plot(summary, results.file(names[3]))
-  return [results.file(n) for n in names]
