@@ -113,7 +113,7 @@ def _measure(values: np.ndarray, base_chunk: np.ndarray) -> tuple[float, bool]:
   if not np.isfinite(wide).all():
     return 0.0, False
   wide -= base_chunk
-  return float(np.dot(wide, wide)), True
+  return streaming.dot64(wide, wide), True
 
 
 def fuse_files(base: streaming.BodyFile, bodies: list, counts: np.ndarray, specs: dict,
