@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -398,10 +399,10 @@ def test_identical_bodies_count_for_the_earliest_upload(tmp_path):
   alice = h.nudged(base, 1)
   h.contribute(store, "alice", alice)
   h.contribute(store, "bob", h.nudged(base, 2))
-  info = store.storage.stat(f"{FOLDER}/alice/{store_lib.CONTRIBUTION}")
-  while store.storage.stat(f"{FOLDER}/bob/{store_lib.CONTRIBUTION}").created_ns <= info.created_ns:
-    pass  # the clock has moved past alice's upload
+  time.sleep(0.05)  # past the file system's clock tick
   h.contribute(store, "0-mallory", alice)
+  assert (store.storage.stat(f"{FOLDER}/0-mallory/{store_lib.BODY}").created_ns
+          > store.storage.stat(f"{FOLDER}/alice/{store_lib.BODY}").created_ns)
   # Execute
   outcome = fusion.fuse(store, log=lambda m: None, settings=_settings())
   # Assert

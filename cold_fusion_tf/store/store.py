@@ -36,7 +36,7 @@ class Contribution:
   contributor_id: str
   meta: dict
   body_name: str  # object name of body.safetensors
-  created_ns: int = 0  # when the storage created its contribution.json (not a writer's claim)
+  created_ns: int = 0  # when the storage created its body (not a writer's claim)
 
 
 class Store:
@@ -325,7 +325,12 @@ class Store:
       except UserError as e:
         rejected.append({"id": cid, "reason": str(e)})
         continue
-      found.append(Contribution(cid, meta, f"{prefix}/{BODY}", info.created_ns))
+      try:
+        body = self.storage.stat(f"{prefix}/{BODY}")
+      except UserError:
+        body = None  # validation rejects it, with the reason
+      created = body.created_ns if body is not None else info.created_ns
+      found.append(Contribution(cid, meta, f"{prefix}/{BODY}", created))
     return found, rejected
 
   def fetch_body(self, contribution: Contribution, workdir: str,
