@@ -1,58 +1,155 @@
-"""What every program shares: the --config/--store/--workdir flags and clean error exits."""
+"""What every program shares: the --config/--store/--workdir flags, checked once, quiet
+libraries, and clean error exits (one ``error:`` line, exit status 2, nothing written)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from typing import Callable
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
+from cold_fusion_tf import quiet
 
-from cold_fusion_tf.errors import UserError
+quiet.before_tensorflow()  # pylint: disable=wrong-import-position
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from cold_fusion_tf import progress  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cold_fusion_tf.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "demo.py")
+_NOT_CONFIGS = ("defaults.py", "checks.py")
+PATH_FLAGS = ("store", "workdir", "out", "results", "logdir")
+"""Flags naming a folder: a local one must not be (or be inside) a file."""
+_default_config: str | None = None
 
 
 def config_names() -> list[str]:
   """The configs that ship with the package, by name (``--config=demo``)."""
   return sorted(f[:-3] for f in os.listdir(CONFIGS_DIR)
-                if f.endswith(".py") and not f.startswith("_") and f != "defaults.py")
+                if f.endswith(".py") and not f.startswith("_") and f not in _NOT_CONFIGS)
 
 
 def resolve_config(value: str) -> str:
   """A ``--config`` value as a file path: a path as given, or a shipped config's name."""
-  if os.path.exists(value) or os.sep in value or value.endswith(".py"):
+  path, colon, arg = value.partition(":")  # ml_collections' ``file.py:argument``
+  if os.sep in path or path.endswith(".py") or os.path.exists(path):
+    if not os.path.isfile(path):
+      what = "is a folder" if os.path.isdir(path) else "does not exist"
+      raise UserError(f"--config={value}: {path} {what}; give a config file (configs/*.py) or "
+                      f"a shipped config's name ({', '.join(config_names())}).")
     return value
-  if value in config_names():
-    return os.path.join(CONFIGS_DIR, value + ".py")
-  raise UserError(f"--config={value}: no such file, and not a shipped config name "
+  if path in config_names():
+    return os.path.join(CONFIGS_DIR, path + ".py") + colon + arg
+  raise UserError(f"--config={value}: no such file, and not a shipped config's name "
                   f"({', '.join(config_names())}).")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with config names resolved and every problem one ``error:`` line
-  (exit status 2) instead of a traceback."""
-  argv = list(argv)
+  """absl's flag parsing, with config names resolved, the config checked
+  (:mod:`cold_fusion_tf.configs.checks`) and every problem one ``error:`` line (exit status
+  2) instead of a traceback."""
+  argv = _config_argv(list(argv))
+  try:
+    rest = flags.FLAGS(argv)
+    config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+  except flags.Error as e:
+    if str(e).startswith("flag --config=") and "Traceback" in str(e):
+      _fail(_explain_config_error(argv, e))  # its get_config() failed
+    _fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(_explain_config_error(argv, e))  # a config file that fails, an unknown field
+  if flags.FLAGS["verbosity"].using_default_value:
+    flags.FLAGS.verbosity = -1  # warnings and errors (absl would show INFO); --verbosity=0: INFO
+  if len(rest) > 1:
+    _fail(f"unexpected argument(s) {' '.join(rest[1:])}: settings are --flags "
+          "(see --helpshort).")
+  try:
+    if config is not None:
+      from cold_fusion_tf.configs import checks  # pylint: disable=g-import-not-at-top
+      checks.check(config)
+    for name in PATH_FLAGS:
+      if name in flags.FLAGS and flags.FLAGS[name].value:
+        check_folder(flags.FLAGS[name].value, f"--{name}")
+  except UserError as e:
+    _fail(str(e))
+  return rest
+
+
+def _config_argv(argv: list[str]) -> list[str]:
+  """``--config`` resolved to a file, and the program's default config when none is given."""
+  found = False
   for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      argv[i:i + 2] = [f"--config={argv[i + 1]}"]
+      arg = argv[i]
     if arg.startswith("--config="):
+      found = True
       try:
         argv[i] = "--config=" + resolve_config(arg[len("--config="):])
       except UserError as e:
         _fail(str(e))
+  if not found and _default_config and "config" in flags.FLAGS:
+    argv.insert(1, f"--config={_default_config}")
+  return argv
+
+
+def _explain_config_error(argv: list[str], error: Exception) -> str:
+  """One line for a failure to load the config or apply an override."""
+  config_arg = next((a for a in argv if a.startswith("--config=")), "")
+  path = config_arg[len("--config="):].partition(":")[0]
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e))
-  except (AttributeError, KeyError, ValueError, TypeError, IOError) as e:
-    _fail(f"bad --config or override: {e}")
+    config = _load_config(config_arg[len("--config="):]) if path else None
+  except Exception as e:  # pylint: disable=broad-except
+    return f"--config={path}: the config file fails to load: {type(e).__name__}: {e}"
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    name = arg[len("--config."):].partition("=")[0]
+    section, where = config, "the config"
+    for part in name.split("."):
+      if section is None or not hasattr(section, "keys"):
+        break
+      if part not in section:
+        fields = ", ".join(sorted(str(k) for k in section.keys())) or "none"
+        return (f"--config.{name}: {where} has no field {part!r}; its fields are: "
+                f"{fields}.")
+      section, where = section[part], f"config.{part}" if where == "the config" \
+          else f"{where}.{part}"
+  message = str(error).strip().splitlines()
+  return f"bad --config or override: {type(error).__name__}: {message[0] if message else ''}"
+
+
+def _load_config(value: str):
+  """``get_config()`` of a config file (``path`` or ``path:argument``)."""
+  path, _, arg = value.partition(":")
+  spec = importlib.util.spec_from_file_location("cold_fusion_config_check", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def check_folder(value: str, flag: str) -> None:
+  """A local folder flag must not be a file or lie inside one (``--store=/etc/passwd``)."""
+  if "://" in value:
+    return
+  path = os.path.abspath(os.path.expanduser(value))
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    where = "is a file" if path == os.path.abspath(os.path.expanduser(value)) else \
+        f"is inside the file {path}"
+    raise UserError(f"{flag}={value} {where}, not a folder; give a folder (a new one is "
+                    "created).")
 
 
 def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
+  """Ends the program: ``message`` as one ``error:`` line, exit status 2."""
+  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
   sys.exit(2)
 
 
@@ -62,21 +159,33 @@ def run(main: Callable[[list[str]], None]) -> None:
 
 
 def define_flags(default_config: str | None = DEFAULT_CONFIG, workdir: bool = False) -> None:
+  """--config (``default_config`` when not given), --store and, with ``workdir``, --workdir.
+
+  The config is loaded when the flags are parsed (:func:`parse_flags`), not here, so that a
+  bad config or override is one error line.
+  """
+  global _default_config
+  _default_config = default_config
   config_flags.DEFINE_config_file(
-      "config", default_config if default_config and os.path.exists(default_config) else None,
+      "config", None,
       "Config file (configs/*.py) or a shipped config's name (demo, roberta_base, "
-      "bert_base_uncased); override fields with --config.<field>=<value>.",
+      "bert_base_uncased; default demo); override fields with --config.<field>=<value>.",
       lock_config=True)
   flags.DEFINE_string("store", None, "The store: a local directory or gs://bucket/prefix.")
   if workdir:
     flags.DEFINE_string("workdir", None, "Local or gs:// directory for checkpoints and logs.")
 
 
-def run_main(body: Callable[[], int | None]) -> None:
-  """Runs a program body; a UserError ends it with one message and exit status 2."""
-  logging.set_verbosity(logging.INFO)
-  logging.use_python_logging()
+def run_main(body: Callable[[], int | None], tensorflow: bool = False) -> None:
+  """Runs a program body; a UserError ends it with one message and exit status 2.
+
+  ``tensorflow``: the body uses TensorFlow, which is then imported first, quietly
+  (:func:`cold_fusion_tf.quiet.init_devices`).
+  """
+  logging.use_python_logging(quiet=True)
   try:
+    if tensorflow:
+      quiet.init_devices()
     status = body()
   except UserError as e:
     _fail(str(e))
@@ -86,9 +195,9 @@ def run_main(body: Callable[[], int | None]) -> None:
   sys.exit(status or 0)
 
 
-def say(message: str) -> None:
-  """Progress for the person at the terminal (also in the absl log)."""
-  print(message, flush=True)
+say = progress.Display()
+"""Progress and results for the person at the terminal (stdout); status lines
+(:class:`cold_fusion_tf.progress.Status`) are redrawn in place on a terminal."""
 
 
 def require_store() -> str:

@@ -6,7 +6,10 @@
 Fine-tunes every model (the reference and each --base) on every task with a fresh head and
 the same recipe (config.eval.recipe) and seeds, and reports per task the mean and standard
 deviation of the test score (accuracy; Spearman for regression) over seeds, the unweighted
-average, and each base's gain over the reference, paired by seed, with standard errors.
+average, and each base's gain over the reference, paired by seed, with standard errors: per
+task (a task losing more than two standard errors is flagged) and per group (over seeds and
+over tasks), and the verdict (a gain needs the mean above two standard errors and no flagged
+loss; one seed is an illustration).
 
   --base       STORE (its LATEST base), STORE@N, a Hugging Face model directory or
                package:<module>/<folder>; several, comma-separated
@@ -29,7 +32,8 @@ flags.DEFINE_string("base", None, "Model(s) to evaluate: STORE, STORE@N or a mod
                     "comma-separated.")
 flags.DEFINE_string("reference", None, "The model to compare against (default STORE@0).")
 flags.DEFINE_string("tasks", "all", "Dataset names, or pool / heldout / all, comma-separated.")
-flags.DEFINE_integer("seeds", None, "Seeds per (model, task) (default config.eval.seeds).")
+flags.DEFINE_integer("seeds", None, "Seeds per (model, task) (default config.eval.seeds).",
+                     lower_bound=1)
 flags.DEFINE_enum("mode", "finetune", ["finetune", "probe"],
                   "finetune: train the whole model; probe: frozen body, head only.")
 flags.DEFINE_string("out", None, "Results directory (local).")
@@ -45,7 +49,7 @@ def main(argv):
     recycling.evaluate(cli.require_config(), bases, f.reference, f.tasks, f.seeds, f.mode,
                        f.out, log=cli.say)
 
-  cli.run_main(body)
+  cli.run_main(body, tensorflow=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from absl import flags
 
 from cold_fusion_tf import cli
 from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.interop import model_card
 from cold_fusion_tf.interop.export import FORMATS, export_model
 
 def define_flags() -> None:
@@ -23,8 +24,10 @@ def define_flags() -> None:
                     "keras-hub preset.")
   flags.DEFINE_string("license", "other", "License named in the model card (that of the "
                       "source model, e.g. mit or apache-2.0).")
+  flags.register_validator("license", model_card.valid_license,
+                           f"{model_card.LICENSE_HELP}.")
   flags.DEFINE_integer("sequence_length", None, "keras_hub: the preprocessor's sequence "
-                       "length (default: the model's longest, at most 512).")
+                       "length (default: the model's longest, at most 512).", lower_bound=2)
 
 
 def main(argv):
@@ -38,7 +41,7 @@ def main(argv):
     export_model(cli.require_store(), config.out, config.iteration, config.format,
                  config.license, config.sequence_length, log=cli.say)
 
-  cli.run_main(body)
+  cli.run_main(body, tensorflow=config.format == "keras_hub")
 
 
 if __name__ == "__main__":

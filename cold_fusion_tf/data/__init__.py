@@ -20,15 +20,18 @@ from typing import Mapping, Sequence
 from cold_fusion_tf.data import folder
 from cold_fusion_tf.data import tasks
 from cold_fusion_tf.data.folder import load_folder, resolve_dir
-from cold_fusion_tf.data.tasks import DEMO_DATA_DIR, SPLITS, Split, TaskData, dataset_id, sample_split
+from cold_fusion_tf.data.tasks import (DEMO_DATA_DIR, SPLITS, Split, TaskData, check_caps,
+                                       dataset_id, sample_split)
 
-__all__ = ["DEMO_DATA_DIR", "SPLITS", "Split", "TaskData", "dataset_id", "load_folder",
-           "load_task", "resolve_dir", "sample_split"]
+__all__ = ["DEMO_DATA_DIR", "SPLITS", "Split", "TaskData", "check_caps", "dataset_id",
+           "load_folder", "load_task", "resolve_dir", "sample_split"]
 
 
 def load_task(name: str, dirs: Sequence[str] = (), columns: Mapping[str, str] | None = None,
               max_examples: Mapping[str, int] | None = None) -> tasks.TaskData:
   """Loads and validates a dataset given by name, folder or ``tfds:`` reference."""
+  if max_examples:
+    check_caps(max_examples)  # before any reading
   if name.startswith("tfds:"):
     from cold_fusion_tf.data import tfds  # pylint: disable=g-import-not-at-top
     task = tfds.load(name[len("tfds:"):])

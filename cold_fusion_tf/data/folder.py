@@ -4,27 +4,45 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
+import re
+import stat
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 from cold_fusion_tf.data.tasks import SPLITS, Split, TaskData
 from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.store import untrusted
 from cold_fusion_tf.store.paths import check_path_part
 
 _EXTENSIONS = (".jsonl", ".csv", ".tsv")
-_MAX_TEXT_CHARS = 100_000
+COLUMNS = ("text", "text_pair", "label")
+"""The fields of a record (CSV/TSV columns are mapped onto them by ``config.data.columns``)."""
+MAX_TEXT_CHARS = 100_000
+"""The longest text (or text pair) of one example, in characters."""
+MAX_CLASSES = 1000
+"""The most classes a task may have (label names, or class ids 0..999 without names)."""
+MAX_LABEL_CHARS = 200
+"""The longest label as written: a label name, a class id or a regression score."""
+_MAX_INFO_BYTES = 1 << 20
+_MAX_RECORD_DEPTH = 8  # a record is one flat object; its values are strings and numbers
+_MAX_INFO_DEPTH = 8
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_CLASS_ID = re.compile(r"[0-9]+")  # ASCII digits only: int() also takes '²'-like characters
+_SCORE = re.compile(r"[-+]?[0-9]*\.[0-9]+([eE][-+]?[0-9]+)?")
 
 
 def resolve_dir(name: str, dirs: Sequence[str]) -> str:
   """The folder of a named dataset; a clear error listing what exists if not found."""
-  if os.sep in name or name.startswith("."):
-    path = os.path.abspath(name)
-    if not os.path.isdir(path):
+  if os.sep in name or name.startswith(".") or name.startswith("~"):
+    path = os.path.abspath(os.path.expanduser(name))
+    if not os.path.exists(path):
       raise UserError(f"Dataset folder {name!r} does not exist.")
+    if not os.path.isdir(path):
+      raise UserError(f"Dataset {name!r} is a file, not a folder: give the folder that holds "
+                      "its train, dev and test files.")
     return path
   check_path_part(name, "Dataset name")
   searched = [os.path.abspath(d) for d in dirs]
@@ -46,29 +64,26 @@ def resolve_dir(name: str, dirs: Sequence[str]) -> str:
 
 def load_folder(path: str, columns: Mapping[str, str]) -> TaskData:
   """Reads a dataset folder; every problem names the file and line and says how to fix it."""
+  names = column_names(columns)
   info = _read_info(path)
-  raw = {split: _read_records(_split_file(path, split), columns) for split in SPLITS}
+  files = {split: _split_file(path, split) for split in SPLITS}
+  raw = {split: _read_records(file, names) for split, file in files.items()}
   kind = info.get("task")
   if kind is None:
-    kind = "regression" if any(isinstance(r[2], float) and not float(r[2]).is_integer()
-                               for r in raw["train"]) else "classification"
+    kind = "regression" if any(_is_score(r[2]) for r in raw["train"]) else "classification"
   if kind not in ("classification", "regression"):
-    raise UserError(f"{path}/info.json: task {kind!r} is not supported; use "
-                    "'classification' or 'regression'.")
-  label_names = info.get("label_names")
-  if kind == "classification" and label_names is None:
-    label_names = _infer_label_names(raw, path)
+    raise UserError(f"{path}/info.json: task {untrusted.printable(repr(kind), 60)} is not "
+                    "supported; use 'classification' or 'regression'.")
   if kind == "regression":
     label_names = []
-  if not isinstance(label_names, list) or not all(isinstance(n, str) for n in label_names):
-    raise UserError(f"{path}/info.json: label_names must be a list of strings.")
-  if kind == "classification" and len(label_names) < 2:
-    raise UserError(f"{path}: a classification task needs at least 2 labels, found {label_names}.")
+  elif "label_names" in info:
+    label_names = _checked_label_names(info["label_names"], f"{path}/info.json")
+  else:
+    label_names = _infer_label_names(raw, files)
   splits = {}
   pair_flags = set()
   for split, records in raw.items():
-    file = _split_file(path, split)
-    splits[split] = _to_split(records, kind, label_names, file)
+    splits[split] = _to_split(records, kind, label_names, files[split])
     pair_flags.add(splits[split].pairs is not None)
   if len(pair_flags) > 1:
     raise UserError(f"{path}: some splits have text_pair and others do not; every split of a "
@@ -76,18 +91,48 @@ def load_folder(path: str, columns: Mapping[str, str]) -> TaskData:
   return TaskData(os.path.basename(path), kind, label_names, splits, path)
 
 
+def column_names(columns: Mapping[str, str]) -> dict[str, str]:
+  """The column (JSON key) of each record field: ``columns`` checked, others by their name."""
+  if not isinstance(columns, Mapping):
+    raise UserError(f"config.data.columns must map record fields ({', '.join(COLUMNS)}) to "
+                    f"column names, got {untrusted.printable(columns, 80)}.")
+  unknown = sorted(str(k) for k in columns if k not in COLUMNS)
+  if unknown:
+    raise UserError(f"config.data.columns: unknown field(s) {', '.join(unknown)}; the fields are "
+                    f"{', '.join(COLUMNS)}.")
+  for key, value in columns.items():
+    if not isinstance(value, str) or not value or len(value) > MAX_LABEL_CHARS:
+      raise UserError(f"config.data.columns.{key}={untrusted.printable(value, 80)!r}: expected "
+                      "a column name.")
+  return {k: columns.get(k, k) for k in COLUMNS}
+
+
 def _read_info(path: str) -> dict:
   file = os.path.join(path, "info.json")
   if not os.path.exists(file):
     return {}
-  try:
-    with open(file, encoding="utf-8") as f:
-      info = json.load(f)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise UserError(f"{file}: not valid UTF-8 JSON ({e}).") from e
+  info = _json(_read_file(file, _MAX_INFO_BYTES), file, _MAX_INFO_DEPTH)
   if not isinstance(info, dict):
     raise UserError(f"{file}: expected a JSON object.")
   return info
+
+
+def _read_file(file: str, max_bytes: int | None = None) -> bytes:
+  """The bytes of a dataset file (a regular file, or a link to one)."""
+  try:
+    mode = os.stat(file).st_mode
+    if stat.S_ISDIR(mode):
+      raise UserError(f"{file}: is a folder; it should be a file.")
+    if not stat.S_ISREG(mode):
+      raise UserError(f"{file}: not a regular file (a device, pipe or socket); copy the data "
+                      "into a file.")
+    with open(file, "rb") as f:
+      data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+  except OSError as e:
+    raise UserError(f"{file}: cannot be read ({e.strerror}).") from None
+  if max_bytes is not None and len(data) > max_bytes:
+    raise UserError(f"{file}: larger than {max_bytes} bytes; this file holds a few settings.")
+  return data
 
 
 def _split_file(path: str, split: str) -> str:
@@ -101,64 +146,164 @@ def _split_file(path: str, split: str) -> str:
   return found[0]
 
 
-def _read_records(file: str, columns: Mapping[str, str]) -> list[tuple[str, Optional[str], object, int]]:
+def _read_records(file: str, names: Mapping[str, str]) -> list[tuple[str, Optional[str], object, int]]:
   """(text, text_pair or None, raw label, line number) per record."""
-  with open(file, "rb") as f:
-    data = f.read()
+  data = _read_file(file)
   try:
     text = data.decode("utf-8")
   except UnicodeDecodeError as e:
     line = data[:e.start].count(b"\n") + 1
     raise UserError(f"{file}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); re-encode the "
-                    "file as UTF-8.") from e
+                    "file as UTF-8.") from None
   text = text.removeprefix("\ufeff")
-  names = {k: columns.get(k, k) for k in ("text", "text_pair", "label")}
-  if file.endswith(".jsonl"):
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f"{file}:{number}: not valid JSON ({e.msg}).") from e
-      if not isinstance(obj, dict):
-        raise UserError(f"{file}:{number}: expected a JSON object per line.")
-      rows.append((obj, number))
-  else:
-    reader = csv.DictReader(io.StringIO(text), delimiter="\t" if file.endswith(".tsv") else ",")
-    header = reader.fieldnames or []
-    for key in ("text", "label"):
-      if names[key] not in header:
-        raise UserError(f"{file}:1: no column {names[key]!r} in the header {header}; name the "
-                        f"column or map it with --config.data.columns.{key}=<column>.")
-    rows = [(row, number) for number, row in enumerate(reader, 2)]
+  rows = _jsonl_rows(file, text) if file.endswith(".jsonl") else _csv_rows(file, text, names)
   if not rows:
     raise UserError(f"{file}: no examples; the file is empty.")
   records = []
   for obj, number in rows:
+    where = f"{file}:{number}"
     for key in ("text", "label"):
       if obj.get(names[key]) in (None, ""):
-        raise UserError(f"{file}:{number}: missing field {names[key]!r}.")
+        raise UserError(f"{where}: missing field {names[key]!r}.")
     text_value = obj[names["text"]]
     pair = obj.get(names["text_pair"])
     for key, value in (("text", text_value), ("text_pair", pair)):
-      if value is not None and (not isinstance(value, str) or len(value) > _MAX_TEXT_CHARS):
-        raise UserError(f"{file}:{number}: field {names[key]!r} must be a string of at most "
-                        f"{_MAX_TEXT_CHARS} characters.")
-    records.append((text_value, pair if pair not in ("",) else None, obj[names["label"]], number))
+      if value is not None:
+        _check_text(value, f"{where}: field {names[key]!r}")
+    records.append((text_value, pair if pair != "" else None,
+                    _checked_raw_label(obj[names["label"]], where), number))
   return records
 
 
-def _infer_label_names(raw, path) -> list[str]:
-  labels = {r[2] for records in raw.values() for r in records}
-  if all(isinstance(v, int) and not isinstance(v, bool) or (isinstance(v, str) and v.isdigit())
-         for v in labels):
-    ids = sorted(int(v) for v in labels)
-    if ids[0] < 0:
-      raise UserError(f"{path}: negative label {ids[0]}; class ids start at 0.")
-    return [str(i) for i in range(ids[-1] + 1)]
-  return sorted(str(v) for v in labels)
+def _jsonl_rows(file: str, text: str) -> list[tuple[dict, int]]:
+  rows = []
+  for number, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    obj = _json(line.encode("utf-8"), f"{file}:{number}", _MAX_RECORD_DEPTH)
+    if not isinstance(obj, dict):
+      raise UserError(f"{file}:{number}: expected a JSON object per line.")
+    rows.append((obj, number))
+  return rows
+
+
+def _json(raw: bytes, where: str, max_depth: int):
+  """Parsed JSON, refused when nested deeper than ``max_depth`` (a dataset file is flat)."""
+  nesting = untrusted.depth(raw.decode("utf-8", "replace"))
+  if nesting > max_depth:
+    raise UserError(f"{where}: JSON nested {nesting} deep; at most {max_depth} levels are "
+                    "expected here.")
+  return untrusted.loads(raw, where, max_depth=max_depth)
+
+
+def _csv_rows(file: str, text: str, names: Mapping[str, str]) -> list[tuple[dict, int]]:
+  kind = "TSV" if file.endswith(".tsv") else "CSV"
+  reader = csv.DictReader(io.StringIO(text), delimiter="\t" if kind == "TSV" else ",")
+  rows = []
+  try:
+    header = reader.fieldnames or []
+    for key in ("text", "label"):
+      if names[key] not in header:
+        raise UserError(f"{file}:1: no column {names[key]!r} in the header "
+                        f"{untrusted.printable(header, 200)}; name the column or map it with "
+                        f"--config.data.columns.{key}=<column>.")
+    for row in reader:
+      rows.append((row, reader.line_num))
+  except csv.Error as e:
+    raise UserError(f"{file}:{reader.line_num + 1}: not valid {kind} ({e}); a text may have at "
+                    f"most {MAX_TEXT_CHARS} characters.") from None
+  return rows
+
+
+def _check_text(value, what: str) -> None:
+  if not isinstance(value, str):
+    raise UserError(f"{what} must be a string, not {type(value).__name__}.")
+  if len(value) > MAX_TEXT_CHARS:
+    raise UserError(f"{what} has {len(value)} characters; at most {MAX_TEXT_CHARS} are allowed.")
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise UserError(f"{what} holds {value[e.start]!r} at character {e.start}, which is not "
+                    "Unicode text (an unpaired surrogate).") from None
+
+
+def _checked_raw_label(label, where: str):
+  """A label as written: a string (name, id or score), an int or a finite float."""
+  if isinstance(label, bool) or not isinstance(label, (str, int, float)):
+    raise UserError(f"{where}: label {untrusted.printable(label, 60)} is not a class id, a "
+                    "label name or a number.")
+  if isinstance(label, str):
+    _check_text(label, f"{where}: label")
+    if len(label) > MAX_LABEL_CHARS:
+      raise UserError(f"{where}: label of {len(label)} characters; at most {MAX_LABEL_CHARS}.")
+  elif isinstance(label, float) and not math.isfinite(label):
+    raise UserError(f"{where}: label {label} is not a finite number.")
+  return label
+
+
+def _is_score(label) -> bool:
+  """Whether a label is written as a number with a fraction (``3.8``, ``"0.25"``)."""
+  if isinstance(label, float):
+    return not label.is_integer()
+  return isinstance(label, str) and bool(_SCORE.fullmatch(label.strip()))
+
+
+def _class_id(label) -> Optional[int]:
+  """The class id a label is written as (``3``, ``3.0``, ``"3"``), or None."""
+  if isinstance(label, int):
+    return label
+  if isinstance(label, float):
+    return int(label) if label.is_integer() else None
+  return int(label) if _CLASS_ID.fullmatch(label) and len(label) <= 6 else None
+
+
+def _checked_label_names(names, where: str) -> list[str]:
+  if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+    raise UserError(f"{where}: label_names must be a list of label names (non-empty strings).")
+  if not 2 <= len(names) <= MAX_CLASSES:
+    raise UserError(f"{where}: {len(names)} label_names; a classification task has 2 to "
+                    f"{MAX_CLASSES} labels.")
+  for name in names:
+    _check_text(name, f"{where}: a label name")
+    if len(name) > MAX_LABEL_CHARS:
+      raise UserError(f"{where}: a label name of {len(name)} characters; at most "
+                      f"{MAX_LABEL_CHARS}.")
+  if len(set(names)) != len(names):
+    twice = sorted({n for n in names if names.count(n) > 1})
+    raise UserError(f"{where}: label_names lists {untrusted.printable(twice, 100)} more than "
+                    "once; each label needs one name.")
+  return names
+
+
+def _infer_label_names(raw, files) -> list[str]:
+  """Label names of a classification task without ``label_names``: ``0..max id`` when every
+  label is a class id, else the sorted distinct labels."""
+  labels = [(r[2], files[split], r[3]) for split, records in raw.items() for r in records]
+  ids = [(_class_id(label), file, line) for label, file, line in labels]
+  if all(i is not None for i, _, _ in ids):
+    low = min(ids, key=lambda x: x[0])
+    if low[0] < 0:
+      raise UserError(f"{low[1]}:{low[2]}: label {low[0]} is negative; class ids start at 0.")
+    high = max(ids, key=lambda x: x[0])
+    if high[0] >= MAX_CLASSES:
+      raise UserError(f"{high[1]}:{high[2]}: label {high[0]} is too large: class ids are 0.."
+                      f"{MAX_CLASSES - 1}. Number the classes from 0, or name them in info.json "
+                      '("label_names": [...]) and use the names as labels.')
+    names = [str(i) for i in range(high[0] + 1)]
+  elif any(i is not None for i, _, _ in ids):
+    label, file, line = next(x for x, (i, _, _) in zip(labels, ids) if i is None)
+    raise UserError(f"{file}:{line}: label {untrusted.printable(label, 60)!r} is not a class id "
+                    "like the other labels (0, 1, ...); write every label as a class id, or "
+                    'name the classes in info.json ("label_names": [...]).')
+  else:
+    names = sorted({str(label) for label, _, _ in labels})
+    if len(names) > MAX_CLASSES:
+      raise UserError(f"{files['train']}: {len(names)} different labels; a classification task "
+                      f"has at most {MAX_CLASSES} classes.")
+  if len(names) < 2:
+    raise UserError(f"{os.path.dirname(files['train'])}: a classification task needs at least 2 "
+                    f"labels, found {names}.")
+  return names
 
 
 def _to_split(records, kind: str, label_names: list[str], file: str) -> Split:
@@ -175,25 +320,22 @@ def _to_split(records, kind: str, label_names: list[str], file: str) -> Split:
 
 
 def _parse_label(label, kind: str, label_names: list[str], where: str):
+  shown = untrusted.printable(label, 60)
   if kind == "regression":
     try:
       value = float(label)
-    except (TypeError, ValueError):
-      raise UserError(f"{where}: label {label!r} is not a number (regression task).") from None
-    if not math.isfinite(value):
-      raise UserError(f"{where}: label {label!r} is not finite.")
+    except (ValueError, OverflowError):
+      raise UserError(f"{where}: label {shown!r} is not a number (regression task).") from None
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+      raise UserError(f"{where}: label {shown} is not a finite 32-bit number (regression task).")
     return value
-  if isinstance(label, bool):
-    raise UserError(f"{where}: label {label!r} is not a class id or name.")
   if isinstance(label, str) and label in label_names:
     return label_names.index(label)
-  try:
-    as_int = int(label)
-    if isinstance(label, float) and not label.is_integer():
-      raise ValueError
-  except (TypeError, ValueError):
-    raise UserError(f"{where}: label {label!r} is not in the label set {label_names}.") from None
+  as_int = _class_id(label)
+  if as_int is None:
+    raise UserError(f"{where}: label {shown!r} is not in the label set "
+                    f"{untrusted.printable(label_names, 200)}.")
   if not 0 <= as_int < len(label_names):
-    raise UserError(f"{where}: label {label!r} is outside the label set: expected 0.."
-                    f"{len(label_names) - 1} ({', '.join(label_names)}).")
+    raise UserError(f"{where}: label {shown} is outside the label set: expected 0.."
+                    f"{len(label_names) - 1} ({untrusted.printable(', '.join(label_names), 200)}).")
   return as_int

@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 
+from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.store.paths import check_path_part
 
 SPLITS = ("train", "dev", "test")
@@ -48,6 +49,20 @@ def dataset_id(name: str) -> str:
   """A path-safe short name for a dataset reference (used for contributor ids and reports)."""
   base = name[len("tfds:"):] if name.startswith("tfds:") else os.path.basename(os.path.normpath(name))
   return check_path_part(base.replace("/", "."), "Dataset name")
+
+
+def check_caps(caps, where: str = "config.data.max_examples") -> dict[str, int]:
+  """Caps on examples per split (``{"train": 1000}``; 0: all), checked."""
+  if not hasattr(caps, "items"):
+    raise UserError(f"{where} must map splits ({', '.join(SPLITS)}) to caps, got {caps!r}.")
+  checked = {}
+  for split, cap in caps.items():
+    if split not in SPLITS:
+      raise UserError(f"{where}.{split}: no such split; the splits are {', '.join(SPLITS)}.")
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+      raise UserError(f"{where}.{split}={cap!r}: a cap is a number of examples (0: all).")
+    checked[split] = cap
+  return checked
 
 
 def sample_split(split: Split, cap: int, seed: str) -> Split:

@@ -1,0 +1,104 @@
+"""A config's values checked once, where a program reads it: each problem is one UserError
+that names the field (``config.data.max_examples.train=-1: ...``) and what it expects.
+
+The fine-tuning recipes are checked by :class:`~cold_fusion_tf.training.recipe.Recipe` and the
+fusion settings by :class:`~cold_fusion_tf.fusion.Settings`; this module checks the rest and
+calls both. Sections a config does not have are skipped (a program may be given a config of
+its own).
+"""
+
+from __future__ import annotations
+
+import math
+
+from cold_fusion_tf import data
+from cold_fusion_tf.data import folder
+from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.store import paths
+
+
+def check(config) -> None:
+  """Raises a UserError for the first value of ``config`` that is not valid."""
+  if not hasattr(config, "keys") or not hasattr(config, "get"):
+    raise UserError(f"--config: get_config() returned {type(config).__name__}; a config file's "
+                    "get_config() returns an ml_collections.ConfigDict (see configs/demo.py).")
+  if "model" in config:
+    _string(config.model, "source", "config.model", empty=False)
+  if "data" in config:
+    _check_data(config.data)
+  for name in ("task", "contributor_id", "strategy", "tpu"):
+    _string(config, name, "config")
+  if config.get("contributor_id"):
+    paths.check_path_part(config.contributor_id, "Contributor id")
+  for name in ("pool", "heldout"):
+    if name in config:
+      _names(config[name], f"config.{name}")
+  for name, low in (("iterations", 0), ("contributors_per_iteration", 1), ("seed", 0)):
+    if name in config:
+      _integer(config[name], f"config.{name}", low)
+  if "recipe" in config:
+    _recipe(config.recipe, "config.recipe")
+  if "eval" in config:
+    _check_eval(config.eval)
+  if "fusion" in config:
+    from cold_fusion_tf import fusion  # pylint: disable=g-import-not-at-top
+    fusion.Settings.from_config(config.fusion)
+
+
+def _check_data(section) -> None:
+  if "dirs" in section:
+    _names(section.dirs, "config.data.dirs", what="a folder")
+  if "columns" in section:
+    folder.column_names(_mapping(section.columns))
+  if "max_examples" in section:
+    data.check_caps(_mapping(section.max_examples))
+
+
+def _check_eval(section) -> None:
+  if "recipe" in section:
+    _recipe(section.recipe, "config.eval.recipe")
+  if "seeds" in section:
+    _integer(section.seeds, "config.eval.seeds", 1)
+  if "enabled" in section and not isinstance(section.enabled, bool):
+    raise UserError(f"config.eval.enabled={section.enabled!r}: expected True or False.")
+  if "probe_learning_rate" in section:
+    value = section.probe_learning_rate
+    if not _number(value) or not value > 0:
+      raise UserError(f"config.eval.probe_learning_rate={value!r}: expected a number > 0.")
+
+
+def _recipe(section, where: str) -> None:
+  from cold_fusion_tf.training.recipe import Recipe  # pylint: disable=g-import-not-at-top
+  Recipe.from_config(section, where)
+
+
+def _mapping(section):
+  return section.to_dict() if hasattr(section, "to_dict") else section
+
+
+def _number(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def _integer(value, where: str, low: int) -> None:
+  if not _number(value) or not float(value).is_integer() or value < low:
+    raise UserError(f"{where}={value!r}: expected an integer >= {low}.")
+
+
+def _string(section, name: str, where: str, empty: bool = True) -> None:
+  if name not in section:
+    return
+  value = section[name]
+  if not isinstance(value, str) or (not empty and not value):
+    raise UserError(f"{where}.{name}={value!r}: expected {'a' if empty else 'a non-empty'} "
+                    "string.")
+
+
+def _names(value, where: str, what: str = "a dataset") -> None:
+  if isinstance(value, str) or not isinstance(value, (tuple, list)):
+    raise UserError(f"{where}={value!r}: expected a tuple of names, e.g. "
+                    f"{where}=\"('a', 'b')\" (each {what}).")
+  for item in value:
+    if not isinstance(item, str) or not item:
+      raise UserError(f"{where}: {item!r} is not {what} name.")

@@ -1,0 +1,279 @@
+"""Every program on bad input: one `error:` line naming the problem, exit status 2, no
+traceback, nothing written. Flags and config values are checked before any library is
+loaded; dataset files are checked line by line before any training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cold_fusion_tf import data
+from cold_fusion_tf.errors import UserError
+from tests import tiny_models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_PROGRAMS = ("train", "fuse", "run", "evaluate", "export", "inspect", "init")
+STORE_PROGRAMS = CONFIG_PROGRAMS + ("rollback", "keys")
+
+
+def _run(command, *args, cwd=REPO, timeout=300):
+  """A program (``cold_fusion_tf.<command>``) or, for a list, that command line."""
+  argv = command if isinstance(command, list) else [sys.executable, "-m",
+                                                    f"cold_fusion_tf.{command}"]
+  env = tiny_models.env()
+  return subprocess.run([*argv, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _assert_one_error(result, *fragments):
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in errors[0], errors[0]
+  return errors[0]
+
+
+def _files(root) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(d, f), root)
+                for d, _, names in os.walk(root) for f in names)
+
+
+@pytest.fixture
+def place(tmp_path):
+  """Paths a program could write to, all inside an empty folder (checked afterwards)."""
+  root = tmp_path / "place"
+  root.mkdir()
+  return root
+
+
+@pytest.mark.parametrize("program", CONFIG_PROGRAMS)
+@pytest.mark.parametrize("args,fragments", [
+    (["--config.fusion.bogus=1"], ["--config.fusion.bogus: config.fusion has no field 'bogus'",
+                                   "min_contributions"]),
+    (["--config=/no/such/config.py"], ["--config=/no/such/config.py", "does not exist"]),
+    (["--config=no_such_config"], ["not a shipped config's name", "demo"]),
+    (["--config.fusion.min_contributions=abc"], ["--config.fusion.min_contributions=abc",
+                                                "invalid literal for int()"]),
+    (["--config.data.max_examples.train=-1"], ["config.data.max_examples.train=-1",
+                                              "a cap is a number of examples"]),
+])
+def test_bad_config_in_every_program(program, args, fragments, place):
+  # Prepare: every path a program writes to lies in `place`.
+  paths = [f"--store={place / 'store'}"]
+  paths += {"evaluate": [f"--out={place / 'out'}"], "export": [f"--out={place / 'out'}"],
+            "train": [f"--workdir={place / 'work'}", "--config.task=sst2"]}.get(program, [])
+  # Execute
+  result = _run(program, *paths, *args)
+  # Assert
+  _assert_one_error(result, *fragments)
+  assert _files(place) == [] and os.listdir(place) == []
+
+
+@pytest.mark.parametrize("program", STORE_PROGRAMS)
+def test_a_file_where_a_folder_is_expected(program, place):
+  # Prepare
+  passwd = place / "passwd"
+  passwd.write_text("root:x:0:0\n")
+  # Execute
+  results = [_run(program, f"--store={passwd}"), _run(program, f"--store={passwd}/store")]
+  # Assert
+  _assert_one_error(results[0], f"--store={passwd} is a file, not a folder")
+  _assert_one_error(results[1], f"is inside the file {passwd}")
+  assert _files(place) == ["passwd"] and passwd.read_text() == "root:x:0:0\n"
+
+
+@pytest.mark.parametrize("program,args,fragment", [
+    ("train", ["--config.recipe.batch_size=0"], "config.recipe.batch_size=0"),
+    ("train", ["--config.recipe.learning_rate=nan"], "expected a finite number"),
+    ("run", ["--config.seed=-1"], "config.seed=-1: expected an integer >= 0"),
+    ("run", ["--config.eval.seeds=0"], "config.eval.seeds=0: expected an integer >= 1"),
+    ("run", ["--config.pool=5"], "config.pool: 5 is not a dataset name"),
+    ("run", ["--config.data.columns.bogus=x"], "config.data.columns has no field 'bogus'"),
+    ("run", ["--config.data.columns.text="], "config.data.columns.text='': expected a column"),
+    ("init", ["--config.model.source="], "config.model.source='': expected a non-empty"),
+    ("fuse", ["--config.fusion.method=bogus"], "Unknown fusion method 'bogus'"),
+    ("fuse", ["--config.iterations=1e3"], "--config.iterations=1e3"),
+    ("fuse", ["--bogus_flag=1"], "Unknown command line flag 'bogus_flag'"),
+    ("inspect", ["stray"], "unexpected argument(s) stray"),
+    ("keys", ["stray"], "unexpected argument(s) stray"),
+    ("export", ["--license=MIT License"], "--license"),
+    ("export", ["--sequence_length=-5"], "--sequence_length=-5"),
+    ("evaluate", ["--seeds=-1"], "--seeds=-1"),
+    ("train", ["--config.contributor_id=../../etc"], "Contributor id '../../etc' is not a safe"),
+])
+def test_bad_values_are_refused_before_any_work(program, args, fragment, place):
+  paths = {"evaluate": [f"--out={place / 'out'}"], "export": [f"--out={place / 'out'}"],
+           "train": [f"--workdir={place / 'work'}", "--config.task=sst2"],
+           "keys": []}.get(program, [])
+  result = _run(program, f"--store={place / 'store'}", *paths, *args)
+  _assert_one_error(result, fragment)
+  assert os.listdir(place) == []
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ("def get_config():\n  raise ValueError('boom')\n", "fails to load: ValueError: boom"),
+    ("def get_config(:\n", "fails to load: SyntaxError"),
+    ("x = 1\n", "has no attribute 'get_config'"),
+    ("def get_config():\n  return 5\n", "get_config() returned int"),
+])
+def test_config_files_that_fail(body, fragment, place, tmp_path):
+  config = tmp_path / "my_config.py"
+  config.write_text(body)
+  result = _run("fuse", f"--config={config}", f"--store={place / 'store'}")
+  _assert_one_error(result, fragment)
+  result = _run("fuse", f"--config={tmp_path}", f"--store={place / 'store'}")
+  _assert_one_error(result, "is a folder")
+  assert os.listdir(place) == []
+
+
+def test_the_cold_fusion_command(place):
+  command = [sys.executable, "-m", "cold_fusion_tf"]
+  listing = _run(command, "--help")
+  assert listing.returncode == 0 and "programs:" in listing.stdout
+  for program in STORE_PROGRAMS:
+    assert f"  {program} " in listing.stdout
+  _assert_one_error(_run(command, "bogus"), "unknown program 'bogus'")
+  assert _run(command).returncode == 2
+  _assert_one_error(_run(command, "fuse", "--config.fusion.bogus=1",
+                         f"--store={place / 'store'}"), "config.fusion has no field 'bogus'")
+  assert os.listdir(place) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset folders (--config.task=<folder>): each bad file is one UserError naming file and line
+# --------------------------------------------------------------------------------------------
+
+GOOD = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
+
+
+def _jsonl(records) -> str:
+  return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+
+
+def _folder(root, train, info=None, ext="jsonl", others=None):
+  """A dataset folder whose train split is ``train`` (text) and dev/test are good."""
+  folder = root / "mydata"
+  folder.mkdir(exist_ok=True)
+  good = others if others is not None else (
+      _jsonl(GOOD) if ext == "jsonl" else "text,label\ngood,1\nbad,0\n")
+  (folder / f"train.{ext}").write_text(train, encoding="utf-8")
+  for split in ("dev", "test"):
+    (folder / f"{split}.{ext}").write_text(good, encoding="utf-8")
+  if info is not None:
+    (folder / "info.json").write_text(info if isinstance(info, str) else json.dumps(info))
+  return str(folder)
+
+
+NAMES = {"task": "classification", "label_names": ["neg", "pos"]}
+DATASET_CASES = {
+    "label_list": (dict(train=_jsonl(GOOD + [{"text": "x", "label": [1]}])),
+                   r"train.jsonl:3: label \[1\] is not a class id, a label name or a number"),
+    "label_superscript": (dict(train=_jsonl(GOOD + [{"text": "x", "label": "\u00b2"}])),
+                          r"train.jsonl:3: label '\u00b2' is not a class id like the other"),
+    "label_superscript_named": (
+        dict(train=_jsonl(GOOD + [{"text": "x", "label": "\u00b2"}]), info=NAMES),
+        r"train.jsonl:3: label '\u00b2' is not in the label set"),
+    "regression_overflow": (
+        dict(train=_jsonl(GOOD + ['{"text": "x", "label": 1' + "0" * 400 + "}"]),
+             info={"task": "regression"}),
+        r"train.jsonl:3: not valid JSON \(an integer of 401 characters"),
+    "regression_huge_csv": (
+        dict(train="text,label\na,0.5\nb,1" + "0" * 150 + "\n", ext="csv",
+             info={"task": "regression"}, others="text,label\na,0.5\nb,1.5\n"),
+        r"train.csv:3: label 1000.* is not a finite 32-bit number"),
+    "label_5000_digits": (dict(train=_jsonl(GOOD + ['{"text": "x", "label": ' + "9" * 5000 + "}"])),
+                          r"train.jsonl:3: not valid JSON \(an integer of 5000 characters"),
+    "label_5000_digits_csv": (dict(train="text,label\na,1\nb," + "9" * 5000 + "\n", ext="csv"),
+                              r"train.csv:3: label of 5000 characters"),
+    "csv_field_too_long": (dict(train="text,label\n" + "x" * 140_000 + ",1\nb,0\n", ext="csv"),
+                           r"train.csv:2: not valid CSV \(field larger than field limit"),
+    "text_too_long": (dict(train=_jsonl(GOOD + [{"text": "x" * 100_001, "label": 1}])),
+                      r"train.jsonl:3: field 'text' has 100001 characters; at most 100000"),
+    "deep_info": (dict(train=_jsonl(GOOD), info="[" * 100_000 + "]" * 100_000),
+                  r"info.json: JSON nested 100000 deep"),
+    "deep_line": (dict(train=_jsonl(GOOD + ['{"text": "x", "label": ' + "[" * 50_000 + "]" * 50_000
+                                            + "}"])),
+                  r"train.jsonl:3: JSON nested 50001 deep"),
+    "label_out_of_names": (dict(train=_jsonl(GOOD + [{"text": "x", "label": 2}]), info=NAMES),
+                           r"train.jsonl:3: label 2 is outside the label set: expected 0..1"),
+    "label_too_large": (dict(train=_jsonl(GOOD + [{"text": "x", "label": 1_000_000}])),
+                        r"train.jsonl:3: label 1000000 is too large: class ids are 0..999"),
+    "label_negative": (dict(train=_jsonl(GOOD + [{"text": "x", "label": -1}])),
+                       r"train.jsonl:3: label -1 is negative"),
+    "label_bool": (dict(train=_jsonl(GOOD + [{"text": "x", "label": True}])),
+                   r"train.jsonl:3: label True is not a class id"),
+    "label_nan": (dict(train=_jsonl(GOOD + ['{"text": "x", "label": NaN}'])),
+                  r"train.jsonl:3: not valid JSON \(NaN is not a JSON number"),
+    "text_surrogate": (dict(train=_jsonl(GOOD + ['{"text": "\\ud800", "label": 1}'])),
+                       r"train.jsonl:3: field 'text' holds '\\ud800'"),
+    "names_twice": (dict(train=_jsonl(GOOD), info={"label_names": ["a", "a"]}),
+                    r"info.json: label_names lists \['a'\] more than once"),
+    "names_not_strings": (dict(train=_jsonl(GOOD), info={"label_names": [0, 1]}),
+                          r"info.json: label_names must be a list of label names"),
+    "task_unknown": (dict(train=_jsonl(GOOD), info={"task": ["x"]}),
+                     r"info.json: task \['x'\] is not supported"),
+    "info_not_object": (dict(train=_jsonl(GOOD), info="[1, 2]"), r"info.json: expected a JSON object"),
+    "csv_short_row": (dict(train="text,label\na,1\n\"multi\nline\"\n", ext="csv"),
+                      r"train.csv:4: missing field 'label'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATASET_CASES))
+def test_bad_dataset_files(case, tmp_path):
+  # Prepare
+  spec, message = DATASET_CASES[case]
+  folder = _folder(tmp_path, **spec)
+  # Execute / Assert
+  with pytest.raises(UserError, match=message) as raised:
+    data.load_task(folder)
+  assert "\n" not in str(raised.value)
+
+
+def test_dataset_files_that_are_not_files(tmp_path):
+  folder = _folder(tmp_path, _jsonl(GOOD))
+  os.remove(os.path.join(folder, "dev.jsonl"))
+  os.mkdir(os.path.join(folder, "dev.jsonl"))
+  with pytest.raises(UserError, match=r"dev.jsonl: is a folder; it should be a file"):
+    data.load_task(folder)
+  os.rmdir(os.path.join(folder, "dev.jsonl"))
+  os.symlink("/dev/zero", os.path.join(folder, "dev.jsonl"))
+  with pytest.raises(UserError, match=r"dev.jsonl: not a regular file"):
+    data.load_task(folder)
+  with pytest.raises(UserError, match=r"is a file, not a folder"):
+    data.load_task(os.path.join(folder, "train.jsonl"))
+  with pytest.raises(UserError, match=r"max_examples.train=-1: a cap is a number"):
+    data.load_task(folder, max_examples={"train": -1})
+  with pytest.raises(UserError, match=r"max_examples.valid: no such split"):
+    data.load_task(folder, max_examples={"valid": 3})
+
+
+def test_csv_scores_are_a_regression_task_and_named_columns(tmp_path):
+  folder = _folder(tmp_path, "sentence,y\na,0.5\nb,4.25\n", ext="csv",
+                   others="sentence,y\na,0.5\nb,1.5\n")
+  task = data.load_task(folder, columns={"text": "sentence", "label": "y"})
+  assert task.kind == "regression" and task.splits["train"].labels.tolist() == [0.5, 4.25]
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+  return tiny_models.make_store(str(tmp_path_factory.mktemp("bad_inputs") / "store"))
+
+
+@pytest.mark.parametrize("case", ["label_list", "deep_info"])
+def test_train_stops_on_a_bad_dataset_before_writing(case, tiny_store, tmp_path):
+  # Prepare
+  spec, message = DATASET_CASES[case]
+  folder = _folder(tmp_path, **spec)
+  before = _files(tiny_store)
+  # Execute
+  result = _run("train", f"--store={tiny_store}", f"--config.task={folder}",
+                f"--workdir={tmp_path / 'work'}")
+  # Assert
+  line = _assert_one_error(result)
+  assert __import__("re").search(message.replace("train.", "mydata/train."), line), line
+  assert _files(tiny_store) == before and not os.path.exists(tmp_path / "work")
