@@ -22,6 +22,8 @@ from cold_fusion_tf import cli
 
 cli.define_flags()
 flags.DEFINE_bool("watch", False, "Keep polling the store and fuse whenever the quorum is met.")
+flags.DEFINE_string("logdir", None, "TensorBoard scalars of each published base (default: "
+                    "<store>/tensorboard for a local store).")
 
 
 def main(argv):
@@ -32,8 +34,10 @@ def main(argv):
     from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top
     config = cli.require_config()
     settings = fusion.Settings.from_config(config.fusion)
+    from cold_fusion_tf.simulation import scalars  # pylint: disable=g-import-not-at-top
     store = store_lib.Store(cli.require_store())
-    return fusion.run(store, settings, watch=flags.FLAGS.watch, log=cli.say)
+    log = scalars.fuser_log(store, flags.FLAGS.logdir, cli.say)
+    return fusion.run(store, settings, watch=flags.FLAGS.watch, log=log)
 
   cli.run_main(body)
 

