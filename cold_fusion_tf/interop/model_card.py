@@ -1,4 +1,6 @@
-"""The lineage of a published base and its model card (README.md with YAML front matter).
+"""The lineage of a published base and its model card (README.md; its metadata, the YAML
+front matter, through ``huggingface_hub``'s ModelCardData: base model, pipeline tag,
+datasets and the evaluation as a model-index).
 
 The lineage is read from the store: ``run.json`` (source model), every manifest from base 1
 to base N (fusion method, fused and rejected contributions) and ``evaluations/<i>.json``
@@ -7,16 +9,19 @@ to base N (fusion method, fused and rejected contributions) and ``evaluations/<i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from typing import Optional
 
+from huggingface_hub import EvalResult, ModelCardData
+
+from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.store import paths
 
 PAPER = "https://arxiv.org/abs/2212.01378"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,63}$")
 CITATION = """@inproceedings{don-yehiya-etal-2023-cold,
   title = "{C}ol{D} Fusion: Collaborative Descent for Distributed Multitask Finetuning",
   author = "Don-Yehiya, Shachar and Venezian, Elad and Raffel, Colin and Slonim, Noam and
@@ -81,19 +86,45 @@ def _code(text: str) -> str:
   return f"`{text}`" if text else "-"
 
 
-def front_matter(lin: dict, license_name: str, library: str) -> str:
+LICENSE_HELP = ("give a license identifier such as mit, apache-2.0 or cc-by-4.0 (that of the "
+                "source model), or other")
+
+
+def valid_license(license_name) -> bool:
+  """Whether ``license_name`` looks like a Hub license identifier (``mit``, ``other``, ...)."""
+  return isinstance(license_name, str) and bool(_LICENSE.match(license_name))
+
+
+def check_license(license_name: str) -> str:
+  if not valid_license(license_name):
+    raise UserError(f"--license={license_name!r}: {LICENSE_HELP}.")
+  return license_name
+
+
+def card_data(lin: dict, license_name: str, library: str) -> ModelCardData:
+  """The card's metadata: what the Hub indexes (base model, task, datasets, evaluation)."""
   tags = ["cold-fusion", lin["model_type"]]
   tags += ["tensorflow", "keras"] if library == "transformers" else ["keras-hub", "keras"]
-  lines = ["---", "language: en", f"license: {json.dumps(license_name)}",
-           f"library_name: {library}", "tags:"] + [f"- {t}" for t in tags if t]
   source = lin["source_model"]
-  if _HUB_ID.match(source) and not os.path.exists(source):
-    lines.append(f"base_model: {json.dumps(source)}")
-  if lin["datasets"]:
-    lines.append("datasets:")
-    lines += [f"- {json.dumps(d)}" for d in lin["datasets"]]
-  lines.append("---")
-  return "\n".join(lines) + "\n"
+  base_model = source if _HUB_ID.match(source) and not os.path.exists(source) else None
+  name = f"ColD Fusion {lin['model_type']}, iteration {lin['iteration']}"
+  scores = lin["evaluation"].get(str(lin["iteration"]), {})
+  results = [EvalResult(task_type="text-classification", dataset_type=task, dataset_name=task,
+                        dataset_split="test", metric_type="recycling_score",
+                        metric_name="test accuracy (Spearman for regression) x 100 after "
+                                    "fine-tuning with a fresh head, mean over seeds",
+                        metric_value=round(100 * scores[task]["score"], 2))
+             for task in sorted(scores)]
+  return ModelCardData(language="en", license=check_license(license_name),
+                       library_name=library, tags=[t for t in tags if t],
+                       base_model=base_model, datasets=lin["datasets"] or None,
+                       pipeline_tag="feature-extraction", model_name=name if results else None,
+                       eval_results=results or None)
+
+
+def front_matter(lin: dict, license_name: str, library: str) -> str:
+  """The card's YAML front matter (:func:`card_data`)."""
+  return "---\n" + card_data(lin, license_name, library).to_yaml() + "\n---\n"
 
 
 def lineage_section(lin: dict) -> str:
