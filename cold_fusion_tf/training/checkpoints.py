@@ -23,6 +23,31 @@ from cold_fusion_tf.training import distribute as strategies
 from cold_fusion_tf.errors import UserError
 
 
+def check_workdir(workdir: str) -> None:
+  """For a remote workdir (``gs://``): writes, reads and deletes a probe file, so a missing
+  filesystem or permission fails before training rather than at the first checkpoint."""
+  if "://" not in workdir:
+    return
+  probe = join(workdir, ".cold_fusion_probe")
+  try:
+    tf.io.gfile.makedirs(workdir)
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("probe")
+    with tf.io.gfile.GFile(probe, "r") as f:
+      f.read()
+    tf.io.gfile.remove(probe)
+  except tf.errors.UnimplementedError as e:
+    raise UserError(f"--workdir={workdir}: TensorFlow cannot open this filesystem ({e}). For "
+                    "gs://, install the GCS filesystem plugin: pip install "
+                    f"'tensorflow[gcs-filesystem]=={tf.__version__}' (tensorflow-tpu on TPU VMs)."
+                    ) from e
+  except tf.errors.PermissionDeniedError as e:
+    raise UserError(f"--workdir={workdir}: permission denied ({e}); grant the service account "
+                    "roles/storage.objectUser on the workdir's prefix.") from e
+  except tf.errors.OpError as e:
+    raise UserError(f"--workdir={workdir}: cannot write and read a probe file there ({e}).") from e
+
+
 def join(*parts: str) -> str:
   """Joins path parts for local folders and ``gs://`` alike."""
   return "/".join([parts[0].rstrip("/")] + [p.strip("/") for p in parts[1:]])

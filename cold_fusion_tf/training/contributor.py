@@ -97,6 +97,11 @@ def contribute(store: store_lib.Store, config, task_name: str, contributor_id: s
   recipe = Recipe.from_config(config.recipe)
   body_lib.check_batch(recipe, strategy)
   workdir = workdir or default_workdir(store, iteration, contributor_id)
+  if strategies.tpu_hosts(strategy) > 1 and not workdir.startswith("gs://"):
+    raise UserError(f"--workdir={workdir!r}: a multi-host TPU slice needs a gs:// workdir "
+                    "(checkpoints are written by the hosts that hold the variables).")
+  if strategies.is_chief(strategy):
+    checkpointing.check_workdir(workdir)
   base_dir = store.base_dir(iteration)
   base_sha = store.base_sha256(iteration)
   body_lib.set_seed(recipe.seed, body_type)

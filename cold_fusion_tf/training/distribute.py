@@ -3,8 +3,11 @@
 ``make(name, tpu)`` turns ``--config.strategy`` (and ``--config.tpu``) into a
 ``tf.distribute.Strategy``:
 
-* ``tpu``: a Cloud TPU: ``tpu="local"`` (or empty) on a TPU VM, or the name of a TPU node or
-  multi-host slice (``TPUStrategy``);
+* ``tpu``: a Cloud TPU (``TPUStrategy``): ``tpu="local"`` on a TPU VM; for a multi-host slice
+  the workers' endpoints, ``grpc://IP0:8470,grpc://IP1:8470,...`` (what
+  ``launch/tpu_contributor.sh`` passes, also through ``TPU_NAME``); or a TPU name, resolved
+  through the Cloud TPU API (needs the ``cloud-tpu-client`` package). Empty: ``TPU_NAME``,
+  else ``local``;
 * ``mirrored``: every GPU of this machine, else every logical CPU device when there are
   several (``MirroredStrategy``);
 * ``multi_worker``: the cluster described by ``TF_CONFIG`` (``MultiWorkerMirroredStrategy``);
@@ -22,14 +25,17 @@ initialising a TPU twice is not possible), so asking again returns the same obje
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
+import re
 
 import tensorflow as tf
 
 from cold_fusion_tf.errors import UserError
 
 NAMES = ("auto", "tpu", "mirrored", "multi_worker", "one_device", "default")
+_GRPC = re.compile(r"^grpc://[A-Za-z0-9.\-]+:\d{1,5}$")
 _MADE: dict[tuple[str, str], tf.distribute.Strategy] = {}
 
 
@@ -113,9 +119,41 @@ def _make(name: str, tpu: str) -> tf.distribute.Strategy:
   return tf.distribute.get_strategy()
 
 
+def tpu_target(tpu: str) -> str:
+  """The TPU to use: ``--config.tpu``, else ``TPU_NAME``, else the attached one (``local``)."""
+  return (tpu or "").strip() or os.environ.get("TPU_NAME", "").strip() or "local"
+
+
+def check_tpu_target(target: str) -> None:
+  """Fails early, with what to do, for a TPU target that cannot work here."""
+  if target == "local":
+    return
+  items = target.split(",")
+  if all(_GRPC.match(item) for item in items):
+    return
+  if any(item.startswith("grpc://") for item in items):
+    raise UserError(f"--config.tpu={target!r}: endpoints must be grpc://IP:PORT items, "
+                    "separated by commas.")
+  if importlib.util.find_spec("googleapiclient") is None:
+    raise UserError(f"--config.tpu={target!r} is a TPU name, which is resolved through the "
+                    "Cloud TPU API and needs the cloud-tpu-client package (googleapiclient, "
+                    "oauth2client). Pass the workers' endpoints instead: "
+                    "--config.tpu=grpc://IP0:8470,grpc://IP1:8470,... (launch/tpu_contributor.sh "
+                    "does), or pip install cloud-tpu-client.")
+
+
+def tpu_hosts(strategy) -> int:
+  """How many hosts a TPU strategy spans (1 for any other strategy)."""
+  if isinstance(strategy, tf.distribute.TPUStrategy):
+    return int(strategy.extended.num_hosts)
+  return 1
+
+
 def _tpu(tpu: str) -> tf.distribute.Strategy:
-  """TPUStrategy on the attached TPU (``local``) or on a named TPU node / slice."""
-  target = tpu or "local"
+  """TPUStrategy on the attached TPU (``local``), on a slice's workers (``grpc://`` list) or
+  on a named TPU."""
+  target = tpu_target(tpu)
+  check_tpu_target(target)
   try:
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=target)
     if target != "local":
