@@ -2,7 +2,7 @@
 
   python benchmarks/quality.py                          # the demo's defaults (configs/demo.py)
   python benchmarks/quality.py --contributors=4 --server_lr=0.5   # one knob at a time
-  python benchmarks/quality.py --final                  # also the final held-out group
+  python benchmarks/quality.py --groups=final           # the final held-out group
   python benchmarks/quality.py --compare                # a table of every variant run so far
 
 Fusion: the demo's loop (configs/demo.py: MiniLM-L6-H384 from the PyPI package
@@ -141,9 +141,12 @@ def main() -> int:
   parser.add_argument("--server_momentum", type=float, help="server momentum (0: none)")
   parser.add_argument("--method", help="fusion method: mean, ties, dare, ...")
   parser.add_argument("--seeds", type=int, help="evaluation seeds (default: the demo's)")
-  parser.add_argument("--final", action="store_true",
-                      help="also evaluate the final held-out group (for the chosen defaults)")
-  parser.add_argument("--held_in", action="store_true", help="also evaluate the pool's tasks")
+  parser.add_argument("--groups", default="selection",
+                      help="held-out groups to evaluate, comma-separated: selection (used to "
+                      "choose the defaults), final (kept aside for the chosen defaults)")
+  parser.add_argument("--tasks", default="",
+                      help="evaluate only these tasks of the groups, comma-separated (to share "
+                      "the work among processes)")
   parser.add_argument("--fusion_only", action="store_true",
                       help="only run (or resume) the variant's fusion; evaluate later")
   parser.add_argument("--model", choices=("both", "reference", "fused"), default="both",
@@ -164,7 +167,9 @@ def main() -> int:
   config = fusion_config(knobs)
   name = variant_name(config)
   seeds = args.seeds or config.eval.seeds
-  groups = ["selection"] + (["final"] if args.final else [])
+  groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+  if not groups or set(groups) - set(GROUPS):
+    parser.error(f"--groups={args.groups!r}: expected selection, final or both")
   print(f"variant {name}: {config.iterations} iterations x {config.contributors_per_iteration} "
         f"contributors from {', '.join(config.pool)}; evaluation of {args.model} on "
         f"{' + '.join(groups)} held-out tasks x {seeds} seeds; work directory {workdir}",
@@ -188,7 +193,9 @@ def main() -> int:
   if args.fusion_only:
     return 0
   for group in groups:
-    tasks = list(GROUPS[group]) + (list(config.pool) if args.held_in else [])
+    tasks = [t for t in GROUPS[group] if not args.tasks or t in args.tasks.split(",")]
+    if not tasks:
+      continue
     evaluation = eval_config(config, data_dir, GROUPS[group])
     job = pipeline.Job(_models(store, args.model), pipeline.load_tasks(evaluation, tasks),
                        evaluation.eval, seeds)

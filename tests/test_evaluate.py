@@ -269,3 +269,25 @@ def test_the_loop_keeps_every_run_of_a_base_in_its_evaluation_file(tiny_store):
   with pytest.raises(UserError, match="run 0 is malformed; delete the file"):
     recycling.StoreRuns(store, 1, [])
   os.remove(os.path.join(tiny_store[0], "evaluations", "000001.json"))
+
+
+def test_evaluation_fine_tunes_train_on_a_seeded_sample_of_at_most_max_train_examples():
+  # Prepare
+  config = tiny.tiny_config("unused")
+  task = data_lib.load_task("sst2", [tiny.DATA])
+  # Execute
+  config.eval.max_train_examples = 10
+  capped = recycling.eval_task(config, task)
+  again = recycling.eval_task(config, task)
+  config.eval.max_train_examples = 0
+  whole = recycling.eval_task(config, task)
+  # Assert: a sample of the training split only, the same each time, with its own data key.
+  assert len(capped.splits["train"]) == 10 and capped.splits["train"].texts == again.splits[
+      "train"].texts
+  assert set(capped.splits["train"].texts) <= set(task.splits["train"].texts)
+  assert len(capped.splits["test"]) == len(task.splits["test"])
+  assert len(whole.splits["train"]) == len(task.splits["train"])
+  assert recycling.task_key(capped) != recycling.task_key(whole)
+  config.eval.max_train_examples = -1
+  with pytest.raises(UserError, match="max_train_examples=-1"):
+    recycling.eval_task(config, task)

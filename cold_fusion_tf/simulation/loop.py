@@ -159,8 +159,9 @@ class _Evaluator:
     summary = summary_lib.summarize(self._job(list(models.values())), records, self.groups)
     recipe = evaluation.recipe_for(self.config.eval)
     cap = int(self.config.eval.max_train_examples)
+    steps = f" (at most {recipe.max_steps} steps)" if recipe.max_steps else ""
     described = (f"{recipe.epochs:g} epoch(s) over {f'at most {cap}' if cap else 'all'} "
-                 f"training examples, batch {recipe.batch_size}, learning rate "
+                 f"training examples{steps}, batch {recipe.batch_size}, learning rate "
                  f"{recipe.learning_rate:g}")
     contributors = {m.name: ", ".join(runs[i].contributors) for i, m in models.items()}
     self.text = report.loop_markdown(summary, contributors, self.store.uri, described)
