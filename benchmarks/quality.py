@@ -155,6 +155,11 @@ def main() -> int:
   parser.add_argument("--compare", action="store_true",
                       help="only print a table of every variant evaluated so far")
   args = parser.parse_args()
+  missing = [t for g in GROUPS.values() for t in g if not os.path.isdir(os.path.join(args.data, t))]
+  if missing and not args.compare:
+    parser.error(f"--data={args.data} lacks the held-out datasets {', '.join(missing)}. They "
+                 "come from ../shared/data, beside the repository (not part of it); give "
+                 "--data=<a folder holding them> in the JSONL format of cold_fusion_tf/data.")
   knobs = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
   if args.seeds is not None and args.seeds < 2:
     parser.error("--seeds must be at least 2 (a standard error needs two)")

@@ -47,7 +47,13 @@ def parse_args(argv=None):
   p.add_argument("--steps_per_execution", type=int, default=8)
   p.add_argument("--jit_compile", action="store_true", help="XLA for our step (CPU: slower)")
   p.add_argument("--part", choices=["tf", "torch"], help=argparse.SUPPRESS)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if not os.path.isdir(os.path.join(args.data_dir, args.dataset)):
+    p.error(f"no dataset folder {args.dataset}/ in --data_dir={args.data_dir}. The benchmark "
+            "times full datasets from ../shared/data, beside the repository (not part of it); "
+            "give --data_dir=<a folder of dataset folders>, e.g. --data_dir=cold_fusion_tf/data/"
+            "demo --steps=20 for the shipped demo data (1,000 training examples each).")
+  return args
 
 
 def model_dir() -> str:

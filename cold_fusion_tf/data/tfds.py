@@ -34,7 +34,9 @@ def load(name: str, data_dir: str | None = None) -> TaskData:
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises several types for unknown names
-    raise UserError(f"tfds:{name}: not a TensorFlow Datasets name ({e}).") from e
+    first = str(e).split(". ")[0]  # tfds goes on to list every dataset it has
+    raise UserError(f"tfds:{name}: not a TensorFlow Datasets name ({first[:200]}); see "
+                    "https://www.tensorflow.org/datasets/catalog/overview.") from e
   builder.download_and_prepare()
   features = builder.info.features
   if "label" not in features:
