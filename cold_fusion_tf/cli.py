@@ -26,6 +26,7 @@ _NOT_CONFIGS = ("defaults.py", "checks.py")
 PATH_FLAGS = ("store", "workdir", "out", "results", "logdir")
 """Flags naming a folder: a local one must not be (or be inside) a file."""
 _default_config: str | None = None
+_HELP_FLAGS = {"--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml"}
 
 
 def config_names() -> list[str]:
@@ -57,6 +58,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     rest = flags.FLAGS(argv)
     config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+  except SystemExit:  # absl printed the help asked for, and exits 1 after it
+    sys.exit(0 if set(argv) & _HELP_FLAGS else 2)
   except flags.Error as e:
     if str(e).startswith("flag --config=") and "Traceback" in str(e):
       _fail(_explain_config_error(argv, e))  # its get_config() failed

@@ -139,6 +139,8 @@ def test_the_cold_fusion_command(place):
     assert f"  {program} " in listing.stdout
   _assert_one_error(_run(command, "bogus"), "unknown program 'bogus'")
   assert _run(command).returncode == 2
+  helped = _run(command, "fuse", "--help")
+  assert helped.returncode == 0 and "--watch" in helped.stdout
   _assert_one_error(_run(command, "fuse", "--config.fusion.bogus=1",
                          f"--store={place / 'store'}"), "config.fusion has no field 'bogus'")
   assert os.listdir(place) == []
