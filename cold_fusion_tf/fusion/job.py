@@ -94,7 +94,7 @@ class _Job:
 
   def _read_plan(self) -> tuple[Optional[dict], object, Optional[str]]:
     """(the plan or None, its version token, why it cannot be followed or None)."""
-    raw, token = self.store.storage.read_versioned(self.plan_name)
+    raw, token = self.store.read_plan(self.target)
     if raw is None:
       return None, token, None
     try:
@@ -152,9 +152,7 @@ class _Job:
                                                          clips.get(c))
                                         for c, w in zip(kept, weights)],
                       "rejected": rejected}}
-    storage, data = self.store.storage, layout.json_bytes(new)
-    if (storage.create_exclusive(self.plan_name, data) if token in (None, 0) and problem is None
-        else storage.compare_and_swap(self.plan_name, data, token)):
+    if self.store.write_plan(self.target, new, None if problem is None else token):
       return new, rejected
     if attempts <= 1:
       raise UserError(f"{self.plan_where}: kept changing while planning; run again.")
@@ -209,16 +207,15 @@ class _Job:
   def _mark_failed(self, plan: dict, reason: str) -> None:
     """Records in the plan that its fused base failed the check, so that the next attempt
     plans again (with the settings it is run with)."""
-    raw, token = self.store.storage.read_versioned(self.plan_name)
+    raw, token = self.store.read_plan(self.target)
     if raw is not None and raw == layout.json_bytes(plan):
-      self.store.storage.compare_and_swap(
-          self.plan_name, layout.json_bytes({**plan, "fused_check_failed": reason}), token)
+      self.store.write_plan(self.target, {**plan, "fused_check_failed": reason}, token)
 
   def publish(self, out_dir: str, fields: dict) -> None:
     """Uploads the server state, then the base (files, manifest, LATEST); may raise LostRace."""
     state = (fields["fusion"].get("server_optimizer") or {}).get("state")
     if state:
-      self.store.storage.upload(os.path.join(self.work, layout.STATE), state["name"], move=True)
+      self.store.put_state(self.target, os.path.join(self.work, layout.STATE))
     self.store.publish_base(self.target, out_dir, fields, known_sha256=self.hashes,
                             move=True, parent=self.iteration)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import os
 import threading
 from typing import Iterator, Optional, Sequence
 
@@ -205,14 +204,8 @@ def previous_state(store, iteration: int, manifest: dict, specs: dict, workdir: 
     raise UserError(f"{store.uri}: the manifest of base {iteration} names the momentum buffer "
                     f"{state!r}; expected {name}.")
   sha = store_lib.check_sha(state.get("sha256"), f"{where}: sha256")
-  path = store.storage.local_path(name)
+  path = store.fetch_state(iteration, workdir)
   if path is None:
-    path = os.path.join(workdir, "previous_" + layout.STATE)
-    try:
-      store.storage.download(name, path)
-    except FileNotFoundError:
-      path = None
-  if path is None or not os.path.exists(path):
     raise UserError(f"{where}: missing, but the manifest of base {iteration} lists it; restore "
                     "it, or disable config.fusion.server_optimizer to start from zero.")
   body = streaming.BodyFile(path, source=where)

@@ -13,7 +13,6 @@ from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.fusion.job import fuse
 from cold_fusion_tf.fusion.settings import Settings
 from cold_fusion_tf.fusion.validation import Validations
-from cold_fusion_tf.store import layout
 
 
 def _pending(store, iteration: int, base_sha: str) -> tuple:
@@ -55,7 +54,7 @@ def run(store: store_lib.Store, settings: Settings, watch: bool = False,
               "or a rollback)")
           break
         pending = _pending(store, iteration, base_sha)
-        planned = store.storage.exists(layout.plan_name(target))
+        planned = store.has_plan(target)
         if deadline is not None and pending and not planned and pending != validated:
           # Validate contributions as they arrive: at the quorum only the fusion is left.
           if validations is None:

@@ -349,6 +349,42 @@ class Store:
       raise UserError(f"{self.uri}/{contribution.body_name}: missing.") from None
     return path
 
+  # ------------------------------------------------------------------ fusion bookkeeping
+  def has_plan(self, target: int) -> bool:
+    """Whether the fusion that publishes base ``target`` has a plan."""
+    return self.storage.exists(layout.plan_name(target))
+
+  def read_plan(self, target: int) -> tuple[Optional[bytes], object]:
+    """The raw plan of the fusion that publishes base ``target`` (None if there is none) and
+    its version token for :meth:`write_plan`."""
+    return self.storage.read_versioned(layout.plan_name(target))
+
+  def write_plan(self, target: int, plan: dict, token: object = None) -> bool:
+    """Creates the plan (``token`` None or 0) or replaces the version ``token`` names;
+    False when another fuser wrote it first."""
+    name, data = layout.plan_name(target), layout.json_bytes(plan)
+    if token in (None, 0):
+      return self.storage.create_exclusive(name, data)
+    return self.storage.compare_and_swap(name, data, token)
+
+  def put_state(self, target: int, local_path: str) -> None:
+    """Stores the server optimizer state saved with base ``target`` (moved from
+    ``local_path``)."""
+    self.storage.upload(local_path, layout.state_name(target), move=True)
+
+  def fetch_state(self, iteration: int, workdir: str) -> Optional[str]:
+    """A local path of the server optimizer state saved with base ``iteration`` (downloaded
+    into ``workdir`` from a remote store), or None if it is missing."""
+    name = layout.state_name(iteration)
+    path = self.storage.local_path(name)
+    if path is None:
+      path = os.path.join(workdir, "previous_" + layout.STATE)
+      try:
+        self.storage.download(name, path)
+      except FileNotFoundError:
+        return None
+    return path if os.path.exists(path) else None
+
   # ------------------------------------------------------------------ evaluations, reports
   def write_json(self, name: str, obj) -> None:
     self.storage.write_bytes(name, layout.json_bytes(obj))
