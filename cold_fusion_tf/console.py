@@ -44,10 +44,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"error: unknown program {name!r}; the programs are {', '.join(PROGRAMS)} "
           "(cold-fusion --help).", file=sys.stderr)
     sys.exit(2)
-  sys.argv = [f"cold-fusion {name}", *argv[2:]]
+  # As `python -m cold_fusion_tf.<name>`: absl's --help shows the flags of the module named
+  # by argv[0] and the docstring of __main__.
+  sys.argv = [f"cold_fusion_tf.{name}", *argv[2:]]
   module = importlib.import_module(f"cold_fusion_tf.{name}")
   if hasattr(module, "define_flags"):  # a program that defines its flags only when run
     module.define_flags()
+  sys.modules["__main__"].__doc__ = module.__doc__
   from cold_fusion_tf import cli  # pylint: disable=g-import-not-at-top
   cli.run(module.main)
 
