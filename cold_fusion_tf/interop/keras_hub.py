@@ -1,16 +1,17 @@
 """Published bases for Keras 3 / keras-hub (keras-nlp): a keras-hub preset directory.
 
-keras-hub 0.32 reads a Hugging Face directory itself when its ``config.json`` has a
+keras-hub reads a Hugging Face directory itself when its ``config.json`` has a
 ``model_type``, so a published BERT base loads directly with
 ``keras_hub.models.Backbone.from_preset(base_dir)``. A RoBERTa base does not: keras-hub's
 RoBERTa converter looks up tensor names with a ``roberta.`` prefix (bases store the body's
-names without it), and it drops ``token_type_embeddings``, which fine-tuning (and so
+names without it), and its backbone has no token-type table, which fine-tuning (and so
 fusion) changes. :func:`export_preset` writes keras-hub's own preset layout for both
 families (``config.json`` in Keras format, ``model.weights.h5``, ``preprocessor.json``,
-``tokenizer.json``, vocabulary assets, ``metadata.json``): weights are read and checked
-here, mapped with keras-hub's own converters, the RoBERTa token-type row is folded into the
-position embeddings (every token adds it, so the sum is unchanged), and any tensor left
-unused is an error.
+``tokenizer.json``, vocabulary assets, ``metadata.json``) through keras-hub's public API
+only: the backbone is the keras-hub body's (:mod:`cold_fusion_tf.model.keras_hub_body`:
+weights checked and mapped by this project), the RoBERTa token-type row is folded into the
+position embeddings (every token adds it, so the sum is unchanged), and the tokenizer and
+preprocessor are keras-hub's public classes built from the base's vocabulary files.
 
 Numerics: keras-hub's BERT uses the tanh approximation of GELU where Hugging Face BERT uses
 the exact erf form, so BERT hidden states differ by about 1e-3 (the architectures are
@@ -19,104 +20,32 @@ otherwise identical); RoBERTa uses the exact form in both and matches to float32
 
 from __future__ import annotations
 
-import math
+import json
 import os
 
-import numpy as np
-
-from cold_fusion_tf.tensors import safetensors_io as weights
 from cold_fusion_tf.errors import UserError
-
-# Tensors keras-hub's backbones have no place for (the heads read the first token instead).
-_UNUSED = {"bert": (), "roberta": ("pooler.dense.weight", "pooler.dense.bias")}
-_LAYER_NORM_EPS = {"bert": 1e-12, "roberta": 1e-5}
+from cold_fusion_tf.model import hf_config
+from cold_fusion_tf.model import keras_hub_body
+from cold_fusion_tf.model import keras_hub_names
 
 
 def read_hf_config(base_dir: str) -> dict:
-  """The raw ``config.json``, checked for what keras-hub's converters assume."""
-  from cold_fusion_tf.model import bodies as models  # pylint: disable=g-import-not-at-top
-  config, path = models.read_raw_config(base_dir)
-  models.config_from_dict(config, path)  # model type and sizes
-  family = config.get("model_type")
-  if family not in _LAYER_NORM_EPS:
-    raise UserError(f"{path}: keras-hub export supports BERT and RoBERTa bases, not "
-                    f"{family!r}.")
-  problems = []
-  if config.get("hidden_act", "gelu") != "gelu":
-    problems.append(f"hidden_act={config.get('hidden_act')!r} (keras-hub uses gelu)")
-  eps = config.get("layer_norm_eps", 1e-12)
-  if not math.isclose(eps, _LAYER_NORM_EPS[family], rel_tol=1e-6):
-    problems.append(f"layer_norm_eps={eps} (keras-hub's {family} uses "
-                    f"{_LAYER_NORM_EPS[family]})")
-  if config.get("position_embedding_type", "absolute") != "absolute":
-    problems.append(f"position_embedding_type={config.get('position_embedding_type')!r}")
-  if family == "roberta" and config.get("pad_token_id", 1) != 1:
-    problems.append(f"pad_token_id={config.get('pad_token_id')} (keras-hub assumes 1)")
-  if problems:
-    raise UserError(f"{path}: this model differs from keras-hub's {family} architecture: "
-                    + "; ".join(problems) + ".")
+  """The base's ``config.json``, checked for what keras-hub's backbones compute."""
+  config, path = hf_config.read_raw(base_dir)
+  keras_hub_names.check_config(hf_config.check(config, path), path)
   return config
 
 
-class _CheckedTensors:
-  """keras-hub's ``SafetensorLoader`` interface over tensors this package has checked.
-
-  Accepts the prefixed names keras-hub's converters ask for (``roberta.embeddings...``),
-  checks every shape, and remembers which tensors were used.
-  """
-
-  def __init__(self, tensors, prefix: str, source: str):
-    self.tensors, self.prefix, self.source, self.used = tensors, prefix, source, set()
-
-  def get_tensor(self, key: str) -> np.ndarray:
-    for name in (key, key.removeprefix(self.prefix)):
-      if name in self.tensors:
-        self.used.add(name)
-        return self.tensors[name]
-    raise KeyError(f"{self.source}: no tensor {key}")
-
-  def port_weight(self, keras_variable, hf_weight_key, hook_fn=None) -> None:
-    value = self.get_tensor(hf_weight_key)
-    if hook_fn:
-      value = hook_fn(value, list(keras_variable.shape))
-    if tuple(value.shape) != tuple(keras_variable.shape):
-      raise UserError(f"{self.source}: tensor {hf_weight_key} has shape {tuple(value.shape)}, "
-                      f"keras-hub expects {tuple(keras_variable.shape)}.")
-    keras_variable.assign(value)
-
-
-def _converter(family: str):
-  """keras-hub's own Hugging Face converter module for ``family`` (its config and weight maps)."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  return importlib.import_module(f"keras_hub.src.utils.transformers.convert_{family}")
-
-
 def load_backbone(base_dir: str):
-  """A keras-hub ``BertBackbone`` / ``RobertaBackbone`` holding a base's checked weights."""
-  config = read_hf_config(base_dir)
-  family = config["model_type"]
-  path = os.path.join(base_dir, "model.safetensors")
-  if not os.path.exists(path):
-    raise UserError(f"{base_dir}: missing model.safetensors.")
-  tensors = dict(weights.load_checked(path, weights.specs_of_file(path), path))
-  converter = _converter(family)
-  kwargs = converter.convert_backbone_config(config)
-  if family == "bert":
-    kwargs["num_segments"] = config.get("type_vocab_size", 2)
-    kwargs["dropout"] = config.get("hidden_dropout_prob", 0.1)
-  else:
-    token_types = tensors.pop("embeddings.token_type_embeddings.weight", None)
-    if token_types is not None:  # HF RoBERTa adds row 0 to every token: fold it in.
-      position = "embeddings.position_embeddings.weight"
-      tensors[position] = tensors[position] + token_types[0][None, :]
-  backbone = converter.backbone_cls(**kwargs)
-  loader = _CheckedTensors(tensors, f"{family}.", path)
-  converter.convert_weights(backbone, loader, config)
-  left = sorted(n for n in tensors if n not in loader.used and not n.endswith("position_ids")
-                and n not in _UNUSED[family])
-  if left:
-    raise UserError(f"{path}: tensors keras-hub's {family} backbone has no place for: "
-                    f"{left[:5]}.")
+  """A keras-hub ``BertBackbone`` / ``RobertaBackbone`` holding a base's checked weights
+  (RoBERTa's token-type row folded into its position embeddings)."""
+  body = keras_hub_body.load(base_dir)
+  backbone = body.backbone
+  if body.model_type == "roberta":
+    variables = {v.path: v for v in body.encoder.weights}
+    table = variables["embeddings/position_embedding/embeddings"]
+    row = variables["token_type_embedding/embeddings"]
+    table.assign(keras_hub_body.to_numpy(table) + keras_hub_body.to_numpy(row)[0][None, :])
   return backbone
 
 
@@ -124,14 +53,25 @@ def load_tokenizer(base_dir: str):
   """The keras-hub tokenizer built from a base's vocabulary files."""
   import keras_hub  # pylint: disable=g-import-not-at-top
   family = read_hf_config(base_dir)["model_type"]
-  needed = ("vocab.txt", "tokenizer_config.json") if family == "bert" else ("vocab.json",
-                                                                             "merges.txt")
+  needed = ("vocab.txt",) if family == "bert" else ("vocab.json", "merges.txt")
   for name in needed:
     if not os.path.exists(os.path.join(base_dir, name)):
       raise UserError(f"{base_dir}: missing {name}, which the keras-hub {family} tokenizer "
                       "needs.")
-  cls = keras_hub.models.BertTokenizer if family == "bert" else keras_hub.models.RobertaTokenizer
-  return _converter(family).convert_tokenizer(cls, base_dir)
+  if family == "roberta":
+    return keras_hub.models.RobertaTokenizer(vocabulary=os.path.join(base_dir, "vocab.json"),
+                                             merges=os.path.join(base_dir, "merges.txt"))
+  settings = {}
+  try:
+    with open(os.path.join(base_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+      settings = json.load(f)
+  except (OSError, ValueError):
+    pass
+  lowercase = bool(settings.get("do_lower_case", True))
+  strip_accents = settings.get("strip_accents")
+  return keras_hub.models.BertTokenizer(
+      vocabulary=os.path.join(base_dir, "vocab.txt"), lowercase=lowercase,
+      strip_accents=lowercase if strip_accents is None else bool(strip_accents))
 
 
 def export_preset(base_dir: str, out_dir: str, sequence_length: int | None = None) -> str:

@@ -55,15 +55,18 @@ class Encoded:
     return self.types[self.offsets[i]:self.offsets[i + 1]]
 
 
-def encode(tokenizer, split: Split, max_length: int, cache_dir: str | None = None) -> Encoded:
+def encode(tokenizer, split: Split, max_length: int, cache_dir: str | None = None,
+           body_type: str = "transformers_tf") -> Encoded:
   """Tokenizes a split once (pairs are truncated longest-first to ``max_length``).
 
   With ``cache_dir`` (a local or ``gs://`` folder) the result is kept there under a key of
-  the tokenizer, ``max_length`` and the texts, and reused by later runs.
+  the body type (``config.model.body``), the tokenizer, ``max_length`` and the texts, and
+  reused by later runs.
   """
   path = None
   if cache_dir:
-    path = f"{cache_dir.rstrip('/')}/{_cache_key(tokenizer, split, max_length)}.npz"
+    key = _cache_key(tokenizer, split, max_length, body_type)
+    path = f"{cache_dir.rstrip('/')}/{key}.npz"
     cached = _read_cache(path)
     if cached is not None and len(cached) == len(split):
       return cached
@@ -83,10 +86,10 @@ def encode(tokenizer, split: Split, max_length: int, cache_dir: str | None = Non
   return encoded
 
 
-def _cache_key(tokenizer, split: Split, max_length: int) -> str:
+def _cache_key(tokenizer, split: Split, max_length: int, body_type: str) -> str:
   h = hashlib.sha256()
   backend = getattr(tokenizer, "backend_tokenizer", None)
-  h.update(json.dumps([CACHE_VERSION, type(tokenizer).__name__, max_length,
+  h.update(json.dumps([CACHE_VERSION, body_type, type(tokenizer).__name__, max_length,
                        tokenizer.pad_token_id]).encode())
   if backend is not None:  # its JSON, without the call-time truncation/padding settings
     spec = json.loads(backend.to_str())

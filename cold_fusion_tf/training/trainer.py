@@ -32,7 +32,8 @@ import tf_keras as keras
 
 from cold_fusion_tf import progress
 from cold_fusion_tf.training import checkpoints as checkpointing
-from cold_fusion_tf.training.common import FinetuneResult, duration_text, linear_schedule_value  # pylint: disable=unused-import
+from cold_fusion_tf.training.common import (  # pylint: disable=unused-import
+    FinetuneResult, duration_text, linear_schedule_value, plan_steps)
 from cold_fusion_tf.training import inputs
 from cold_fusion_tf.training import metrics as metrics_lib
 from cold_fusion_tf.training.recipe import Recipe
@@ -189,23 +190,10 @@ class _Trainer:
     on_gpu = strategies.uses_gpu(strategy)
     multiple = 8 if self.static or on_gpu else 1
     self.buckets = inputs.bucket_lengths(max_length, train.lengths, num_buckets, multiple)
-    self.notes = []
-    if len(train) < self.global_batch:  # a tiny dataset: one smaller batch per epoch
-      unit = self.replicas * self.accumulation
-      if len(train) < unit:
-        raise UserError(f"{task.name}: {len(train)} training examples, fewer than the {unit} "
-                        "replicas x accumulation steps of one batch.")
-      self.global_batch = len(train) // unit * unit
-      self.micro = self.global_batch // unit
-      self.notes.append(f"{task.name}: {len(train)} training examples, fewer than one batch of "
-                        f"{recipe.batch_size}: batches of {self.global_batch} instead")
-    self.steps_per_epoch = len(train) // self.global_batch
-    total = int(recipe.epochs * self.steps_per_epoch)
-    if recipe.max_steps:
-      total = min(total, recipe.max_steps)
-    self.total_steps = max(total, 1)
-    self.eval_every = self._period(recipe.eval_every_examples,
-                                   recipe.eval_every_steps) or self.steps_per_epoch
+    steps = plan_steps(recipe, task.name, len(train), self.replicas, self.accumulation)
+    self.global_batch, self.micro, self.notes = steps.global_batch, steps.micro, steps.notes
+    self.steps_per_epoch, self.total_steps = steps.steps_per_epoch, steps.total_steps
+    self.eval_every = steps.eval_every
     self.checkpoint_every = recipe.checkpoint_every_steps
     self.fingerprint = {
         "task": task.name, "train_examples": len(train), "kind": task.kind,
@@ -216,11 +204,6 @@ class _Trainer:
     if self.static:  # then the batch order also depends on these
       self.fingerprint.update(buckets=self.buckets, steps_per_execution=self.per_execution)
     self._build(body)
-
-  def _period(self, examples: int, steps: int) -> int:
-    if examples:
-      return max(1, int(round(examples / self.global_batch)))
-    return int(steps or 0)
 
   # ------------------------------------------------------------------------------------------
   # Model, optimizer, step functions
