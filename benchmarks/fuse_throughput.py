@@ -70,17 +70,16 @@ def _write_body(path, model_shapes, seed, base_path=None):
   specs = {n: (s, "F32") for n, s in model_shapes.items()}
   base = None
   if base_path:
-    from cold_fusion_tf.tensors import streaming as fusion_io  # pylint: disable=g-import-not-at-top
-    base = fusion_io.BodyFile(base_path)
+    base = weights.BodyFile(base_path)
 
-  def tensors():
-    for name in sorted(specs):
-      values = rng.standard_normal(model_shapes[name], dtype=np.float32)
-      if base is not None:
-        values *= 1e-3
-        values += base.read_tensor(name)
-      yield name, values
-  weights.write_streaming(path, specs, tensors())
+  writer = weights.ChunkWriter(path, specs)
+  for name in sorted(specs):
+    values = rng.standard_normal(model_shapes[name], dtype=np.float32)
+    if base is not None:
+      values *= 1e-3
+      values += base.read_tensor(name)
+    writer.write(name, values.reshape(-1))
+  writer.close()
   if base is not None:
     base.close()
 

@@ -88,7 +88,7 @@ def _write_bodies(tmp_path, base: dict, bodies: list[dict]):
   for i, tensors in enumerate([base] + bodies):
     paths.append(str(tmp_path / f"t{i}.safetensors"))
     weights.save_safetensors(tensors, paths[-1])
-  files = [fusion_io.BodyFile(p) for p in paths]
+  files = [weights.BodyFile(p) for p in paths]
   return files[0], files[1:]
 
 
@@ -123,7 +123,7 @@ def test_streamed_fusion_equals_whole_tensor_methods(tmp_path, monkeypatch, meth
 def test_chunk_writer_refuses_out_of_order_and_short_output(tmp_path):
   # Prepare
   specs = {"a": ((3,), "F32"), "b": ((2,), "F32")}
-  writer = fusion_io.ChunkWriter(str(tmp_path / "x.safetensors"), specs)
+  writer = weights.ChunkWriter(str(tmp_path / "x.safetensors"), specs)
   # Execute / Assert
   with pytest.raises(ValueError, match="expected a"):
     writer.write("b", np.zeros(2, np.float32))
@@ -184,7 +184,7 @@ def test_group_scan_matches_single_scans_and_isolates_a_file_cut_short(tmp_path)
     f.write(struct.pack("<Q", len(header)) + header.encode())
     for n in names:
       f.write(bodies[3][n].tobytes())
-  files[3] = fusion_io.BodyFile(reordered)
+  files[3] = weights.BodyFile(reordered)
   specs = base_file.specs()
   singles = [fusion_io.scan(f, specs, base_file) for f in files]
   os.truncate(files[1].path, os.path.getsize(files[1].path) - 10)
@@ -207,7 +207,7 @@ def test_chunk_writer_hashes_what_it_writes(tmp_path):
   # Prepare
   specs = {"a": ((3,), "F32"), "b": ((2, 2), "F16")}
   path = str(tmp_path / "x.safetensors")
-  writer = fusion_io.ChunkWriter(path, specs)
+  writer = weights.ChunkWriter(path, specs)
   # Execute
   writer.write("a", np.arange(3, dtype=np.float32))
   writer.write("b", np.ones(2, np.float16))
@@ -231,9 +231,9 @@ def test_body_file_rejects_trailing_bytes_and_gaps(tmp_path):
       struct.pack("<Q", len(raw)) + raw + data[8 + header_len:] + b"\0" * 4)
   # Execute / Assert
   with pytest.raises(UserError, match="after the last tensor"):
-    fusion_io.BodyFile(str(tmp_path / "trailing.safetensors"))
+    weights.BodyFile(str(tmp_path / "trailing.safetensors"))
   with pytest.raises(UserError, match="gap or overlap"):
-    fusion_io.BodyFile(str(tmp_path / "gap.safetensors"))
+    weights.BodyFile(str(tmp_path / "gap.safetensors"))
 
 
 def _overwrite(path, transform) -> None:

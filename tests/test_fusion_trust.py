@@ -487,7 +487,7 @@ def test_cosines_with_the_others_mean_match_a_direct_computation(tmp_path):
   for i, tensors in enumerate([base] + bodies):
     paths.append(str(tmp_path / f"{i}.safetensors"))
     weights.save_safetensors(tensors, paths[-1])
-  files = [streaming.BodyFile(p) for p in paths]
+  files = [weights.BodyFile(p) for p in paths]
   factors = [{}, {"pooler.dense.weight": 0.25}, {}, {}, {}]
   names = sorted(base)
   deltas = [np.concatenate([(b[n].astype(np.float64) - base[n]).ravel()

@@ -76,7 +76,7 @@ def test_published_base_loads_in_transformers_tf_and_pytorch(minilm_base):
   assert np.abs(ours_h[mask] - pt_h[mask]).max() < 1e-4
 
 
-def test_write_streaming_is_deterministic_and_readable(tmp_path):
+def test_the_writer_is_deterministic_and_readable(tmp_path):
   rng = np.random.default_rng(0)
   tensors = {"b.weight": rng.normal(size=(3, 4)).astype(np.float32),
              "a.bias": rng.normal(size=(5,)).astype(np.float16)}
@@ -144,11 +144,12 @@ def test_wrong_shapes_names_and_nan_are_rejected(tmp_path):
     weights.check_tensors(f64, specs, "x")
 
 
-def test_tensor_file_maps_tensors_lazily(tmp_path):
+def test_the_reader_reads_whole_tensors_and_chunks(tmp_path):
   path = str(tmp_path / "m.safetensors")
   values = {"x": np.arange(12, dtype=np.float32).reshape(3, 4), "y": np.ones(2, np.float16)}
   weights.save_safetensors(values, path)
-  f = weights.TensorFile(path)
+  f = weights.BodyFile(path)
   assert f.specs() == {"x": ((3, 4), "F32"), "y": ((2,), "F16")}
-  np.testing.assert_array_equal(np.asarray(f.tensor("x")), values["x"])
-  assert tf.constant(f.tensor("y")).dtype == tf.float16
+  np.testing.assert_array_equal(f.read_tensor("x"), values["x"])
+  np.testing.assert_array_equal(f.read("x", 5, 3), [5, 6, 7])
+  assert tf.constant(f.read_tensor("y")).dtype == tf.float16

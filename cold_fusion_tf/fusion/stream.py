@@ -16,6 +16,7 @@ from cold_fusion_tf.fusion import server_optimizer
 from cold_fusion_tf.fusion.settings import Settings
 from cold_fusion_tf.fusion.validation import specs_difference as _specs_difference
 from cold_fusion_tf.store import layout
+from cold_fusion_tf.tensors import safetensors_io
 from cold_fusion_tf.tensors import streaming
 
 CHUNK_ELEMENTS = 1 << 16
@@ -31,7 +32,7 @@ class ClippedBody:
   """A body whose update is scaled: reads ``base + factor * (body - base)`` for the tensors
   of ``factors`` ({name: factor}), the body itself for the others (norm clipping)."""
 
-  def __init__(self, body: streaming.BodyFile, base: streaming.BodyFile, factors: dict):
+  def __init__(self, body: safetensors_io.BodyFile, base: safetensors_io.BodyFile, factors: dict):
     self.body, self.base, self.factors = body, base, factors
 
   def read(self, name: str, start: int = 0, count: Optional[int] = None,
@@ -84,7 +85,7 @@ def _tasks(specs: dict, method: str) -> Iterator[tuple[str, int, int]]:
   for name in sorted(specs):
     size = int(np.prod(specs[name][0], dtype=np.int64))
     step = CHUNK_ELEMENTS if method in ELEMENTWISE or specs[name][1] not in \
-        streaming.FLOAT_CODES else max(size, 1)
+        safetensors_io.FLOAT_CODES else max(size, 1)
     if method == "mean":
       step = MEAN_CHUNK_ELEMENTS
     for start in range(0, size, step):
@@ -115,9 +116,9 @@ def _measure(values: np.ndarray, base_chunk: np.ndarray) -> tuple[float, bool]:
   return streaming.dot64(wide, wide), True
 
 
-def fuse_files(base: streaming.BodyFile, bodies: list, counts: np.ndarray, specs: dict,
+def fuse_files(base: safetensors_io.BodyFile, bodies: list, counts: np.ndarray, specs: dict,
                settings: Settings, out_path: str, state_path: Optional[str] = None,
-               previous_state: Optional[streaming.BodyFile] = None,
+               previous_state: Optional[safetensors_io.BodyFile] = None,
                fsync: bool = True, check: Optional[dict] = None) -> tuple[str, Optional[str]]:
   """Writes the fusion of ``bodies`` (and the new server momentum buffer) tensor by tensor:
   (the sha256 of the fused file, of the momentum buffer file or None).
@@ -134,14 +135,14 @@ def fuse_files(base: streaming.BodyFile, bodies: list, counts: np.ndarray, specs
   server = settings.server_optimizer
   fast_mean = settings.method == "mean"
   state_specs = {n: (shape, "F64" if code == "F64" else "F32") for n, (shape, code) in
-                 specs.items() if code in streaming.FLOAT_CODES}
+                 specs.items() if code in safetensors_io.FLOAT_CODES}
 
   def compute(task):
     name, start, count = task
     shape, code = specs[name]
-    if code not in streaming.FLOAT_CODES:
+    if code not in safetensors_io.FLOAT_CODES:
       return name, base.read(name, start, count), None
-    dtype = streaming.numpy_dtype(code)
+    dtype = safetensors_io.numpy_dtype(code)
     whole = settings.method not in ELEMENTWISE
     chunk_shape = shape if whole else (count,)
     base_chunk = None
@@ -167,8 +168,8 @@ def fuse_files(base: streaming.BodyFile, bodies: list, counts: np.ndarray, specs
     return name, fused, buffer, squared, finite
 
   threads = settings.threads() if settings.method in ELEMENTWISE else 1
-  writer = streaming.ChunkWriter(out_path, specs, fsync)
-  state_writer = streaming.ChunkWriter(state_path, state_specs, fsync) if server else None
+  writer = safetensors_io.ChunkWriter(out_path, specs, fsync)
+  state_writer = safetensors_io.ChunkWriter(state_path, state_specs, fsync) if server else None
   try:
     with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
       for item in _ordered(pool, compute, _tasks(specs, settings.method), 2 * threads):
@@ -208,9 +209,9 @@ def previous_state(store, iteration: int, manifest: dict, specs: dict, workdir: 
   if path is None:
     raise UserError(f"{where}: missing, but the manifest of base {iteration} lists it; restore "
                     "it, or disable config.fusion.server_optimizer to start from zero.")
-  body = streaming.BodyFile(path, source=where)
+  body = safetensors_io.BodyFile(path, source=where)
   want = {n: (shape, "F64" if code == "F64" else "F32") for n, (shape, code) in specs.items()
-          if code in streaming.FLOAT_CODES}
+          if code in safetensors_io.FLOAT_CODES}
   try:
     problem = _specs_difference(body.specs(), want)
     if problem:

@@ -14,6 +14,7 @@ from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.fusion.settings import Settings
 from cold_fusion_tf.store import signing
 from cold_fusion_tf.store.untrusted import printable
+from cold_fusion_tf.tensors import safetensors_io
 from cold_fusion_tf.tensors import streaming
 
 _MAX_REASON = 600
@@ -23,7 +24,7 @@ _MAX_METRICS = 32
 @dataclasses.dataclass
 class Checked:
   contribution: store_lib.Contribution
-  body: streaming.BodyFile
+  body: safetensors_io.BodyFile
   scan: streaming.ScanResult
 
   @property
@@ -52,7 +53,7 @@ def specs_difference(got: dict, want: dict) -> Optional[str]:
           f"{want[name][1]}{list(want[name][0])}")
 
 
-def _open_body(store, contribution, workdir, limits: dict) -> streaming.BodyFile:
+def _open_body(store, contribution, workdir, limits: dict) -> safetensors_io.BodyFile:
   """Fetches (remote stores: only when its size is within ``limits``) and opens a
   contribution's body, checking its size and header against the base's layout."""
   meta = contribution.meta
@@ -61,7 +62,7 @@ def _open_body(store, contribution, workdir, limits: dict) -> streaming.BodyFile
     raise UserError(f"contribution.json says body.safetensors has {size} bytes, more than the "
                     f"{limits['max_bytes']} a body of the base's layout can have")
   path = store.fetch_body(contribution, workdir, limits["max_bytes"])
-  body = streaming.BodyFile(path, source=f"{store.uri}/{contribution.body_name}", **limits)
+  body = safetensors_io.BodyFile(path, source=f"{store.uri}/{contribution.body_name}", **limits)
   if isinstance(size, int) and body.size != size:
     body.close()
     raise UserError(f"body.safetensors has {body.size} bytes, contribution.json says {size} "
@@ -145,7 +146,7 @@ class Validations:
     self._staging = store_lib.staging_dir("validate")
     self.work = self._staging.name
     self.keys = signing.load_keys(store)
-    self.base = streaming.BodyFile(os.path.join(self.base_dir, store_lib.MODEL))
+    self.base = safetensors_io.BodyFile(os.path.join(self.base_dir, store_lib.MODEL))
     self.specs = self.base.specs()
     # The base's own norms, the measure of the bounds on updates (fusion.trust).
     self.base_squares = streaming.squared_norms(self.base, self.specs)

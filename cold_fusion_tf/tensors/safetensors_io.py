@@ -1,23 +1,55 @@
-"""safetensors files: a checked header reader, whole-file and streaming writers, hashing.
+"""safetensors files: the one reader, the one writer, and hashing.
 
-Everything read from a file is checked (header size and schema, names, shapes, dtypes,
-finiteness) before use: files come from untrusted stores.
+:class:`BodyFile`
+  The reader: a safetensors file whose header has been checked (size and schema, names,
+  shapes, dtypes, offsets, bounded by what the caller expects), kept open through one file
+  descriptor and read with ``pread`` into numpy arrays, a chunk of a tensor at a time. A
+  reader sees exactly the bytes it checked: a file replaced in the store afterwards (every
+  store write is a rename) is not seen. No memory maps, so the resident memory is what was
+  asked for.
+:class:`ChunkWriter`
+  The writer: chunk by chunk in sorted name order, one byte layout for the same tensors, the
+  sha256 computed on the way, written to a ``.partial`` file renamed into place.
+:func:`save_safetensors`, :func:`load_checked`
+  Whole-file helpers on top of them; loaded values are checked (finite) before use.
+
+Files come from untrusted stores: everything read is checked before use.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 import struct
-from typing import Iterator, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
-import safetensors
-import safetensors.numpy
 
 from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.store import untrusted
+
+FLOAT_CODES = ("F16", "BF16", "F32", "F64")
+_NUMPY = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+          "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+Specs = Mapping[str, tuple[tuple[int, ...], str]]
+
+
+@functools.lru_cache(maxsize=None)
+def numpy_dtype(code: str) -> np.dtype:
+  """The numpy dtype of a safetensors dtype code (BF16 through ml_dtypes when installed)."""
+  if code == "BF16":
+    try:
+      import ml_dtypes  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise UserError("bfloat16 tensors need the ml_dtypes package (pip install ml_dtypes).") \
+          from None
+    return np.dtype(ml_dtypes.bfloat16)
+  if code not in _NUMPY:
+    raise UserError(f"Unsupported tensor dtype {code}.")
+  return np.dtype(_NUMPY[code])
 
 # Largest header we accept from an untrusted safetensors file (the format's own cap is 100 MB).
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -62,14 +94,22 @@ def dtype_code(dtype) -> str:
   raise UserError(f"Unsupported tensor dtype {dtype}.")
 
 
-def save_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> None:
-  """Writes a dict of tensors with :func:`write_streaming` (sorted names, atomic)."""
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str) -> str:
+  """Writes a dict of tensors with :class:`ChunkWriter` (sorted names, atomic); its sha256."""
   specs = {n: (tuple(v.shape), dtype_code(v.dtype)) for n, v in tensors.items()}
-  write_streaming(path, specs, ((n, tensors[n]) for n in sorted(specs)))
+  writer = ChunkWriter(path, specs)
+  try:
+    for name in sorted(specs):
+      writer.write(name, np.asarray(tensors[name]).reshape(-1))
+    writer.close()
+  except BaseException:
+    writer.abort()
+    raise
+  return writer.sha256
 
 
 def header_bytes(specs: Mapping[str, tuple[tuple[int, ...], str]]) -> bytes:
-  """The safetensors header :func:`write_streaming` writes for ``specs`` (without the 8-byte
+  """The safetensors header :class:`ChunkWriter` writes for ``specs`` (without the 8-byte
   length): names sorted, data contiguous in that order, padded with spaces to 8 bytes."""
   header, offset = {}, 0
   for name in sorted(specs):
@@ -80,40 +120,6 @@ def header_bytes(specs: Mapping[str, tuple[tuple[int, ...], str]]) -> bytes:
   header["__metadata__"] = {"format": "pt"}
   raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
   return raw + b" " * (-len(raw) % 8)
-
-
-def write_streaming(path: str, specs: Mapping[str, tuple[tuple[int, ...], str]],
-                    tensors: Iterator[tuple[str, np.ndarray]]) -> None:
-  """Writes a safetensors file tensor by tensor, holding one tensor at a time.
-
-  The header is laid out from ``specs`` (names sorted, data contiguous, header padded to 8
-  bytes), so the same tensors always give the same bytes. ``tensors`` must yield every name
-  of ``specs`` in sorted order with the announced shape and dtype. Written to
-  ``path + '.partial'`` and renamed into place when complete.
-  """
-  names = sorted(specs)
-  raw = header_bytes(specs)
-  tmp = path + ".partial"
-  with open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
-    expected = iter(names)
-    for name, value in tensors:
-      want = next(expected, None)
-      shape, dtype = specs[want] if want else ((), "")
-      if name != want or tuple(value.shape) != tuple(shape) or dtype_code(value.dtype) != dtype:
-        f.close()
-        os.remove(tmp)
-        raise ValueError(f"write_streaming: got {name} {value.dtype}{list(value.shape)}, "
-                         f"expected {want} {dtype}{list(shape)}")
-      f.write(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).data)
-    if next(expected, None) is not None:
-      f.close()
-      os.remove(tmp)
-      raise ValueError("write_streaming: fewer tensors than announced")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 Header = dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]
@@ -232,45 +238,11 @@ def specs_of_file(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
           if not _is_buffer(n)}
 
 
-class TensorFile:
-  """A checked safetensors file whose tensors are read as short-lived memory maps.
-
-  ``tensor(name)`` maps just that tensor's bytes; once the returned array is dropped the
-  map is closed, so streaming over names keeps memory at about one tensor.
-  """
-
-  def __init__(self, path: str):
-    self.path = path
-    self.header = read_header(path)
-    with open(path, "rb") as f:
-      (self._data_start,) = struct.unpack("<Q", f.read(8))
-    self._data_start += 8
-
-  def specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
-    return {n: (shape, dtype) for n, (dtype, shape, _) in self.header.items() if not _is_buffer(n)}
-
-  def tensor(self, name: str) -> np.ndarray:
-    dtype, shape, (begin, end) = self.header[name]
-    np_dtype = _DTYPES.get(dtype)
-    if np_dtype is None:
-      raise UserError(f"{self.path}: tensor {name} has dtype {dtype}, which cannot be read here.")
-    if end == begin:
-      return np.zeros(shape, dtype=np_dtype)
-    return np.memmap(self.path, dtype=np.dtype(np_dtype).newbyteorder("<"), mode="r",
-                     offset=self._data_start + begin, shape=shape)
-
-
-def iter_tensors(path: str, names) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (name, array) one at a time from a checked file, through a memory map."""
-  with safetensors.safe_open(path, framework="np") as f:
-    for name in names:
-      yield name, f.get_tensor(name)
-
-
 def load_checked(path: str, specs, source: str) -> dict[str, np.ndarray]:
   """Loads a whole body file after the header check, then checks values (finite)."""
   check_file_against_specs(path, specs, source)
-  tensors = safetensors.numpy.load_file(path)
+  with BodyFile(path, source) as body:
+    tensors = {name: body.read_tensor(name) for name in body.header}
   check_tensors(tensors, specs, source)
   return tensors
 
@@ -287,3 +259,175 @@ def sha256_stream(f, chunk: int = 8 << 20) -> str:
   while block := f.read(chunk):
     digest.update(block)
   return digest.hexdigest()
+
+
+def pread_into(fd: int, buffer: memoryview, offset: int, path: str) -> None:
+  """Fills ``buffer`` from ``fd`` at ``offset``; a short file is a UserError."""
+  done = 0
+  while done < len(buffer):
+    if hasattr(os, "preadv"):
+      count = os.preadv(fd, [buffer[done:]], offset + done)
+    else:  # pragma: no cover (platforms without preadv)
+      data = os.pread(fd, len(buffer) - done, offset + done)
+      buffer[done:done + len(data)] = data
+      count = len(data)
+    if count == 0:
+      raise UserError(f"{path}: ended early (truncated while being read?).")
+    done += count
+
+
+class BodyFile:
+  """A header-checked safetensors file, kept open and read chunk by chunk with pread.
+
+  Beyond :func:`read_header`'s checks, the data section must be exactly the tensors,
+  back to back, as the safetensors format requires (no gaps, no trailing bytes). Only a
+  regular file is opened (a FIFO or device is refused without blocking); ``max_bytes``,
+  ``max_header_bytes`` and ``max_tensors`` bound what an untrusted file may cost (see
+  :func:`limits_for`).
+  """
+
+  def __init__(self, path: str, source: Optional[str] = None, *,
+               max_bytes: Optional[int] = None, max_header_bytes: Optional[int] = None,
+               max_tensors: Optional[int] = None):
+    self.path = path
+    self.source = source or path
+    try:
+      self.fd = untrusted.open_regular(path, self.source)
+    except FileNotFoundError:
+      raise UserError(f"{self.source}: missing.") from None
+    try:
+      opened = os.fstat(self.fd)
+      if max_bytes is not None and opened.st_size > max_bytes:
+        raise UserError(f"{self.source}: {opened.st_size} bytes, more than the {max_bytes} a "
+                        "body of the base's layout can have.")
+      self.header = read_header_fd(self.fd, self.source, max_header_bytes, max_tensors)
+      self.size = opened.st_size
+      prefix = os.pread(self.fd, 8, 0)
+      if len(prefix) != 8:
+        raise UserError(f"{self.source}: not a safetensors file (shorter than 8 bytes).")
+      self.data_start = 8 + struct.unpack("<Q", prefix)[0]
+      position = 0
+      for _, _, (begin, end) in sorted(self.header.values(), key=lambda e: e[2]):
+        if begin != position:
+          raise UserError(f"{self.source}: the data section has a gap or overlap at byte "
+                          f"{self.data_start + position}; not a valid safetensors file.")
+        position = end
+      if self.data_start + position != self.size:
+        raise UserError(f"{self.source}: {self.size - self.data_start - position} bytes after "
+                        "the last tensor; not a valid safetensors file.")
+    except BaseException:
+      os.close(self.fd)
+      raise
+
+  def limits(self) -> dict:
+    """Bounds for a file that must have this one's layout (keyword arguments of
+    :class:`BodyFile`): its size, and at most twice its header plus 64 KiB (room for other
+    metadata and number formats) and 16 more tensors (buffers a body may or may not hold)."""
+    header = self.data_start - 8
+    return {"max_header_bytes": 2 * header + (64 << 10), "max_tensors": len(self.header) + 16,
+            "max_bytes": self.size + header + (64 << 10) + (1 << 20)}
+
+  def specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+    """HF name -> (shape, dtype code), buffers (``*.position_ids``) left out."""
+    return {n: (shape, dtype) for n, (dtype, shape, _) in self.header.items()
+            if not n.endswith("position_ids")}
+
+  def numel(self, name: str) -> int:
+    return int(np.prod(self.header[name][1], dtype=np.int64))
+
+  def read(self, name: str, start: int = 0, count: Optional[int] = None,
+           out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Elements ``start .. start + count`` of tensor ``name`` (flattened), as a new array
+    (or in ``out``, a contiguous array of the tensor's dtype and at least ``count`` items)."""
+    code, _, (begin, _) = self.header[name]
+    dtype = numpy_dtype(code)
+    if count is None:
+      count = self.numel(name) - start
+    if not 0 <= start <= start + count <= self.numel(name):
+      raise ValueError(f"{name}: elements {start}..{start + count} out of range")
+    if out is not None and (out.dtype != dtype or out.size < count or out.ndim != 1
+                            or not out.flags.c_contiguous):
+      raise ValueError(f"{name}: out must be a contiguous 1-D {dtype} array of >= {count} items")
+    array = np.empty(count, dtype=dtype) if out is None else out[:count]
+    if count:
+      pread_into(self.fd, memoryview(array.view(np.uint8)),
+                  self.data_start + begin + start * dtype.itemsize, self.source)
+    return array
+
+  def read_tensor(self, name: str) -> np.ndarray:
+    """The whole tensor in its shape."""
+    return self.read(name).reshape(self.header[name][1])
+
+  def close(self) -> None:
+    if self.fd >= 0:
+      os.close(self.fd)
+      self.fd = -1
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+class ChunkWriter:
+  """Writes a safetensors file for ``specs`` chunk by chunk, in sorted name order.
+
+  The header is :func:`header_bytes` (names sorted, data contiguous, padded to 8 bytes), so
+  the same tensors always give the same bytes. Written to ``path + '.partial'``,
+  fsynced (unless ``fsync=False``) and renamed into place by :meth:`close`, which sets
+  :attr:`sha256` (the file's, computed from the bytes as they were written); :meth:`abort`
+  removes it.
+  """
+
+  def __init__(self, path: str, specs: Specs, fsync: bool = True):
+    self.path, self.specs, self.fsync = path, specs, fsync
+    self._names = iter(sorted(specs))
+    self._name, self._left = None, 0
+    self.sha256: Optional[str] = None
+    self._digest = hashlib.sha256()
+    self._file = open(path + ".partial", "wb")
+    raw = header_bytes(specs)
+    self._put(struct.pack("<Q", len(raw)) + raw)
+
+  def _put(self, data) -> None:
+    self._digest.update(data)
+    self._file.write(data)
+
+  def write(self, name: str, values: np.ndarray) -> None:
+    """Appends the next ``values.size`` elements (flattened) of tensor ``name``."""
+    if values.size == 0:
+      return
+    while self._left == 0:
+      self._name = next(self._names, None)
+      if self._name is None:
+        raise ValueError(f"ChunkWriter: {name} is past the last tensor")
+      self._left = int(np.prod(self.specs[self._name][0], dtype=np.int64))
+    shape, code = self.specs[self._name]
+    dtype = numpy_dtype(code)
+    if name != self._name or values.dtype != dtype or values.size > self._left:
+      raise ValueError(f"ChunkWriter: got {name} {values.dtype}[{values.size}], expected "
+                       f"{self._name} {code} (at most {self._left} elements)")
+    self._put(np.ascontiguousarray(values, dtype=dtype).view(np.uint8).data)
+    self._left -= values.size
+
+  def close(self) -> None:
+    """Checks every element was written, fsyncs and renames the file into place."""
+    if self._left or any(int(np.prod(self.specs[n][0], dtype=np.int64)) for n in self._names):
+      self.abort()
+      raise ValueError("ChunkWriter: fewer elements than announced")
+    self._file.flush()
+    if self.fsync:
+      os.fsync(self._file.fileno())
+    self._file.close()
+    os.replace(self.path + ".partial", self.path)
+    self.sha256 = self._digest.hexdigest()
+
+  def abort(self) -> None:
+    """Drops the partial file."""
+    if not self._file.closed:
+      self._file.close()
+    try:
+      os.remove(self.path + ".partial")
+    except FileNotFoundError:
+      pass
