@@ -24,6 +24,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tf_keras as keras  # pylint: disable=g-import-not-at-top
 
 from cold_fusion_tf.model import bodies as models  # pylint: disable=g-import-not-at-top
+from cold_fusion_tf.model import hf_config  # pylint: disable=g-import-not-at-top
 from cold_fusion_tf.store import refs  # pylint: disable=g-import-not-at-top
 from cold_fusion_tf.training import trainer as training  # pylint: disable=g-import-not-at-top
 from cold_fusion_tf.training.recipe import Recipe  # pylint: disable=g-import-not-at-top
@@ -148,12 +149,6 @@ def wordpiece_settings(tokenizer) -> dict:
           "unknown_token": tokenizer.unk_token}
 
 
-def max_positions(config) -> int:
-  """Longest input the body takes (RoBERTa keeps two position rows for padding)."""
-  offset = config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta") else 0
-  return config.max_position_embeddings - offset
-
-
 @keras.utils.register_keras_serializable(package=PACKAGE)
 class RecipeAdamW(keras.optimizers.AdamW):
   """AdamW without weight decay on LayerNorm weights and biases, also after a reload."""
@@ -257,7 +252,7 @@ def keras_classifier(store_or_dir: str, num_labels: int, *, iteration: Optional[
   names = models.body_input_names(body)
   if inputs == "text":
     settings = wordpiece_settings(tokenizer)
-    length = min(max_length or Recipe().max_length, max_positions(config))
+    length = min(max_length or Recipe().max_length, hf_config.max_positions(config))
     if length < 4:
       raise UserError(f"max_length={max_length}: needs room for the special tokens.")
     encoder = WordPieceEncoder(max_length=length, output_names=names, name="tokenize",

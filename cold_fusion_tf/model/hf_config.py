@@ -49,3 +49,14 @@ def check(raw, source: str) -> dict:
 def read(model_dir: str) -> dict:
   """The checked ``config.json`` of a model directory."""
   return check(*read_raw(model_dir))
+
+
+def max_positions(config) -> int:
+  """The longest input a body of ``config`` (a checked dict or a transformers config) takes:
+  RoBERTa-like models keep ``pad_token_id + 1`` position rows before the first token."""
+  get = config.get if isinstance(config, dict) else (lambda key, default=None:
+                                                      getattr(config, key, default))
+  limit = int(get("max_position_embeddings"))
+  if get("model_type") in ("roberta", "xlm-roberta"):
+    limit -= int(get("pad_token_id", 1) or 0) + 1
+  return limit

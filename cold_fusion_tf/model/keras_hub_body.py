@@ -67,7 +67,7 @@ class KerasHubBody:
     self.dropout = float(config.get("hidden_dropout_prob", 0.1))
     self.initializer_range = float(config.get("initializer_range", 0.02))
     self.offset = names.POSITION_OFFSET[self.model_type]
-    self.max_positions = config["max_position_embeddings"] - self.offset
+    self.max_positions = hf_config.max_positions(config)
     self.encoder = self._build_encoder(dtype)
     self.specs = names.hf_specs(config)
     self.entries = {}

@@ -1,26 +1,31 @@
 """Fine-tuning a body with a fresh head, under any ``tf.distribute`` strategy.
 
 The recipe is the paper's: AdamW, linear warm-up and decay, weight decay off for LayerNorm
-weights and biases, global gradient clipping, evaluation on dev every N examples, early
-stopping with patience, the best dev weights restored at the end.
+weights and biases, global gradient clipping (:mod:`~cold_fusion_tf.training.optimizer`),
+evaluation on dev every N examples, early stopping with patience, the best dev weights
+restored at the end.
 
 How it runs:
 
 * the model, optimizer and a copy of the best weights are created inside
-  ``strategy.scope()``; the global batch is split across replicas (and, with gradient
-  accumulation, into micro-batches) and the loss is the sum over the global batch divided by
-  its size, so gradients mean the same whatever the split;
-* ``steps_per_execution`` optimizer steps run inside one ``tf.function`` (a ``tf.range``
-  loop over a distributed iterator): no Python per step, the loss is read back only when it
-  is logged;
+  ``strategy.scope()``, and kept for the next fine-tune of the same shapes in the process
+  (:mod:`~cold_fusion_tf.training.model_cache`: the body's weights are assigned, the head
+  drawn from the seed, the optimizer reset), so a short fine-tune does not pay for building
+  and tracing again;
+* ``steps_per_execution`` optimizer steps run inside one ``tf.function``
+  (:mod:`~cold_fusion_tf.training.steps`): no Python per step, the loss is read back only when
+  it is logged;
+* each split is tokenized once per process (and cached in ``<workdir>/tokens``);
 * with ``workdir`` the training state is checkpointed every ``checkpoint_every_steps`` steps
-  and a rerun resumes from it (:mod:`cold_fusion_tf.training.checkpoints`); TensorBoard scalars
-  (loss, learning rate, examples/s, dev metrics) go to ``<workdir>/tensorboard``.
+  and a rerun resumes from it (:mod:`cold_fusion_tf.training.checkpoints`); a run no longer
+  than one interval writes none. TensorBoard scalars (loss, learning rate, examples/s, dev
+  metrics) go to ``<workdir>/tensorboard``;
+* the result holds where the time went (:mod:`~cold_fusion_tf.training.timings`), and the
+  last log line of a fine-tune shows it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Callable
@@ -28,7 +33,6 @@ from typing import Callable
 from absl import logging
 import numpy as np
 import tensorflow as tf
-import tf_keras as keras
 
 from cold_fusion_tf import progress
 from cold_fusion_tf.training import checkpoints as checkpointing
@@ -36,70 +40,26 @@ from cold_fusion_tf.training.common import (  # pylint: disable=unused-import
     FinetuneResult, duration_text, linear_schedule_value, plan_steps)
 from cold_fusion_tf.training import inputs
 from cold_fusion_tf.training import metrics as metrics_lib
+from cold_fusion_tf.training import model_cache
+from cold_fusion_tf.training import optimizer as optimizer_lib
+from cold_fusion_tf.training import timings as timings_lib
 from cold_fusion_tf.training.recipe import Recipe
+from cold_fusion_tf.model import hf_config
 from cold_fusion_tf.model import bodies as models
 from cold_fusion_tf.training import distribute as strategies
 from cold_fusion_tf.data import TaskData
 from cold_fusion_tf.errors import UserError
 
-NO_DECAY = ("LayerNorm", "layer_norm", "bias")
-PRECISIONS = ("", "float32", "mixed_bfloat16", "mixed_float16")
-
-
-class LinearWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
-  """The graph version of :func:`linear_schedule_value`."""
-
-  def __init__(self, peak: float, warmup_steps: int, total_steps: int):
-    self.peak, self.warmup_steps, self.total_steps = peak, warmup_steps, total_steps
-
-  def __call__(self, step):
-    step = tf.cast(step, tf.float32)
-    warm = self.peak * step / max(1, self.warmup_steps)
-    decay = self.peak * tf.maximum(0.0, self.total_steps - step) / max(
-        1, self.total_steps - self.warmup_steps)
-    return tf.where(step < self.warmup_steps, warm, decay)
-
-  def get_config(self):
-    return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
-
-
-def make_optimizer(recipe: Recipe, total_steps: int):
-  """AdamW with the linear schedule; no weight decay on LayerNorm weights and biases.
-
-  Gradients are clipped by their global norm after they are summed over replicas.
-  """
-  warmup = int(math.ceil(recipe.warmup_fraction * total_steps))
-  optimizer = keras.optimizers.AdamW(
-      learning_rate=LinearWarmupDecay(recipe.learning_rate, warmup, total_steps),
-      weight_decay=recipe.weight_decay, beta_1=0.9, beta_2=0.999, epsilon=recipe.adam_epsilon,
-      global_clipnorm=recipe.clip_norm or None)
-  optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY))
-  return optimizer
-
-
-@contextlib.contextmanager
-def precision(policy: str):
-  """Keras layers built inside use ``policy`` (e.g. ``mixed_bfloat16``); '' keeps float32."""
-  if policy not in PRECISIONS:
-    raise UserError(f"--config.recipe.mixed_precision={policy!r} is not one of "
-                    f"{', '.join(repr(p) for p in PRECISIONS)}.")
-  if not policy or policy == "float32":
-    yield
-    return
-  previous = keras.mixed_precision.global_policy()
-  keras.mixed_precision.set_global_policy(policy)
-  try:
-    yield
-  finally:
-    keras.mixed_precision.set_global_policy(previous)
+# The optimizer and precision, for code that takes them from the trainer.
+NO_DECAY, LinearWarmupDecay, make_optimizer = (optimizer_lib.NO_DECAY,
+                                               optimizer_lib.LinearWarmupDecay,
+                                               optimizer_lib.make_optimizer)
+PRECISIONS, precision = model_cache.PRECISIONS, model_cache.precision
 
 
 def max_length_for(body, recipe: Recipe) -> int:
-  config = body.config
-  limit = config.max_position_embeddings
-  if config.model_type in ("roberta", "xlm-roberta"):
-    limit -= 2
-  return min(recipe.max_length, limit)
+  """The recipe's ``max_length``, at most what the body takes."""
+  return min(recipe.max_length, hf_config.max_positions(body.config))
 
 
 def finetune(body, tokenizer, task: TaskData, recipe: Recipe, *, strategy=None, evaluate_test=False,
@@ -107,7 +67,9 @@ def finetune(body, tokenizer, task: TaskData, recipe: Recipe, *, strategy=None, 
              workdir: str | None = None, run_key: str = "") -> FinetuneResult:
   """Fine-tunes ``body`` (in place) with a fresh head on ``task``; returns its metrics.
 
-  The best weights on dev (checked every ``eval_every_examples`` / ``eval_every_steps``
+  ``body`` is a TF body, or a :class:`~cold_fusion_tf.training.model_cache.BodyWeights` when
+  only the metrics are wanted (nothing is built for it; a kept model takes its weights). The
+  best weights on dev (checked every ``eval_every_examples`` / ``eval_every_steps``
   steps, or once per epoch, and at the end) are restored before returning, so the body left
   behind is the one that did best. With ``workdir``, training resumes from the checkpoint
   found there (``run_key`` is part of the run's fingerprint, e.g. the base's sha256).
@@ -163,6 +125,7 @@ class _Trainer:
   """One fine-tuning run (see :func:`finetune`)."""
 
   def __init__(self, body, tokenizer, task, recipe, strategy, log, label, workdir, run_key):
+    self.timings = timings_lib.Timings()
     self.task, self.recipe, self.strategy = task, recipe, strategy
     self.log, self.label, self.workdir = log, label, workdir
     self.chief = strategies.is_chief(strategy)
@@ -181,7 +144,12 @@ class _Trainer:
 
     max_length = max_length_for(body, recipe)
     cache = checkpointing.join(workdir, "tokens") if workdir else None
-    self.tokenize = lambda split: inputs.encode(tokenizer, task.splits[split], max_length, cache)
+
+    def tokenize(split):
+      with self.timings.phase("tokenize"):
+        return inputs.encode(tokenizer, task.splits[split], max_length, cache)
+
+    self.tokenize = tokenize
     self.encoded = {s: self.tokenize(s) for s in ("train", "dev")}
     train = self.encoded["train"]
     num_buckets = recipe.length_buckets or (8 if self.static else 0)
@@ -194,7 +162,9 @@ class _Trainer:
     self.global_batch, self.micro, self.notes = steps.global_batch, steps.micro, steps.notes
     self.steps_per_epoch, self.total_steps = steps.steps_per_epoch, steps.total_steps
     self.eval_every = steps.eval_every
-    self.checkpoint_every = recipe.checkpoint_every_steps
+    # A run no longer than one interval is cheaper to redo than to checkpoint.
+    self.checkpoint_every = (recipe.checkpoint_every_steps
+                             if self.total_steps > recipe.checkpoint_every_steps else 0)
     self.fingerprint = {
         "task": task.name, "train_examples": len(train), "kind": task.kind,
         "num_outputs": task.num_outputs, "batch_size": self.global_batch,
@@ -209,108 +179,25 @@ class _Trainer:
   # Model, optimizer, step functions
 
   def _build(self, body) -> None:
-    recipe, strategy = self.recipe, self.strategy
-    policy = recipe.mixed_precision
-    with precision(policy), strategy.scope():
-      self.body = self._body_in_scope(body, policy)
-      self.model = models.TaskModel(self.body, self.task.num_outputs)
-      self.model.head(tf.zeros([1, 1, self.body.config.hidden_size]))
-      self.variables = [v for v in self.model.trainable_variables if "pooler" not in v.name]
-      self.optimizer = make_optimizer(recipe, self.total_steps)
-      self.optimizer.build(self.variables)
-      self.best_weights = [tf.Variable(v, trainable=False, name="best") for v in self.model.weights]
+    """The model, optimizer and step functions: kept from an earlier fine-tune of the same
+    shapes, or built (see :mod:`~cold_fusion_tf.training.model_cache`)."""
+    recipe = self.recipe
+    shapes = model_cache.Shapes(self.task.num_outputs, self.task.kind, self.global_batch,
+                                self.accumulation, self.micro)
+    with self.timings.phase("build"):
+      built, self.timings.reused = model_cache.get(body.config, body.trainable, shapes, recipe,
+                                                   self.strategy)
+      built.start(body, recipe.seed, recipe.learning_rate,
+                  optimizer_lib.warmup_steps(recipe.warmup_fraction, self.total_steps),
+                  self.total_steps)
+    self.body, self.model, self.optimizer = built.body, built.model, built.optimizer
+    self.best_weights = built.best_weights
+    self.train_chunk, self.predict_step = built.train_chunk, built.predict_step
     self.checkpoints = None
     if self.workdir and self.checkpoint_every:
       self.checkpoints = checkpointing.Checkpoints(
-          self.workdir, strategy, self.fingerprint, model=self.model, optimizer=self.optimizer,
-          best=self.best_weights)
-    self.train_chunk = self._make_train_chunk()
-    self.predict_step = self._make_predict_step()
-
-  def _body_in_scope(self, body, policy: str):
-    """``body`` if its variables belong to the strategy and precision; else a copy that does."""
-    in_scope = all(self.strategy.extended.variable_created_in_scope(v) for v in body.weights[:1])
-    wanted = keras.mixed_precision.Policy(policy or "float32").compute_dtype
-    if in_scope and body.compute_dtype == wanted:
-      return body
-    fresh = models.build_body(body.config)
-    for target, source in zip(fresh.weights, body.weights):
-      target.assign(source.numpy())
-    fresh.trainable = body.trainable  # a frozen body (linear probing) stays frozen
-    return fresh
-
-  def _loss(self, labels, outputs):
-    if self.task.kind == "regression":
-      return tf.square(tf.reshape(outputs, [-1]) - labels)
-    return keras.losses.sparse_categorical_crossentropy(labels, outputs, from_logits=True)
-
-  def _make_train_chunk(self):
-    model, optimizer, variables = self.model, self.optimizer, self.variables
-    strategy, accumulation, micro = self.strategy, self.accumulation, self.micro
-    global_batch = self.global_batch
-    dense = self.replicas > 1 or accumulation > 1
-
-    def gradients(features, labels):
-      with tf.GradientTape() as tape:
-        outputs = tf.cast(model(features, training=True), tf.float32)
-        loss = tf.nn.compute_average_loss(self._loss(labels, outputs),
-                                          global_batch_size=global_batch)
-      grads = tape.gradient(loss, variables)
-      grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
-      if dense:  # sparse (IndexedSlices) all-reduces inside a step loop can go out of step
-        grads = [tf.convert_to_tensor(g) for g in grads]
-      return grads, loss
-
-    if self.recipe.jit_compile:
-      gradients = tf.function(gradients, jit_compile=True, autograph=False)
-
-    def replica_step(features, labels):
-      if accumulation == 1:
-        grads, loss = gradients(features, labels)
-      else:
-        split = {k: tf.reshape(v, tf.concat([[accumulation, micro], tf.shape(v)[1:]], 0))
-                 for k, v in features.items()}
-        split_labels = tf.reshape(labels, [accumulation, micro])
-
-        def body(i, loss, *acc):
-          grads, part = gradients({k: v[i] for k, v in split.items()}, split_labels[i])
-          return (i + 1, loss + part, *[a + tf.convert_to_tensor(g) for a, g in zip(acc, grads)])
-
-        zeros = [tf.zeros_like(v) for v in variables]
-        _, loss, *grads = tf.while_loop(lambda i, *_: i < accumulation, body,
-                                        (tf.constant(0), tf.constant(0.0), *zeros),
-                                        parallel_iterations=1)
-      optimizer.apply_gradients(zip(grads, variables))
-      return loss
-
-    # AutoGraph would convert the whole model's Python code on every trace (seconds per
-    # run); the loops here are explicit, so it is off.
-    @tf.function(autograph=False)
-    def train_chunk(iterator, steps):
-      def one_step(i, total):
-        features, labels = next(iterator)
-        per_replica = strategy.run(replica_step, args=(features, labels))
-        return i + 1, total + strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-      _, total = tf.while_loop(lambda i, _: i < steps, one_step,
-                               (tf.constant(0), tf.constant(0.0)))
-      return total
-
-    return train_chunk
-
-  def _make_predict_step(self):
-    model, strategy = self.model, self.strategy
-
-    def replica_predict(features):
-      return tf.cast(model(features, training=False), tf.float32), features["index"]
-
-    @tf.function(autograph=False)
-    def predict_step(iterator):
-      features, _ = next(iterator)
-      outputs, index = strategy.run(replica_predict, args=(features,))
-      return strategy.gather(outputs, axis=0), strategy.gather(index, axis=0)
-
-    return predict_step
+          self.workdir, self.strategy, self.fingerprint, model=self.model,
+          optimizer=self.optimizer, best=self.best_weights)
 
   # ------------------------------------------------------------------------------------------
   # Data
@@ -326,6 +213,10 @@ class _Trainer:
   def evaluate(self, split: str) -> dict[str, float]:
     if split not in self.encoded:
       self.encoded[split] = self.tokenize(split)
+    with self.timings.phase(split if split in timings_lib.PHASES else "other"):
+      return self._predict_and_score(split)
+
+  def _predict_and_score(self, split: str) -> dict[str, float]:
     encoded = self.encoded[split]
     if not hasattr(self, "_eval_sets"):
       self._eval_sets = {}
@@ -355,7 +246,8 @@ class _Trainer:
              "history": [], "stopped": False, "train_seconds": 0.0}
     resumed_from = 0
     if self.checkpoints is not None:
-      saved = self.checkpoints.restore()
+      with self.timings.phase("checkpoints"):
+        saved = self.checkpoints.restore()
       if saved is not None:
         state.update({k: saved[k] for k in state if k in saved})
         resumed_from = int(saved["step"])
@@ -391,11 +283,14 @@ class _Trainer:
         group = int(plan.groups[offset])
         if group not in iterators:  # this epoch's remaining steps of this group, in order
           steps = np.flatnonzero(plan.groups[offset:] == group) + offset
-          iterators[group] = iter(self.distribute(self.encoded["train"], plan, steps))
+          with self.timings.phase("input"):
+            iterators[group] = iter(self.distribute(self.encoded["train"], plan, steps))
         n = min(plan.run_end(offset) - offset, self.per_execution, self.total_steps - step,
                 self._to_next(step, self.eval_every), self._to_next(step, self.checkpoint_every),
                 self._to_next(step, log_every_steps))
+        started = time.perf_counter()
         pending_loss.append(self.train_chunk(iterators[group], tf.constant(n, tf.int32)))
+        self.timings.train_call(time.perf_counter() - started, n)
         step, offset, pending_steps = step + n, offset + n, pending_steps + n
         self._session["steps"] += n
         is_eval = step % self.eval_every == 0 or step == self.total_steps
@@ -415,23 +310,27 @@ class _Trainer:
           self._evaluate_and_track(step, loss, state, writer)
         if self.checkpoints is not None and (step % self.checkpoint_every == 0
                                              or state["stopped"] or step == self.total_steps):
-          self.checkpoints.save(step, {**state, "step": step,
-                                       "train_seconds": state["train_seconds"] + self._seconds()})
+          with self.timings.phase("checkpoints"):
+            self.checkpoints.save(step, {**state, "step": step, "train_seconds":
+                                         state["train_seconds"] + self._seconds()})
           if self.chief:
             log(f"{label}{task.name}: saved checkpoint at step {step}")
         self._session["other_seconds"] += time.time() - t0
 
     if state["best_score"] is not None and state["best_step"] != step:
       self._copy(self.best_weights, self.model.weights)
-    if self.body is not self.original_body:
+    if not isinstance(self.original_body, model_cache.BodyWeights):  # the caller's body
       for target, source in zip(self.original_body.weights, self.body.weights):
         target.assign(source.numpy())
     test = self.evaluate("test") if evaluate_test else None
     if writer is not None:
       writer.flush()
     seconds = state["train_seconds"] + time.time() - self._session["start"]
+    timings = self.timings.finish()
+    log(f"{label}{task.name}: {timings_lib.describe(timings)}")
     return FinetuneResult(state["best_metrics"], test, step, state["best_step"],
-                          step * self.global_batch, seconds, state["history"], resumed_from)
+                          step * self.global_batch, seconds, state["history"], resumed_from,
+                          timings)
 
   @staticmethod
   def _to_next(step: int, period: int) -> int:
