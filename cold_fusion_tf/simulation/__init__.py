@@ -1,1 +1,2 @@
-"""simulation"""
+"""The whole loop on one machine (:mod:`.loop`) and its TensorBoard scalars (:mod:`.scalars`).
+"""
