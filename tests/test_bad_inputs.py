@@ -90,8 +90,11 @@ def test_a_file_where_a_folder_is_expected(program, place):
 @pytest.mark.parametrize("program,args,fragment", [
     ("train", ["--config.recipe.batch_size=0"], "config.recipe.batch_size=0"),
     ("train", ["--config.recipe.learning_rate=nan"], "expected a finite number"),
-    ("run", ["--config.seed=-1"], "config.seed=-1: expected an integer >= 0"),
-    ("run", ["--config.eval.seeds=0"], "config.eval.seeds=0: expected an integer >= 1"),
+    ("run", ["--config.seed=-1"], "config.seed=-1: expected an integer in 0..2147483647"),
+    ("train", ["--config.recipe.seed=99999999999"], "config.recipe.seed=99999999999: expected"),
+    ("run", ["--config.iterations=10000000"], "config.iterations=10000000: expected an integer "
+     "in 0..999999"),
+    ("run", ["--config.eval.seeds=0"], "config.eval.seeds=0: expected an integer in 1.."),
     ("run", ["--config.pool=5"], "config.pool: 5 is not a dataset name"),
     ("run", ["--config.data.columns.bogus=x"], "config.data.columns has no field 'bogus'"),
     ("run", ["--config.data.columns.text="], "config.data.columns.text='': expected a column"),

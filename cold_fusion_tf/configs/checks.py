@@ -16,6 +16,8 @@ from cold_fusion_tf.data import folder
 from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.store import paths
 
+_MAX_SEED = 2**31 - 1  # numpy and TensorFlow take 32-bit seeds; evaluation adds the run's index
+
 
 def check(config) -> None:
   """Raises a UserError for the first value of ``config`` that is not valid."""
@@ -33,9 +35,10 @@ def check(config) -> None:
   for name in ("pool", "heldout"):
     if name in config:
       _names(config[name], f"config.{name}")
-  for name, low in (("iterations", 0), ("contributors_per_iteration", 1), ("seed", 0)):
+  for name, low, high in (("iterations", 0, 999_999),  # six-digit iteration names
+                          ("contributors_per_iteration", 1, 10_000), ("seed", 0, _MAX_SEED)):
     if name in config:
-      _integer(config[name], f"config.{name}", low)
+      _integer(config[name], f"config.{name}", low, high)
   if "recipe" in config:
     _recipe(config.recipe, "config.recipe")
   if "eval" in config:
@@ -69,7 +72,8 @@ def _check_eval(section) -> None:
 
 def _recipe(section, where: str) -> None:
   from cold_fusion_tf.training.recipe import Recipe  # pylint: disable=g-import-not-at-top
-  Recipe.from_config(section, where)
+  recipe = Recipe.from_config(section, where)
+  _integer(recipe.seed, f"{where}.seed", 0, _MAX_SEED)
 
 
 def _mapping(section):
@@ -81,9 +85,9 @@ def _number(value) -> bool:
           and math.isfinite(value))
 
 
-def _integer(value, where: str, low: int) -> None:
-  if not _number(value) or not float(value).is_integer() or value < low:
-    raise UserError(f"{where}={value!r}: expected an integer >= {low}.")
+def _integer(value, where: str, low: int, high: int = 2**31 - 1) -> None:
+  if not _number(value) or not float(value).is_integer() or not low <= value <= high:
+    raise UserError(f"{where}={value!r}: expected an integer in {low}..{high}.")
 
 
 def _string(section, name: str, where: str, empty: bool = True) -> None:
