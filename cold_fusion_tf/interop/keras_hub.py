@@ -45,7 +45,7 @@ def load_backbone(base_dir: str):
     variables = {v.path: v for v in body.encoder.weights}
     table = variables["embeddings/position_embedding/embeddings"]
     row = variables["token_type_embedding/embeddings"]
-    table.assign(keras_hub_body.to_numpy(table) + keras_hub_body.to_numpy(row)[0][None, :])
+    table.assign(keras_hub_names.to_numpy(table) + keras_hub_names.to_numpy(row)[0][None, :])
   return backbone
 
 

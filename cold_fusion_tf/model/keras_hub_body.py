@@ -131,7 +131,7 @@ class KerasHubBody:
     out = dict(self.carried)
     for variable in self.encoder.weights:
       entry = self.entries[variable.path]
-      value = to_numpy(variable).astype(np.float32, copy=False)
+      value = names.to_numpy(variable).astype(np.float32, copy=False)
       out[entry.hf_name] = names.to_hf(entry, value, self.specs[entry.hf_name][0], self.carried,
                                        self.offset)
     return {n: out[n] for n in self.specs}
@@ -141,12 +141,6 @@ class KerasHubBody:
     :func:`cold_fusion_tf.training.keras_trainer.finetune`."""
     from cold_fusion_tf.training import keras_trainer  # pylint: disable=g-import-not-at-top
     return keras_trainer.finetune(self, tokenizer, task, recipe, **kwargs)
-
-
-def to_numpy(variable) -> np.ndarray:
-  """A Keras 3 variable's value on the host, on either backend."""
-  value = variable.value
-  return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
 
 def load(base_dir: str, *, dtype=None, scope=None, source: str | None = None) -> KerasHubBody:

@@ -133,6 +133,12 @@ def to_hf(entry: Entry, value: np.ndarray, shape: tuple[int, ...],
   return np.ascontiguousarray(np.reshape(value, shape))
 
 
+def to_numpy(value) -> np.ndarray:
+  """A Keras 3 variable's (or tensor's) value on the host, on either backend."""
+  value = getattr(value, "value", value)
+  return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+
+
 def check_config(config: Mapping, source: str) -> str:
   """The family of a checked ``config.json`` if keras-hub's backbone computes what the
   Hugging Face model does; otherwise an error listing every difference."""

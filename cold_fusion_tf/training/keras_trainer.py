@@ -44,6 +44,7 @@ import tensorflow as tf
 
 from cold_fusion_tf.data import TaskData
 from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.model.keras_hub_names import to_numpy
 from cold_fusion_tf.training import checkpoints as checkpointing
 from cold_fusion_tf.training import distribute as strategies
 from cold_fusion_tf.training import inputs
@@ -119,13 +120,18 @@ def batch_split(recipe: Recipe, strategy) -> tuple[int, int]:
 # Model and optimizer
 
 class LinearWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
-  """:func:`~cold_fusion_tf.training.common.linear_schedule_value` in Keras 3 ops."""
+  """:func:`~cold_fusion_tf.training.common.linear_schedule_value` in Keras 3 ops.
 
-  def __init__(self, peak: float, warmup_steps: int, total_steps: int):
+  Keras 3 calls a schedule with its count of micro-batches when it accumulates gradients:
+  ``accumulation`` turns that count back into optimizer steps.
+  """
+
+  def __init__(self, peak: float, warmup_steps: int, total_steps: int, accumulation: int = 1):
     self.peak, self.warmup_steps, self.total_steps = peak, warmup_steps, total_steps
+    self.accumulation = accumulation
 
   def __call__(self, step):
-    step = keras.ops.cast(step, "float32")
+    step = keras.ops.cast(keras.ops.floor_divide(step, self.accumulation), "float32")
     decay = self.peak * keras.ops.maximum(0.0, self.total_steps - step) / max(
         1, self.total_steps - self.warmup_steps)
     if not self.warmup_steps:
@@ -133,7 +139,8 @@ class LinearWarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
     return keras.ops.minimum(self.peak * step / self.warmup_steps, decay)
 
   def get_config(self):
-    return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+    return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+            "accumulation": self.accumulation}
 
 
 def make_optimizer(recipe: Recipe, total_steps: int, accumulation: int, variables):
@@ -141,7 +148,7 @@ def make_optimizer(recipe: Recipe, total_steps: int, accumulation: int, variable
   weights and biases; gradients clipped by their global norm."""
   warmup = int(math.ceil(recipe.warmup_fraction * total_steps))
   optimizer = keras.optimizers.AdamW(
-      learning_rate=LinearWarmupDecay(recipe.learning_rate, warmup, total_steps),
+      learning_rate=LinearWarmupDecay(recipe.learning_rate, warmup, total_steps, accumulation),
       weight_decay=recipe.weight_decay, beta_1=0.9, beta_2=0.999, epsilon=recipe.adam_epsilon,
       global_clipnorm=recipe.clip_norm or None,
       gradient_accumulation_steps=accumulation if accumulation > 1 else None)
@@ -354,7 +361,7 @@ class _Run:
     with self.strategy.scope() if self.jax else contextlib.nullcontext():
       model.fit(self._train_data(position), epochs=-(-self.total_steps // self.epoch_steps),
                 steps_per_epoch=self.fit_epoch, callbacks=callbacks, shuffle=False, verbose=0)
-      steps = int(keras.ops.convert_to_numpy(optimizer.iterations))
+      steps = int(to_numpy(optimizer.iterations))
       test = self.evaluate(model, "test") if evaluate_test else None
     if directory and tf.io.gfile.exists(directory):
       tf.io.gfile.rmtree(directory)
@@ -390,7 +397,7 @@ class _DataPosition(keras.callbacks.Callback):
 
   def on_epoch_begin(self, epoch, logs=None):
     if self.step is None:
-      self.resumed_from = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+      self.resumed_from = int(to_numpy(self.model.optimizer.iterations))
       self.step = self.resumed_from * self.accumulation
 
 
