@@ -9,18 +9,22 @@ Two modes:
 * ``finetune``: the whole model is trained (the paper's main protocol);
 * ``probe``: the body is frozen (no dropout, no updates) and only the fresh head is trained,
   at ``eval_config.probe_learning_rate`` (the paper's "ColD-Frozen" linear probing).
+
+An evaluation runs many short fine-tunes in one process: each base's weights go from its file
+straight into a model kept from an earlier run of the same shapes
+(:mod:`cold_fusion_tf.training.model_cache`), and each dataset is tokenized once. A run's
+result depends only on the base, the data, the recipe and the seed, not on what ran before.
 """
 
 from __future__ import annotations
 
-import gc
 import os
 from typing import Callable
 
 from absl import logging
-import tf_keras as keras
 
 from cold_fusion_tf.model import bodies as models
+from cold_fusion_tf.training import model_cache
 from cold_fusion_tf.training import trainer as training
 from cold_fusion_tf.training.recipe import Recipe
 from cold_fusion_tf.tensors import safetensors_io as weights
@@ -52,21 +56,31 @@ def recipe_for(eval_config, mode: str = "finetune", seed_index: int = 0):
   return recipe
 
 
-def load_eval_body(base_dir: str, mode: str = "finetune"):
-  """The body to fine-tune; for ``probe`` a frozen copy with every dropout rate set to 0."""
-  if check_mode(mode) == "finetune":
-    return models.load_body(base_dir)
+def eval_body_weights(base_dir: str, mode: str = "finetune") -> model_cache.BodyWeights:
+  """The body a run starts from, without building one: the base's config (for ``probe``
+  every dropout rate set to 0, and frozen) and its weights, checked as they are assigned."""
   config = models.read_config(base_dir)
-  for field in _DROPOUT_FIELDS:
-    if hasattr(config, field):
-      setattr(config, field, 0.0)
-  body = models.build_body(config)
+  if check_mode(mode) == "probe":
+    for field in _DROPOUT_FIELDS:
+      if hasattr(config, field):
+        setattr(config, field, 0.0)
   path = os.path.join(base_dir, "model.safetensors")
   if not os.path.exists(path):
     raise UserError(f"{base_dir}: missing model.safetensors.")
-  hf_names.assign_body_tensors(body, weights.load_checked(path, hf_names.expected_specs(body), path),
-                              path)
-  body.trainable = False
+
+  def assign(body) -> None:
+    tensors = weights.load_checked(path, hf_names.expected_specs(body), path)
+    hf_names.assign_body_tensors(body, tensors, path)
+
+  return model_cache.BodyWeights(config, assign, trainable=mode == "finetune")
+
+
+def load_eval_body(base_dir: str, mode: str = "finetune"):
+  """The body to fine-tune, built; for ``probe`` a frozen copy with every dropout rate 0."""
+  start = eval_body_weights(base_dir, mode)
+  body = models.build_body(start.config)
+  start.assign(body)
+  body.trainable = start.trainable
   return body
 
 
@@ -75,12 +89,5 @@ def finetune_once(base_dir: str, tokenizer, task: TaskData, eval_config, seed_in
                   label: str = "") -> training.FinetuneResult:
   """One recycling run: fresh head, ``recipe_for(eval_config, mode, seed_index)``, test scored."""
   recipe = recipe_for(eval_config, mode, seed_index)
-  models.set_seed(recipe.seed)
-  body = load_eval_body(base_dir, mode)
-  try:
-    return training.finetune(body, tokenizer, task, recipe, evaluate_test=True, log=log,
-                             label=label)
-  finally:
-    del body
-    keras.backend.clear_session()
-    gc.collect()
+  return training.finetune(eval_body_weights(base_dir, mode), tokenizer, task, recipe,
+                           evaluate_test=True, log=log, label=label)

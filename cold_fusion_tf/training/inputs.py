@@ -1,11 +1,11 @@
 """Tokenize once; batch by length so padding stays small; feed replicas through tf.data.
 
-Each split is tokenized once (and cached on disk, local or ``gs://``, when a cache folder is
-given) into flat id arrays. An epoch is *planned* on the host from a seed: examples are
-shuffled, sorted by length within pools of ``pool_batches`` batches, cut into batches
-(dropping the remainder), and each batch is padded to the smallest bucket length that fits.
-The plan fixes the order of every step, so a resumed run skips to its step index and sees the
-same data it would have seen.
+Each split is tokenized once per process (kept in memory, and cached on disk, local or
+``gs://``, when a cache folder is given) into flat id arrays. An epoch is *planned* on the
+host from a seed: examples are shuffled, sorted by length within pools of ``pool_batches``
+batches, cut into batches (dropping the remainder), and each batch is padded to the smallest
+bucket length that fits. The plan fixes the order of every step, so a resumed run skips to
+its step index and sees the same data it would have seen.
 
 The batches themselves are built by tf.data (gather and pad in the graph, no Python per
 step) and split across replicas with ``distribute_datasets_from_function``: replica ``r`` of
@@ -16,12 +16,14 @@ static shape, and steps of one length run in groups of up to ``steps_per_executi
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
 import json
 import os
 from typing import Callable, Optional, Sequence
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -29,6 +31,7 @@ import tensorflow as tf
 from cold_fusion_tf.data import Split
 
 CACHE_VERSION = 1
+MEMORY_BYTES = 1 << 30  # tokenized splits kept in memory per process (the newest always)
 
 
 @dataclasses.dataclass
@@ -46,6 +49,10 @@ class Encoded:
   def __len__(self) -> int:
     return len(self.lengths)
 
+  def nbytes(self) -> int:
+    return sum(a.nbytes for a in (self.ids, self.types, self.lengths, self.labels, self.offsets)
+               if a is not None)
+
   def row(self, i: int) -> np.ndarray:
     return self.ids[self.offsets[i]:self.offsets[i + 1]]
 
@@ -59,13 +66,31 @@ def encode(tokenizer, split: Split, max_length: int, cache_dir: str | None = Non
            body_type: str = "transformers_tf") -> Encoded:
   """Tokenizes a split once (pairs are truncated longest-first to ``max_length``).
 
-  With ``cache_dir`` (a local or ``gs://`` folder) the result is kept there under a key of
-  the body type (``config.model.body``), the tokenizer, ``max_length`` and the texts, and
+  The result is kept in memory under a key of the body type (``config.model.body``), the
+  tokenizer, ``max_length`` and the texts, so the same split is tokenized once per process;
+  with ``cache_dir`` (a local or ``gs://`` folder) it is also kept there under that key, and
   reused by later runs.
   """
+  key = _cache_key(tokenizer, split, max_length, body_type)
+  known = _KEPT.get(key)
+  if known is not None:
+    _KEPT.move_to_end(key)
+    return known
+  encoded = _encode(tokenizer, split, max_length, cache_dir, key)
+  _KEPT[key] = encoded
+  while len(_KEPT) > 1 and sum(e.nbytes() for e in _KEPT.values()) > MEMORY_BYTES:
+    _KEPT.popitem(last=False)
+  return encoded
+
+
+_KEPT: "collections.OrderedDict[str, Encoded]" = collections.OrderedDict()
+_SPECS: dict[int, tuple[weakref.ref, int, bytes]] = {}  # id(tokenizer): its spec for keys
+
+
+def _encode(tokenizer, split: Split, max_length: int, cache_dir: str | None,
+            key: str) -> Encoded:
   path = None
   if cache_dir:
-    key = _cache_key(tokenizer, split, max_length, body_type)
     path = f"{cache_dir.rstrip('/')}/{key}.npz"
     cached = _read_cache(path)
     if cached is not None and len(cached) == len(split):
@@ -91,11 +116,8 @@ def _cache_key(tokenizer, split: Split, max_length: int, body_type: str) -> str:
   backend = getattr(tokenizer, "backend_tokenizer", None)
   h.update(json.dumps([CACHE_VERSION, body_type, type(tokenizer).__name__, max_length,
                        tokenizer.pad_token_id]).encode())
-  if backend is not None:  # its JSON, without the call-time truncation/padding settings
-    spec = json.loads(backend.to_str())
-    spec.pop("truncation", None)
-    spec.pop("padding", None)
-    h.update(json.dumps(spec, sort_keys=True).encode())
+  if backend is not None:
+    h.update(_backend_spec(tokenizer, backend))
   else:
     h.update(repr(tokenizer).encode())
   for text in split.texts:
@@ -104,6 +126,23 @@ def _cache_key(tokenizer, split: Split, max_length: int, body_type: str) -> str:
     h.update(text.encode("utf-8", "surrogatepass") + b"\1")
   h.update(np.ascontiguousarray(split.labels).tobytes())
   return h.hexdigest()[:32]
+
+
+def _backend_spec(tokenizer, backend) -> bytes:
+  """The tokenizer's JSON without the call-time truncation/padding settings (worked out once
+  per tokenizer: it is large)."""
+  size = len(tokenizer)
+  known = _SPECS.get(id(tokenizer))
+  if known is not None and known[0]() is tokenizer and known[1] == size:
+    return known[2]
+  spec = json.loads(backend.to_str())
+  spec.pop("truncation", None)
+  spec.pop("padding", None)
+  text = json.dumps(spec, sort_keys=True).encode()
+  for dead in [k for k, v in _SPECS.items() if v[0]() is None]:
+    del _SPECS[dead]
+  _SPECS[id(tokenizer)] = (weakref.ref(tokenizer), size, text)
+  return text
 
 
 def _read_cache(path: str) -> Encoded | None:
@@ -302,7 +341,7 @@ def make_features_fn(encoded: Encoded, input_names: Sequence[str], label_dtype,
       features["index"] = index
     return features, tf.gather(labels, safe)
 
-  return fn
+  return tf.autograph.experimental.do_not_convert(fn)  # plain Python: nothing to convert
 
 
 def replica_dataset_fn(encoded: Encoded, plan: EpochPlan, steps: np.ndarray,
