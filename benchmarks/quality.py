@@ -28,7 +28,6 @@ shuffled with seed 0 and capped), <variant>/store, results/ (results.jsonl, summ
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -187,13 +186,8 @@ def main() -> int:
   from cold_fusion_tf.evaluation.results import ResultsDir  # pylint: disable=g-import-not-at-top
   store = os.path.join(workdir, name, "store")
   start = time.time()
-  before = _latest(store)
   loop.run(config, store, log=lambda m: print(m, flush=True)
            if not m.startswith("[") or "contributed" in m else None)
-  if _latest(store) != before:  # this run fused: its time is the variant's fusion time
-    with open(os.path.join(workdir, name, "fusion.json"), "w", encoding="utf-8") as f:
-      json.dump({"minutes": round((time.time() - start) / 60, 1), "resumed": before is not None},
-                f)
   print(f"fusion done in {(time.time() - start) / 60:.1f} min", flush=True)
   if args.fusion_only:
     return 0
@@ -259,7 +253,7 @@ def compare(workdir: str, seeds: int, variants=None) -> str:
       cells = [f"{100 * x['mean']:+.1f} ± {100 * x['se']:.1f}" + (" **LOSS**" if x["loss"]
                                                                   else "")
                for x in gains.values()]
-      rows.append(f"| {variant} | {_fusion_minutes(workdir, variant)} | {g['n_seeds']} | "
+      rows.append(f"| {variant} | {g['n_seeds']} | "
                   + " | ".join(cells) + f" | {100 * g['mean']:+.2f} | "
                   f"{100 * g['se_seeds']:.2f} | {100 * g['se_tasks']:.2f} | {g['verdict']} | "
                   f"{'met' if met else 'not met'} |")
@@ -267,22 +261,13 @@ def compare(workdir: str, seeds: int, variants=None) -> str:
       continue
     out += [f"{group} held-out group: gain over the original base (points ± standard error "
             "over seeds; mean gain ± over seeds and ± over tasks)", "",
-            "| variant | fusion min | seeds | " + " | ".join(tasks)
+            "| variant | seeds | " + " | ".join(tasks)
             + " | mean gain | ± seeds | ± tasks | verdict | target |",
-            "|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"] + rows
+            "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"] + rows
     out += ["", "original base: " + ", ".join(
         f"{t} {100 * reference[t]['mean']:.1f} ± {100 * reference[t]['std']:.1f}"
         for t in tasks), ""]
   return "\n".join(out) or f"no variant evaluated in {workdir} yet"
-
-
-def _fusion_minutes(workdir: str, variant: str) -> str:
-  try:
-    with open(os.path.join(workdir, variant, "fusion.json"), encoding="utf-8") as f:
-      saved = json.load(f)
-  except FileNotFoundError:
-    return "-"
-  return f"{saved['minutes']}" + (" (resumed)" if saved.get("resumed") else "")
 
 
 if __name__ == "__main__":
