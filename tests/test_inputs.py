@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 import tiny_models
-from cold_fusion_tf import data, inputs
+from cold_fusion_tf import data
+from cold_fusion_tf.training import inputs
 
 TOKENIZER = tiny_models.tokenizer()
 SST2 = data.load_task("sst2", dirs=[tiny_models.DATA], max_examples={"train": 2000})
