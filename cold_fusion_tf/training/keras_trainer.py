@@ -80,16 +80,20 @@ class KerasDistribution:
 
 def make_distribution(name: str = "auto") -> KerasDistribution:
   """``--config.strategy`` on the JAX backend: ``auto``, ``mirrored`` and ``tpu`` use every
-  local device (``keras.distribution.DataParallel``); ``one_device`` and ``default`` one."""
+  local device (``keras.distribution.DataParallel``; ``tpu`` wants them to be TPU chips);
+  ``one_device`` and ``default`` one."""
   if name not in strategies.NAMES:
     raise UserError(f"--config.strategy={name!r} is not one of {', '.join(strategies.NAMES)}.")
   devices = keras.distribution.list_devices()
   if name == "multi_worker":
     raise UserError("--config.strategy=multi_worker is TensorFlow's; on the JAX backend use "
                     "auto (every local device) on each host of a TPU slice.")
+  if name == "tpu" and not devices[0].startswith("tpu"):
+    raise UserError(f"--config.strategy=tpu: JAX sees no TPU (devices: {', '.join(devices)}); "
+                    'install jax[tpu] on a TPU VM (launch/install.sh --backend=jax).')
   if name in ("one_device", "default") or len(devices) == 1:
-    if name in ("mirrored", "tpu"):
-      raise UserError(f"--config.strategy={name} needs several devices; JAX sees only "
+    if name == "mirrored":
+      raise UserError(f"--config.strategy=mirrored needs several devices; JAX sees only "
                       f"{devices[0]}. Use --config.strategy=auto.")
     return KerasDistribution(None, devices[:1])
   return KerasDistribution(keras.distribution.DataParallel(devices=devices), devices)
@@ -195,6 +199,34 @@ def finetune(body, tokenizer, task: TaskData, recipe, *, strategy=None, evaluate
               run_key).run(evaluate_test)
 
 
+def throughput(body, tokenizer, task: TaskData, recipe, *, steps: int, strategy=None) -> dict:
+  """Times ``steps`` training steps of :func:`finetune`'s ``fit`` (the first epoch's planned
+  batches; no evaluation, no backups). The same steps run once untimed first, so every batch
+  length is compiled (JAX) or traced (TensorFlow) before the clock starts, as it is early in a
+  long run. Returns the fields of :func:`cold_fusion_tf.training.trainer.throughput`."""
+  recipe = Recipe.from_config(recipe).replace(checkpoint_every_steps=0, max_steps=steps)
+  run = _Run(body, tokenizer, task, recipe, strategy, lambda _: None, "", None, "")
+  if run.total_steps < steps:
+    raise UserError(f"{task.name}: {run.total_steps} training steps; fewer than {steps} asked "
+                    "for.")
+  model = run.compiled_model()
+  fit_steps = steps * run.accumulation
+  for _ in range(2):  # untimed, then timed
+    position = _DataPosition(run.accumulation)
+    position.step = 0
+    start = time.perf_counter()
+    history = run.fit(model, position, [position], 1, fit_steps)
+    seconds = time.perf_counter() - start
+  train = run.encoded["train"]
+  rows = run.rows[:fit_steps]
+  return {"examples": int(rows.size), "seconds": seconds,
+          "real_tokens": int(train.lengths[rows].sum()),
+          "padded_tokens": int((run.widths[:fit_steps] * rows.shape[1]).sum()),
+          "lengths": train.lengths[rows].reshape(-1).tolist(),
+          "widths": run.widths[:fit_steps].tolist(), "batch_size": int(rows.shape[1]),
+          "mean_loss": float(history.history["loss"][-1])}
+
+
 class _Run:
   """One fine-tuning run (see :func:`finetune`)."""
 
@@ -238,8 +270,9 @@ class _Run:
                    if self.eval_every % d == 0)
     self.epoch_steps = period
     self.fit_epoch = period * self.accumulation
+    log_period = recipe.log_every_steps * self.accumulation or self.fit_epoch
     self.per_execution = max(d for d in range(1, recipe.steps_per_execution + 1)
-                             if self.fit_epoch % d == 0)
+                             if self.fit_epoch % d == 0 and log_period % d == 0)
     if not self.jax and self.replicas > 1 and self.per_execution > 1:
       # Keras 3's multi-step loop fails under a multi-replica tf.distribute strategy
       # ("You must feed a value for placeholder tensor", keras-team/keras#19246).
@@ -321,20 +354,31 @@ class _Run:
   # ------------------------------------------------------------------------------------------
   # The loop
 
-  def run(self, evaluate_test: bool) -> FinetuneResult:
-    recipe, label, task = self.recipe, self.label, self.task
+  def compiled_model(self):
+    """The body with a fresh head, compiled with the recipe's loss and optimizer."""
+    recipe = self.recipe
     keras.utils.set_random_seed(recipe.seed)
     with self.strategy.scope():
-      model = task_model(self.body, task.num_outputs, recipe.seed,
+      model = task_model(self.body, self.task.num_outputs, recipe.seed,
                          recipe.mixed_precision or None)
-      loss = (keras.losses.MeanSquaredError() if task.kind == "regression"
+      loss = (keras.losses.MeanSquaredError() if self.task.kind == "regression"
               else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
       optimizer = make_optimizer(recipe, self.total_steps, self.accumulation,
                                  model.trainable_variables)
       model.compile(optimizer=optimizer, loss=loss, steps_per_execution=self.per_execution,
                     jit_compile=True if self.jax else recipe.jit_compile)
       optimizer.build(model.trainable_variables)
+    return model
 
+  def fit(self, model, position: "_DataPosition", callbacks, epochs: int, epoch_steps: int):
+    # On JAX the distribution must also be current while fit shards the batches.
+    with self.strategy.scope() if self.jax else contextlib.nullcontext():
+      return model.fit(self._train_data(position), epochs=epochs, steps_per_epoch=epoch_steps,
+                       callbacks=callbacks, shuffle=False, verbose=0)
+
+  def run(self, evaluate_test: bool) -> FinetuneResult:
+    recipe, label, task = self.recipe, self.label, self.task
+    model = self.compiled_model()
     directory = None
     if self.workdir and recipe.checkpoint_every_steps:
       directory = checkpointing.join(self.workdir, "checkpoints", "keras_hub")
@@ -357,11 +401,9 @@ class _Run:
     for note in self.notes:
       self.log(f"{label}{note}")
     start = time.time()
-    # On JAX the distribution must also be current while fit shards the batches.
+    self.fit(model, position, callbacks, -(-self.total_steps // self.epoch_steps), self.fit_epoch)
+    steps = int(to_numpy(model.optimizer.iterations))
     with self.strategy.scope() if self.jax else contextlib.nullcontext():
-      model.fit(self._train_data(position), epochs=-(-self.total_steps // self.epoch_steps),
-                steps_per_epoch=self.fit_epoch, callbacks=callbacks, shuffle=False, verbose=0)
-      steps = int(to_numpy(optimizer.iterations))
       test = self.evaluate(model, "test") if evaluate_test else None
     if directory and tf.io.gfile.exists(directory):
       tf.io.gfile.rmtree(directory)
