@@ -251,21 +251,14 @@ def one_batch_run(bert_base):
   return _train(bert_base, _recipe(steps_per_execution=1))[1]
 
 
-def test_gradient_accumulation_matches_one_big_batch(bert_base, one_batch_run):
-  # Execute: 16 = 2 micro-batches of 8
-  result, tensors, logs = _train(bert_base, _recipe(max_replica_batch=8))
+def test_accumulation_and_steps_per_call_give_the_run_of_one_big_batch_a_call(
+    bert_base, one_batch_run):
+  # Execute: 16 = 2 micro-batches of 8, all 8 micro-batches of the run in one call
+  result, tensors, logs = _train(bert_base, _recipe(max_replica_batch=8, steps_per_execution=8))
   # Assert
   assert result.steps == 4
   assert "8 per replica x 1 replica(s) x 2 accumulation" in logs[0]
   assert _max_diff(tensors, one_batch_run) < 1e-5
-
-
-def test_steps_per_execution_gives_the_same_run(bert_base, one_batch_run):
-  # Execute
-  result, tensors, _ = _train(bert_base, _recipe(steps_per_execution=4))
-  # Assert
-  assert result.steps == 4
-  assert _max_diff(tensors, one_batch_run) < 1e-6
 
 
 class _Preempted(Exception):

@@ -69,7 +69,10 @@ def _transformers_config():
   config.data.max_examples = {"train": 48, "dev": 16, "test": 16}
   config.recipe.update(dict(batch_size=8, eval_batch_size=16, max_steps=3, max_length=64,
                             learning_rate=1e-3, log_every_seconds=1e9))
-  config.fusion.max_update_z = 0.0  # two tasks and two near-twins: no outliers to find
+  # The paper's plain mean (no server step), and no outlier test: two tasks and two near-twins.
+  config.fusion.method = "mean"
+  config.fusion.server_optimizer.enabled = False
+  config.fusion.max_update_z = 0.0
   return config
 
 
