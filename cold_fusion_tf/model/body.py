@@ -84,19 +84,19 @@ def select_backend(backend: str) -> None:
 
 def make_strategy(config, body_type: str, backend: str):
   """Where training runs: a ``tf.distribute`` strategy for ``config.strategy`` on
-  TensorFlow, a :class:`~cold_fusion_tf.training.keras_trainer.KerasDistribution` on JAX."""
+  TensorFlow, a :class:`~cold_fusion_tf.training.keras_distribution.KerasDistribution` on JAX."""
   if backend == "jax":
-    from cold_fusion_tf.training import keras_trainer  # pylint: disable=g-import-not-at-top
-    return keras_trainer.make_distribution(config.get("strategy", "auto"))
+    from cold_fusion_tf.training import keras_distribution  # pylint: disable=g-import-not-at-top
+    return keras_distribution.make_distribution(config.get("strategy", "auto"))
   from cold_fusion_tf.training import distribute  # pylint: disable=g-import-not-at-top
   return distribute.make(config.get("strategy", "auto"), config.get("tpu", ""))
 
 
 def check_batch(recipe, strategy) -> None:
   """Fails unless the batch divides over the replicas and accumulation steps."""
-  from cold_fusion_tf.training import keras_trainer  # pylint: disable=g-import-not-at-top
-  if isinstance(strategy, keras_trainer.KerasDistribution):
-    keras_trainer.batch_split(recipe, strategy)
+  from cold_fusion_tf.training import keras_distribution  # pylint: disable=g-import-not-at-top
+  if isinstance(strategy, keras_distribution.KerasDistribution):
+    keras_distribution.batch_split(recipe, strategy)
     return
   from cold_fusion_tf.training import distribute  # pylint: disable=g-import-not-at-top
   distribute.check_recipe_batch(recipe, strategy)
