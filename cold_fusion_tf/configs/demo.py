@@ -38,7 +38,7 @@ def get_config():
   config.recipe.eval_every_steps = 0  # once per epoch
 
   # Evaluation of the original and the last base on the held-out tasks (model recycling):
-  # three epochs over 500 training examples (94 steps), long enough that the original base
+  # three epochs over 500 training examples (93 steps), long enough that the original base
   # learns each task, three seeds for a standard error. --config.eval.tasks=all adds the pool's
   # tasks (about 2.5 times the evaluation time).
   config.eval.recipe.learning_rate = 1e-4
