@@ -12,6 +12,7 @@ the only difference. The JAX backend and the distributed runs are in test_mixed_
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import os
@@ -165,8 +166,9 @@ def test_the_tokenizer_gives_the_transformers_tokenizers_ids(family):
         assert "token_type_ids" not in got
 
 
-def test_the_token_cache_is_kept_per_body_type(tmp_path):
-  # Prepare
+def test_the_token_cache_is_kept_per_body_type(tmp_path, monkeypatch):
+  # Prepare: nothing kept in memory by earlier tests of this process.
+  monkeypatch.setattr(inputs, "_KEPT", collections.OrderedDict())
   base = refs.resolve(im.tiny_bert_store()).directory
   split = TREC.splits["train"]
   # Execute

@@ -56,6 +56,7 @@ def test_the_tpu_strategy_connects_to_the_endpoints_in_tpu_name(monkeypatch):
     raise ValueError("no TPU here")
 
   monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", resolver)
+  monkeypatch.setattr(strategies, "_MADE", {})  # strategies made by earlier tests are cached
   monkeypatch.setenv("TPU_NAME", PODS)
   # Execute
   with pytest.raises(UserError) as err:
