@@ -114,13 +114,21 @@ def load(base_dir: str, body_type: str, recipe, strategy, source: str | None = N
 
 
 def set_seed(seed: int, body_type: str) -> None:
-  """Seeds Python, numpy and the body's framework."""
+  """Seeds Python, numpy and the body's framework.
+
+  The transformers-TF trainer draws the head and dropout from the recipe's seed itself, so
+  TensorFlow's global seed is left alone there: setting it clears TensorFlow's kernel caches,
+  and a model kept from an earlier fine-tune in the process would compile its step functions
+  again (:mod:`cold_fusion_tf.training.model_cache`).
+  """
   if body_type == "keras_hub":
     import keras  # pylint: disable=g-import-not-at-top
     keras.utils.set_random_seed(seed)
   else:
-    from cold_fusion_tf.model import bodies  # pylint: disable=g-import-not-at-top
-    bodies.set_seed(seed)
+    import random  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 class TransformersTFBody:

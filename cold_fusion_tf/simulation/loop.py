@@ -6,14 +6,12 @@ the last run stopped (finished contributions, published bases and evaluations ar
 
 from __future__ import annotations
 
-import gc
 import os
 import tempfile
 from typing import Callable
 
 from absl import logging
 import numpy as np
-import tf_keras as keras
 
 from cold_fusion_tf.training import contributor
 from cold_fusion_tf import data as data_lib
@@ -87,9 +85,9 @@ def run(config, store_uri: str, log: Callable[[str], None] = logging.info,
       if store.has_contribution(iteration, cid):
         log(f"[{cid}] already contributed to iteration {iteration}; reusing it")
         continue
+      # The next contributor reuses this one's built model when the shapes fit
+      # (training.model_cache), so the session is not cleared between them.
       contributor.contribute(store, config, name, cid, task=tasks[name], log=log)
-      keras.backend.clear_session()
-      gc.collect()
     outcome = fusion.fuse_config(store, config.fusion, log=log)
     if outcome.published is None and store.require_latest() == iteration:
       raise UserError(f"fusion of iteration {iteration} published nothing: {outcome.message}")

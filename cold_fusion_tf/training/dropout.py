@@ -53,12 +53,12 @@ class _SeededGenerator:
 
 def install(model, seeds: StepSeeds) -> int:
   """Makes every Dropout layer of ``model`` draw from ``seeds``; returns how many there are."""
+  # pylint: disable=protected-access
   count = 0
-  for layer in model._flatten_layers(include_self=True, recursive=True):  # pylint: disable=protected-access
+  for layer in model._flatten_layers(include_self=True, recursive=True):
     if isinstance(layer, keras.layers.Dropout):
-      generator = layer._random_generator  # pylint: disable=protected-access
-      if not isinstance(generator, _SeededGenerator):
-        layer._random_generator = _SeededGenerator(seeds, generator)  # pylint: disable=protected-access
+      if not isinstance(layer._random_generator, _SeededGenerator):
+        layer._random_generator = _SeededGenerator(seeds, layer._random_generator)
       count += 1
   return count
 

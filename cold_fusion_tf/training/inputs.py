@@ -32,6 +32,7 @@ from cold_fusion_tf.data import Split
 
 CACHE_VERSION = 1
 MEMORY_BYTES = 1 << 30  # tokenized splits kept in memory per process (the newest always)
+PIPELINE_DEPTH = 2      # batches built in parallel, and batches ready ahead of the step
 
 
 @dataclasses.dataclass
@@ -358,10 +359,14 @@ def replica_dataset_fn(encoded: Encoded, plan: EpochPlan, steps: np.ndarray,
     local = len(rows) // max(len(batches), 1)
     row_widths = np.repeat(widths, local).astype(np.int32)
     ds = tf.data.Dataset.from_tensor_slices((rows, row_widths))
-    ds = ds.map(features_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(features_fn, num_parallel_calls=PIPELINE_DEPTH, deterministic=True)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+    # A batch takes far less to gather and pad than a step takes to run, so a fixed small
+    # depth keeps the device fed. Autotuning would add a thread that takes CPU from the step
+    # and holds up deleting the iterator for seconds after the dataset is used up.
+    options.autotune.enabled = False
+    return ds.with_options(options).prefetch(PIPELINE_DEPTH)
 
   return dataset_fn
 

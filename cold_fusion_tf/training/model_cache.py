@@ -128,8 +128,8 @@ class Built:
 
 def draw_head(head, seed: int) -> None:
   """Fresh head weights from ``seed``: each Dense layer's own initializers, seeded."""
-  dense = [layer for layer in head._flatten_layers(include_self=False)  # pylint: disable=protected-access
-           if isinstance(layer, keras.layers.Dense)]
+  layers = head._flatten_layers(include_self=False)  # pylint: disable=protected-access
+  dense = [layer for layer in layers if isinstance(layer, keras.layers.Dense)]
   for i, layer in enumerate(dense):
     layer_seed = int(np.random.default_rng([seed, i]).integers(2**31 - 1))
     config = layer.kernel_initializer.get_config()

@@ -139,7 +139,6 @@ class _Trainer:
     self.replicas = strategy.num_replicas_in_sync
     self.accumulation, self.micro = strategies.check_recipe_batch(recipe, strategy)
     self.global_batch = recipe.batch_size
-    self.eval_batch = -(-recipe.eval_batch_size // self.replicas) * self.replicas
     self.label_dtype = tf.float32 if task.kind == "regression" else tf.int32
 
     max_length = max_length_for(body, recipe)
@@ -162,6 +161,12 @@ class _Trainer:
     self.global_batch, self.micro, self.notes = steps.global_batch, steps.micro, steps.notes
     self.steps_per_epoch, self.total_steps = steps.steps_per_epoch, steps.total_steps
     self.eval_every = steps.eval_every
+    # Prediction batches are length-sorted and padded to their longest example; on a CPU,
+    # where a batch costs its padded length, ones no larger than a training batch pad least.
+    eval_batch = recipe.eval_batch_size
+    if not (self.static or on_gpu):
+      eval_batch = min(eval_batch, self.global_batch)
+    self.eval_batch = -(-eval_batch // self.replicas) * self.replicas
     # A run no longer than one interval is cheaper to redo than to checkpoint.
     self.checkpoint_every = (recipe.checkpoint_every_steps
                              if self.total_steps > recipe.checkpoint_every_steps else 0)
