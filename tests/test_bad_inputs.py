@@ -13,7 +13,7 @@ import pytest
 
 from cold_fusion_tf import data
 from cold_fusion_tf.errors import UserError
-from tests import tiny_models
+import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_PROGRAMS = ("train", "fuse", "run", "evaluate", "export", "inspect", "init")
@@ -24,7 +24,7 @@ def _run(command, *args, cwd=REPO, timeout=300):
   """A program (``cold_fusion_tf.<command>``) or, for a list, that command line."""
   argv = command if isinstance(command, list) else [sys.executable, "-m",
                                                     f"cold_fusion_tf.{command}"]
-  env = tiny_models.env()
+  env = tiny.env()
   return subprocess.run([*argv, *args], cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=timeout)
 
@@ -266,7 +266,7 @@ def test_csv_scores_are_a_regression_task_and_named_columns(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
-  return tiny_models.make_store(str(tmp_path_factory.mktemp("bad_inputs") / "store"))
+  return tiny.make_store(str(tmp_path_factory.mktemp("bad_inputs") / "store"))
 
 
 @pytest.mark.parametrize("case", ["label_list", "deep_info"])

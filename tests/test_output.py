@@ -14,11 +14,10 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from cold_fusion_tf import progress
 from cold_fusion_tf import quiet
-from tests import tiny_models
+import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE = ("cuInit", "cuda", "oneDNN", "cpu_feature_guard", "TensorFlow and JAX classes are "
@@ -29,7 +28,7 @@ NOISE = ("cuInit", "cuda", "oneDNN", "cpu_feature_guard", "TensorFlow and JAX cl
 
 def _user_env(**extra) -> dict:
   """A user's environment: no TF_CPP_MIN_LOG_LEVEL of our own choosing."""
-  env = tiny_models.env(**extra)
+  env = tiny.env(**extra)
   env.pop("TF_CPP_MIN_LOG_LEVEL", None)
   return env
 
@@ -55,11 +54,11 @@ def test_init_from_a_real_encoder_prints_only_its_own_lines(tmp_path):
 
 def test_training_with_checkpoints_prints_progress_lines_only(tmp_path):
   # Prepare
-  store = tiny_models.make_store(str(tmp_path / "store"))
-  config = tiny_models.write_config(str(tmp_path / "config.py"), train=64,
-                                    checkpoint_every_steps=1)
+  store = tiny.make_store(str(tmp_path / "store"))
+  config = tiny.write_config(str(tmp_path / "config.py"), train=64,
+                             checkpoint_every_steps=1)
   # Execute: output to a pipe, as in CI.
-  result = subprocess.run(tiny_models.train_command(config, store, str(tmp_path / "work")),
+  result = subprocess.run(tiny.train_command(config, store, str(tmp_path / "work")),
                           cwd=REPO, env=_user_env(), capture_output=True, text=True, timeout=600)
   # Assert: complete lines; the last progress line has the bar, the step count and the ETA.
   _assert_quiet(result)
@@ -76,7 +75,7 @@ def _source_dir(root, drop: str = "", extra: str = "") -> str:
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
   from cold_fusion_tf.model import bodies  # pylint: disable=g-import-not-at-top
   path = str(root)
-  bodies.write_base_dir(tiny_models.tiny_body(), tiny_models.tokenizer(), path)
+  bodies.write_base_dir(tiny.tiny_body(), tiny.bert_tokenizer(), path)
   tensors = load_file(os.path.join(path, "model.safetensors"))
   if drop:
     del tensors[drop]
@@ -152,7 +151,7 @@ def test_base_config_json_is_the_source_models_own(tmp_path):
   # Prepare
   import transformers  # pylint: disable=g-import-not-at-top
   from cold_fusion_tf.model import bodies, sources  # pylint: disable=g-import-not-at-top
-  source = sources.resolve_source(tiny_models.MINILM)
+  source = sources.resolve_source(tiny.MINILM)
   body, tokenizer = bodies.load_source_model(source)
   # Execute
   bodies.write_base_dir(body, tokenizer, str(tmp_path / "base"), source=source)
@@ -169,7 +168,7 @@ def test_base_config_json_is_the_source_models_own(tmp_path):
   three = transformers.AutoConfig.from_pretrained(str(tmp_path / "base"), num_labels=3)
   assert three.num_labels == 3 and three.model_type == "bert"
   # A body built in code (no source) gets what save_pretrained writes: only what differs.
-  bodies.write_base_dir(tiny_models.tiny_body(), tokenizer, str(tmp_path / "tiny"))
-  tiny = json.load(open(tmp_path / "tiny" / "config.json"))
-  assert tiny["hidden_size"] == 32 and tiny["architectures"] == ["BertModel"]
-  assert "id2label" not in tiny and "num_beams" not in tiny and "transformers_version" not in tiny
+  bodies.write_base_dir(tiny.tiny_body(), tokenizer, str(tmp_path / "tiny"))
+  built = json.load(open(tmp_path / "tiny" / "config.json"))
+  assert built["hidden_size"] == 32 and built["architectures"] == ["BertModel"]
+  assert "id2label" not in built and "num_beams" not in built and "transformers_version" not in built

@@ -14,7 +14,7 @@ import tomllib
 import pytest
 from packaging.requirements import Requirement
 
-from tests import tiny_models
+import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +66,7 @@ def installed(tmp_path_factory):
                         check=True, capture_output=True, text=True).stdout.strip()
   with open(os.path.join(site, "_cold_fusion_test_packages.pth"), "w", encoding="utf-8") as f:
     f.write(sysconfig.get_paths()["purelib"] + "\n")
-  env = dict(tiny_models.env(), PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INDEX="1")
+  env = dict(tiny.env(), PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INDEX="1")
   env.pop("PYTHONPATH")
   result = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps",
                            "--no-build-isolation", str(project)], cwd=root, env=env,

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from cold_fusion_tf import store as store_lib
-from tests import tiny
+import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

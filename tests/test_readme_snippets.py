@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests import interop_models as im
+import published as im
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Use a fused model"

@@ -1,0 +1,140 @@
+"""Datasets: JSONL, CSV/TSV and TFDS sources; every bad input stops with a precise message."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cold_fusion_tf import data
+from cold_fusion_tf.training import inputs
+from cold_fusion_tf.errors import UserError
+import tiny
+
+
+def _write(folder, files, info=None):
+  os.makedirs(folder, exist_ok=True)
+  for name, content in files.items():
+    mode = "wb" if isinstance(content, bytes) else "w"
+    with open(os.path.join(folder, name), mode) as f:
+      f.write(content)
+  if info is not None:
+    with open(os.path.join(folder, "info.json"), "w") as f:
+      json.dump(info, f)
+  return folder
+
+
+def _jsonl(records):
+  return "".join(json.dumps(r) + "\n" for r in records)
+
+
+GOOD = _jsonl([{"text": "good", "label": 1}, {"text": "bad", "label": 0}])
+INFO = {"task": "classification", "label_names": ["neg", "pos"]}
+
+
+def test_shipped_jsonl_datasets_load_with_kinds_and_pairs():
+  task = data.load_task("rte", dirs=[tiny.DATA])
+  assert task.kind == "classification" and task.is_pair
+  assert task.label_names == ["entailment", "not_entailment"]
+  assert len(task.splits["train"]) == 1000 and task.splits["train"].labels.dtype == np.int32
+  stsb = data.load_task("stsb", dirs=[tiny.TEST_DATA], max_examples={"train": 100})
+  assert stsb.kind == "regression" and stsb.num_outputs == 1 and len(stsb.splits["train"]) == 100
+  assert stsb.splits["train"].labels.dtype == np.float32
+  assert 0.0 <= stsb.splits["train"].labels.min() and stsb.splits["train"].labels.max() <= 5.0
+
+
+def test_csv_and_tsv_with_named_columns_and_label_names(tmp_path):
+  csv_text = "sentence,y\n\"great, really\",pos\nawful,neg\n"
+  folder = _write(str(tmp_path / "reviews"), {f"{s}.csv": csv_text for s in data.SPLITS}, INFO)
+  task = data.load_task(folder, columns={"text": "sentence", "label": "y"})
+  assert task.splits["train"].texts == ["great, really", "awful"]
+  assert task.splits["train"].labels.tolist() == [1, 0]
+  tsv_text = "text\ttext_pair\tlabel\na\tb\t2\nc\td\t0\n"
+  folder = _write(str(tmp_path / "pairs"), {f"{s}.tsv": tsv_text for s in data.SPLITS})
+  task = data.load_task(folder)
+  assert task.is_pair and task.label_names == ["0", "1", "2"]
+  assert task.splits["dev"].pairs == ["b", "d"]
+
+
+@pytest.mark.parametrize("files,message", [
+    ({"train.jsonl": GOOD, "dev.jsonl": GOOD}, r"missing the test split: add test.jsonl"),
+    ({"train.jsonl": "", "dev.jsonl": GOOD, "test.jsonl": GOOD}, r"train.jsonl: no examples"),
+    ({"train.jsonl": GOOD + '{"label": 1}\n', "dev.jsonl": GOOD, "test.jsonl": GOOD},
+     r"train.jsonl:3: missing field 'text'"),
+    ({"train.jsonl": GOOD, "dev.jsonl": GOOD + '{"text": "x", "label": 7}\n', "test.jsonl": GOOD},
+     r"dev.jsonl:3: label 7 is outside the label set: expected 0..1 \(neg, pos\)"),
+    ({"train.jsonl": GOOD, "dev.jsonl": GOOD, "test.jsonl": GOOD + '{"text": "x", "label": "meh"}\n'},
+     r"test.jsonl:3: label 'meh' is not in the label set"),
+    ({"train.jsonl": GOOD.encode() + b'{"text": "caf\xe9", "label": 1}\n', "dev.jsonl": GOOD,
+      "test.jsonl": GOOD}, r"train.jsonl:3: not UTF-8 text \(byte 0xe9\)"),
+    ({"train.jsonl": "{oops\n", "dev.jsonl": GOOD, "test.jsonl": GOOD},
+     r"train.jsonl:1: not valid JSON"),
+    ({"train.csv": "sentence,label\nx,1\n", "dev.jsonl": GOOD, "test.jsonl": GOOD},
+     r"train.csv:1: no column 'text' in the header \['sentence', 'label'\]"),
+])
+def test_bad_data_names_file_line_and_fix(tmp_path, files, message):
+  folder = _write(str(tmp_path / "task"), files, INFO)
+  with pytest.raises(UserError, match=message):
+    data.load_task(folder)
+
+
+def test_unknown_dataset_lists_known_ones(tmp_path):
+  with pytest.raises(UserError, match=r"Unknown dataset 'nope'.*Known datasets: .*sst2"):
+    data.load_task("nope", dirs=[tiny.DATA])
+
+
+@pytest.mark.parametrize("name", ["a b", "", "x\n", "-rm", "caf\u00e9", "a" * 129])
+def test_unsafe_dataset_names_are_refused(name):
+  with pytest.raises(UserError, match="is not a safe name"):
+    data.load_task(name, dirs=[tiny.DATA])
+
+
+def test_tfds_source_with_mocked_data():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=40):
+    rte = data.load_task("tfds:glue/rte")
+    cb = data.load_task("tfds:super_glue/cb")
+    stsb = data.load_task("tfds:glue/stsb")
+  assert rte.label_names == ["entailment", "not_entailment"] and rte.is_pair
+  assert {k: len(v) for k, v in rte.splits.items()} == {"train": 36, "dev": 4, "test": 40}
+  assert cb.label_names == ["entailment", "contradiction", "neutral"] and cb.is_pair
+  assert stsb.kind == "regression" and stsb.splits["train"].labels.dtype == np.float32
+  assert data.dataset_id("tfds:glue/rte") == "glue.rte"
+
+
+def test_tokenize_once_and_pad_little():
+  task = data.load_task("sst2", dirs=[tiny.DATA], max_examples={"train": 512})
+  encoded = inputs.encode(tiny.bert_tokenizer(), task.splits["train"], max_length=128)
+  buckets = inputs.bucket_lengths(128)
+  assert buckets == sorted(buckets) and buckets[-1] == 128 and len(buckets) <= 16
+  batches = inputs.plan_batches(encoded.lengths, 32, shuffle=True, seed=0)
+  assert sorted(np.concatenate(batches).tolist()) == list(range(512))
+  grouped = inputs.padding_fraction(encoded, batches, buckets)
+  naive = 1 - encoded.lengths.sum() / (128 * len(encoded))
+  assert naive > 0.7 and grouped < naive / 2
+  features, labels = inputs.pad_batch(encoded, batches[0], buckets, ("input_ids", "attention_mask"))
+  width = features["input_ids"].shape[1]
+  assert width in buckets and width >= encoded.lengths[batches[0]].max()
+  assert features["attention_mask"].sum() == encoded.lengths[batches[0]].sum()
+  assert labels.tolist() == task.splits["train"].labels[batches[0]].tolist()
+
+
+def test_max_examples_samples_both_classes_of_a_label_sorted_file(tmp_path):
+  # Prepare: the demo's rotten_tomatoes sorted by label: all negatives, then all positives.
+  source = os.path.join(tiny.DATA, "rotten_tomatoes")
+  folder = tmp_path / "rotten_tomatoes_sorted"
+  folder.mkdir()
+  for split in data.SPLITS:
+    with open(os.path.join(source, f"{split}.jsonl"), encoding="utf-8") as f:
+      lines = sorted(f, key=lambda line: json.loads(line)["label"])
+    (folder / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
+  full = data.load_task(str(folder)).splits["train"]
+  assert set(full.labels[:400].tolist()) == {0}
+  # Execute
+  capped = data.load_task(str(folder), max_examples={"train": 400}).splits["train"]
+  again = data.load_task(str(folder), max_examples={"train": 400}).splits["train"]
+  # Assert: a seeded random sample, in file order, with both classes near half each.
+  assert len(capped) == 400 and capped.texts == again.texts
+  positions = [full.texts.index(t) for t in capped.texts[:50]]
+  assert positions == sorted(positions)
+  assert 150 < int((capped.labels == 0).sum()) < 250

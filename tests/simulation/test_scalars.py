@@ -1,0 +1,70 @@
+"""TensorBoard scalars of a run: one point per (scalar, base), readable by TensorBoard; a
+point scored again is replaced, not doubled; the fuse program writes its fusion's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import synthetic as h
+from cold_fusion_tf.simulation import scalars
+import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _tensorboard(logdir) -> dict:
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  accumulator = event_accumulator.EventAccumulator(str(logdir))
+  accumulator.Reload()
+  return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
+          for tag in accumulator.Tags()["scalars"]}
+
+
+def test_points_append_and_a_changed_point_replaces(tmp_path):
+  # Execute: two writers, as two runs of a program would be.
+  first = scalars.RunScalars(str(tmp_path))
+  first.add(0, {"eval/sst2": 50.0, "eval/held-out": float("nan")})
+  first.add(1, {"eval/sst2": 55.0, "fusion/seconds": 2.5})
+  again = scalars.RunScalars(str(tmp_path))
+  again.add(1, {"eval/sst2": 56.0})
+  again.add(2, {"eval/sst2": 60.0})
+  # Assert
+  assert again.read() == {"eval/sst2": {0: 50.0, 1: 56.0, 2: 60.0}, "fusion/seconds": {1: 2.5}}
+  assert _tensorboard(tmp_path) == {"eval/sst2": [(0, 50.0), (1, 56.0), (2, 60.0)],
+                                    "fusion/seconds": [(1, 2.5)]}
+
+
+def test_where_scalars_go(tmp_path):
+  assert scalars.open_for(str(tmp_path / "store")).logdir == str(tmp_path / "store" /
+                                                                  "tensorboard")
+  assert scalars.open_for("gs://bucket/run") is None
+  assert scalars.open_for("gs://bucket/run", str(tmp_path)).logdir == str(tmp_path)
+
+
+@pytest.mark.parametrize("logdir", [False, True])
+def test_the_fuse_program_writes_its_fusion(tmp_path, logdir):
+  # Prepare: two honest contributions and one with a NaN (rejected).
+  store = h.new_store(tmp_path)
+  base = h.base_tensors(store)
+  for i in range(2):
+    h.contribute(store, f"c{i}", h.nudged(base, i))
+  broken = h.nudged(base, 9)
+  broken["pooler.dense.weight"][0, 0] = float("nan")
+  h.contribute(store, "broken", broken)
+  where = tmp_path / "logs" if logdir else tmp_path / "store" / "tensorboard"
+  # Execute
+  result = subprocess.run([sys.executable, "-m", "cold_fusion_tf.fuse", "--config=demo",
+                           f"--store={store.uri}"] + ([f"--logdir={where}"] if logdir else []),
+                          cwd=REPO, env=tiny.env(), capture_output=True, text=True,
+                          timeout=300)
+  # Assert
+  assert result.returncode == 0, result.stderr[-3000:]
+  points = _tensorboard(where)
+  assert points["fusion/contributions_fused"] == [(1, 2.0)]
+  assert points["fusion/contributions_rejected"] == [(1, 1.0)]
+  assert points["fusion/update_norm_max"][0][1] >= points["fusion/update_norm_mean"][0][1] > 0
+  assert points["fusion/seconds"][0][1] > 0

@@ -1,0 +1,158 @@
+"""The fine-tuning loop on tiny random bodies: gradient accumulation, steps per execution, XLA,
+mixed precision, early stopping, checkpoints and TensorBoard logs."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+import tiny
+from cold_fusion_tf import data
+from cold_fusion_tf.model import bodies as models
+from cold_fusion_tf.training import trainer as training
+from cold_fusion_tf.training.recipe import Recipe
+from cold_fusion_tf.errors import UserError
+
+TOKENIZER = tiny.bert_tokenizer()
+
+
+def task(name="trec_coarse", train=64):
+  return data.load_task(name, dirs=[tiny.DATA],
+                        max_examples={"train": train, "dev": 32, "test": 16})
+
+
+TREC = task()
+
+
+def recipe(**overrides):
+  settings = dict(batch_size=16, eval_batch_size=16, learning_rate=1e-3, epochs=1,
+                  max_length=32, log_every_seconds=1e9, checkpoint_every_steps=0)
+  settings.update(overrides)
+  return Recipe(**settings)
+
+
+def train(the_recipe, the_task=TREC, body=None, **kwargs):
+  """(result, body weights) of a run from the same initial body and head (seed 0)."""
+  body = body or tiny.tiny_body(seed=0)
+  models.set_seed(0)
+  logs = []
+  result = training.finetune(body, TOKENIZER, the_task, the_recipe, log=logs.append, **kwargs)
+  result.logs = logs
+  return result, [w.numpy() for w in body.weights]
+
+
+def max_diff(a, b):
+  return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+
+
+BASE_RESULT, BASE_WEIGHTS = train(recipe())
+INITIAL = [w.numpy() for w in tiny.tiny_body(seed=0).weights]
+
+
+def test_plain_run_trains_and_logs_progress():
+  assert BASE_RESULT.steps == 4 and BASE_RESULT.examples_seen == 64
+  assert max_diff(BASE_WEIGHTS, INITIAL) > 1e-3
+  assert set(BASE_RESULT.dev) == {"score", "accuracy"}
+  progress = [line for line in BASE_RESULT.logs if "examples/s" in line]
+  assert progress and "step 4/4" in progress[-1] and "ETA" in progress[-1]
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+  result, weights = train(recipe(max_replica_batch=8))  # 16 = 2 micro-batches of 8
+  assert result.steps == 4
+  assert "8 per replica x 1 replica(s) x 2 accumulation" in result.logs[0]
+  assert max_diff(weights, BASE_WEIGHTS) < 1e-5
+
+
+def test_steps_per_execution_gives_the_same_run():
+  result, weights = train(recipe(steps_per_execution=3))
+  assert result.steps == 4
+  assert max_diff(weights, BASE_WEIGHTS) < 1e-6
+
+
+def test_xla_jit_compile_matches_on_cpu():
+  result, weights = train(recipe(jit_compile=True))
+  assert result.steps == 4
+  assert max_diff(weights, BASE_WEIGHTS) < 1e-4
+
+
+def test_static_shapes_run_with_few_shapes():
+  the_task = task(train=128)
+  result, weights = train(recipe(static_shapes=True, length_buckets=2, steps_per_execution=4,
+                                 eval_every_steps=4), the_task)
+  assert result.steps == 8 and [h["step"] for h in result.history] == [4, 8]
+  assert max_diff(weights, INITIAL) > 1e-3
+
+
+def test_mixed_bfloat16_trains_with_float32_weights():
+  result, weights = train(recipe(mixed_precision="mixed_bfloat16"))
+  assert result.steps == 4 and np.isfinite(result.dev["score"])
+  assert all(w.dtype == np.float32 for w in weights)
+  assert max_diff(weights, INITIAL) > 1e-3
+  assert keras.mixed_precision.global_policy().name == "float32"  # restored afterwards
+  with pytest.raises(UserError, match="mixed_precision='float16'"):
+    train(recipe(mixed_precision="float16"))
+
+
+def test_early_stopping_with_patience_in_examples():
+  the_task = task(train=160)
+  result, weights = train(recipe(learning_rate=0.0, eval_every_examples=32,
+                                 patience_examples=64), the_task)
+  # lr 0: dev never improves after the first evaluation (step 2); 64 examples later it stops.
+  assert [h["step"] for h in result.history] == [2, 4, 6]
+  assert result.best_step == 2 and result.steps == 6
+  assert any("early stop at step 6" in line for line in result.logs)
+  assert max_diff(weights, INITIAL) == 0.0
+
+
+def test_regression_task_on_a_roberta_body():
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.RobertaConfig(
+      vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+      intermediate_size=64, max_position_embeddings=130, hidden_dropout_prob=0.0,
+      attention_probs_dropout_prob=0.0, pad_token_id=0)
+  models.set_seed(0)
+  body = models.build_body(config)
+  stsb = task(os.path.join(tiny.TEST_DATA, "stsb"))
+  result, _ = train(recipe(max_length=64), stsb, body=body)
+  assert result.steps == 4 and set(result.dev) == {"score", "spearman", "pearson"}
+  assert np.isfinite(result.dev["score"])
+
+
+def test_checkpoints_resume_tensorboard_and_refuse_another_run(tmp_path):
+  workdir = str(tmp_path / "work")
+  first, weights = train(recipe(checkpoint_every_steps=2, eval_every_steps=2), workdir=workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [
+      "checkpoint", "ckpt-4.data-00000-of-00001", "ckpt-4.index"]
+  assert any("saved checkpoint at step 2" in line for line in first.logs)
+  # Run again: the finished state is restored (best weights included), nothing is retrained.
+  again, weights_again = train(recipe(checkpoint_every_steps=2, eval_every_steps=2),
+                               workdir=workdir)
+  assert again.resumed_from == 4 and again.steps == 4
+  assert not any("examples/s" in line for line in again.logs)
+  assert again.best_step == first.best_step and again.dev == first.dev
+  assert max_diff(weights_again, weights) == 0.0
+
+  tags = set()
+  for path in glob.glob(os.path.join(workdir, "tensorboard", "*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(v.tag for v in event.summary.value)
+  assert {"train/loss", "train/learning_rate", "train/examples_per_second",
+          "dev/score", "dev/accuracy"} <= tags
+
+  with pytest.raises(UserError, match="different run .*learning_rate"):
+    train(recipe(checkpoint_every_steps=2, eval_every_steps=2, learning_rate=5e-4),
+          workdir=workdir)
+
+
+def test_a_dataset_smaller_than_one_batch_trains_on_smaller_batches():
+  result, _ = train(recipe(batch_size=128, epochs=2))
+  assert result.steps == 2 and result.examples_seen == 128
+  assert any("fewer than one batch of 128: batches of 64 instead" in line for line in result.logs)
+  with pytest.raises(UserError, match="fewer than the 128 replicas x accumulation steps"):
+    train(recipe(batch_size=128, grad_accum_steps=128))
