@@ -14,7 +14,8 @@ loss; one seed is an illustration).
   --base       STORE (its LATEST base), STORE@N, a Hugging Face model directory or
                package:<module>/<folder>; several, comma-separated
   --reference  the same kinds; default STORE@0 when --base is a store
-  --tasks      dataset names (found in config.data.dirs), pool, heldout or all (the default)
+  --tasks      dataset names (found in config.data.dirs), pool, pool:N (its first N), heldout
+               or all (the default)
   --seeds      seeds per (model, task); default config.eval.seeds
   --mode       finetune (the whole model) or probe (frozen body, head only: "ColD-Frozen",
                learning rate config.eval.probe_learning_rate)
@@ -31,7 +32,7 @@ cli.define_flags()
 flags.DEFINE_string("base", None, "Model(s) to evaluate: STORE, STORE@N or a model directory; "
                     "comma-separated.")
 flags.DEFINE_string("reference", None, "The model to compare against (default STORE@0).")
-flags.DEFINE_string("tasks", "all", "Dataset names, or pool / heldout / all, comma-separated.")
+flags.DEFINE_string("tasks", "all", "Dataset names, or pool / pool:N / heldout / all, comma-separated.")
 flags.DEFINE_integer("seeds", None, "Seeds per (model, task) (default config.eval.seeds).",
                      lower_bound=1)
 flags.DEFINE_enum("mode", "finetune", ["finetune", "probe"],

@@ -93,7 +93,7 @@ def get_config():
       seeds=3,                # fine-tuning seeds per (base, task); 1 gives no standard error
       enabled=True,           # run: evaluate bases (evaluations/<i>.json, report.*)
       every=1,                # run: evaluate every N-th base (0: only base 0 and the last)
-      tasks="all",            # run: which tasks: pool (held-in), heldout, or all
+      tasks="all",            # run: which tasks: pool (held-in), pool:N, heldout, all
       max_train_examples=0,   # training examples per evaluation fine-tune (0: the split)
       probe_learning_rate=1e-3,  # evaluate --mode=probe: frozen body, head only, this lr
   ))

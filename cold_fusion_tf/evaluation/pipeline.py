@@ -41,14 +41,21 @@ _GUESS_MODEL_BYTES = 90e6
 
 
 def resolve_tasks(config, spec: str) -> tuple[list[str], dict[str, list[str]]]:
-  """Dataset references from ``--tasks`` (names; ``pool``, ``heldout`` or ``all`` from the
-  config) and their groups by dataset id: held-in (config.pool), held-out, other."""
+  """Dataset references from ``--tasks`` (names; ``pool``, ``pool:N`` for the pool's first N,
+  ``heldout`` or ``all`` from the config) and their groups by dataset id: held-in
+  (config.pool), held-out, other."""
   names: list[str] = []
   for item in (s.strip() for s in (spec or "all").split(",")):
     if not item:
       continue
     expanded = {"pool": list(config.pool), "heldout": list(config.heldout),
                 "all": list(config.pool) + list(config.heldout)}.get(item, [item])
+    if item.startswith("pool:"):
+      count = item[len("pool:"):]
+      if not (count.isascii() and count.isdigit() and 0 < int(count) <= len(config.pool)):
+        raise UserError(f"--tasks={spec!r}: {item!r} needs a whole number from 1 to "
+                        f"{len(config.pool)} (the pool's size): pool:N is its first N tasks.")
+      expanded = list(config.pool)[:int(count)]
     names += [n for n in expanded if n not in names]
   if not names:
     raise UserError(f"--tasks={spec!r} names no dataset (config.pool and config.heldout are "

@@ -291,3 +291,18 @@ def test_evaluation_fine_tunes_train_on_a_seeded_sample_of_at_most_max_train_exa
   config.eval.max_train_examples = -1
   with pytest.raises(UserError, match="max_train_examples=-1"):
     recycling.eval_task(config, task)
+
+
+def test_task_lists_expand_pool_prefixes_and_reject_bad_counts():
+  # Prepare
+  config = _demo_config()
+  # Execute
+  names, groups = recycling.resolve_tasks(config, "pool:1,heldout")
+  all_names, _ = recycling.resolve_tasks(config, "pool:4,pool,rte")
+  # Assert
+  assert names == [config.pool[0], *config.heldout]
+  assert groups == {"held-in": [config.pool[0]], "held-out": list(config.heldout)}
+  assert all_names == list(config.pool)
+  for bad in ("pool:0", "pool:5", "pool:x", "pool:-1", "pool:١"):
+    with pytest.raises(UserError, match=r"pool:N is its first N tasks"):
+      recycling.resolve_tasks(config, f"{bad},heldout")
