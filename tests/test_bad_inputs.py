@@ -110,10 +110,13 @@ def test_a_file_where_a_folder_is_expected(program, place):
     ("train", ["--config.contributor_id=../../etc"], "Contributor id '../../etc' is not a safe"),
 ])
 def test_bad_values_are_refused_before_any_work(program, args, fragment, place):
+  # Prepare
   paths = {"evaluate": [f"--out={place / 'out'}"], "export": [f"--out={place / 'out'}"],
            "train": [f"--workdir={place / 'work'}", "--config.task=sst2"],
            "keys": []}.get(program, [])
+  # Execute
   result = _run(program, f"--store={place / 'store'}", *paths, *args)
+  # Assert
   _assert_one_error(result, fragment)
   assert os.listdir(place) == []
 
@@ -125,21 +128,30 @@ def test_bad_values_are_refused_before_any_work(program, args, fragment, place):
     ("def get_config():\n  return 5\n", "get_config() returned int"),
 ])
 def test_config_files_that_fail(body, fragment, place, tmp_path):
+  # Prepare
   config = tmp_path / "my_config.py"
   config.write_text(body)
+  # Execute
   result = _run("fuse", f"--config={config}", f"--store={place / 'store'}")
+  # Assert
   _assert_one_error(result, fragment)
+  # Execute: a folder given as the config file
   result = _run("fuse", f"--config={tmp_path}", f"--store={place / 'store'}")
+  # Assert
   _assert_one_error(result, "is a folder")
   assert os.listdir(place) == []
 
 
 def test_the_cold_fusion_command(place):
+  # Prepare
   command = [sys.executable, "-m", "cold_fusion_tf"]
+  # Execute
   listing = _run(command, "--help")
+  # Assert
   assert listing.returncode == 0 and "programs:" in listing.stdout
   for program in STORE_PROGRAMS:
     assert f"  {program} " in listing.stdout
+  # Execute / Assert: an unknown program, none, a program's help, a bad setting
   _assert_one_error(_run(command, "bogus"), "unknown program 'bogus'")
   assert _run(command).returncode == 2
   helped = _run(command, "fuse", "--help")
@@ -240,15 +252,20 @@ def test_bad_dataset_files(case, tmp_path):
 
 
 def test_dataset_files_that_are_not_files(tmp_path):
+  # Prepare: dev.jsonl is a folder
   folder = _folder(tmp_path, _jsonl(GOOD))
   os.remove(os.path.join(folder, "dev.jsonl"))
   os.mkdir(os.path.join(folder, "dev.jsonl"))
+  # Execute / Assert
   with pytest.raises(UserError, match=r"dev.jsonl: is a folder; it should be a file"):
     data.load_task(folder)
+  # Prepare: dev.jsonl links to a device
   os.rmdir(os.path.join(folder, "dev.jsonl"))
   os.symlink("/dev/zero", os.path.join(folder, "dev.jsonl"))
+  # Execute / Assert
   with pytest.raises(UserError, match=r"dev.jsonl: not a regular file"):
     data.load_task(folder)
+  # Execute / Assert: a file given as the folder, bad caps
   with pytest.raises(UserError, match=r"is a file, not a folder"):
     data.load_task(os.path.join(folder, "train.jsonl"))
   with pytest.raises(UserError, match=r"max_examples.train=-1: a cap is a number"):
@@ -258,9 +275,12 @@ def test_dataset_files_that_are_not_files(tmp_path):
 
 
 def test_csv_scores_are_a_regression_task_and_named_columns(tmp_path):
+  # Prepare
   folder = _folder(tmp_path, "sentence,y\na,0.5\nb,4.25\n", ext="csv",
                    others="sentence,y\na,0.5\nb,1.5\n")
+  # Execute
   task = data.load_task(folder, columns={"text": "sentence", "label": "y"})
+  # Assert
   assert task.kind == "regression" and task.splits["train"].labels.tolist() == [0.5, 4.25]
 
 

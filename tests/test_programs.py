@@ -45,24 +45,32 @@ SMALL = ["--config.recipe.batch_size=8", "--config.recipe.max_steps=2",
 
 
 def test_train_then_fuse_publish_the_next_base(tiny_store, tmp_path):
+  # Prepare
   store, _ = tiny_store
+  # Execute
   result = _run("train", f"--store={store}", "--config.task=sst2",
                 "--config.contributor_id=alice-sst2", *SMALL)
+  # Assert
   assert result.returncode == 0, result.stderr[-3000:]
   assert "contributed to iteration 0" in result.stdout
   meta = json.load(open(os.path.join(store, "contributions", "000000", "alice-sst2",
                                      "contribution.json")))
   assert meta["dataset"] == "sst2" and meta["contributor_id"] == "alice-sst2"
+  # Execute
   # The same id again is refused before any training.
   again = _run("train", f"--store={store}", "--config.task=sst2",
                "--config.contributor_id=alice-sst2", *SMALL)
+  # Assert
   _assert_clean_error(again, "already contributed to iteration 0")
   assert "training" not in again.stdout
+  # Prepare
   # A contributor that died after uploading its body (no contribution.json) is invisible.
   half = os.path.join(store, "contributions", "000000", "bob")
   os.makedirs(half)
   open(os.path.join(half, "body.safetensors"), "wb").write(b"partial")
+  # Execute
   fused = _run("fuse", f"--store={store}")
+  # Assert
   assert fused.returncode == 0, fused.stderr[-3000:]
   assert "published base 1: mean of 1 contribution(s) (alice-sst2)" in fused.stdout
   manifest = json.load(open(os.path.join(store, "bases", "000001", "manifest.json")))
@@ -78,6 +86,7 @@ def test_train_then_fuse_publish_the_next_base(tiny_store, tmp_path):
      "train.jsonl:2: missing field 'text'"),
 ])
 def test_train_with_bad_data_stops_before_training(tiny_store, tmp_path, files, fragment):
+  # Prepare
   store, _ = tiny_store
   folder = tmp_path / "mydata"
   folder.mkdir()
@@ -87,7 +96,9 @@ def test_train_with_bad_data_stops_before_training(tiny_store, tmp_path, files, 
   (folder / "info.json").write_text('{"task": "classification", "label_names": ["n", "p"]}')
   before = sorted(os.listdir(os.path.join(store, "contributions", "000000"))) if os.path.isdir(
       os.path.join(store, "contributions", "000000")) else []
+  # Execute
   result = _run("train", f"--store={store}", f"--config.task={folder}", *SMALL)
+  # Assert
   _assert_clean_error(result, fragment)
   after = sorted(os.listdir(os.path.join(store, "contributions", "000000"))) if os.path.isdir(
       os.path.join(store, "contributions", "000000")) else []
@@ -95,7 +106,9 @@ def test_train_with_bad_data_stops_before_training(tiny_store, tmp_path, files, 
 
 
 def test_unsafe_contributor_id_and_unknown_dataset(tiny_store):
+  # Prepare
   store, _ = tiny_store
+  # Execute / Assert
   _assert_clean_error(_run("train", f"--store={store}", "--config.task=sst2",
                            "--config.contributor_id=../../etc", *SMALL),
                       "Contributor id '../../etc' is not a safe name")
@@ -104,7 +117,9 @@ def test_unsafe_contributor_id_and_unknown_dataset(tiny_store):
 
 
 def test_a_directory_that_is_not_a_store(tmp_path):
+  # Prepare
   (tmp_path / "notes.txt").write_text("hello")
+  # Execute / Assert
   _assert_clean_error(_run("fuse", f"--store={tmp_path}"), "is not a ColD Fusion store")
   _assert_clean_error(_run("run", f"--store={tmp_path}", *SMALL),
                       "is not empty and not a ColD Fusion store")
@@ -112,10 +127,13 @@ def test_a_directory_that_is_not_a_store(tmp_path):
 
 
 def test_unknown_model_type_is_refused(tmp_path):
+  # Prepare
   source = tmp_path / "gpt"
   source.mkdir()
   (source / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
+  # Execute
   result = _run("run", f"--store={tmp_path / 'store'}", f"--config.model.source={source}",
                 *SMALL)
+  # Assert
   _assert_clean_error(result, "model_type 'gpt2' is not supported", "bert, roberta")
   assert not os.path.exists(tmp_path / "store" / "LATEST")

@@ -91,15 +91,20 @@ def _store_with_contributions(uri, tiny_run, ids, tmp_path):
 
 
 def test_init_train_fuse_evaluate_on_gcs(tiny_run, gcs_uri, env, tmp_path):
+  # Prepare
   store_flag = f"--store={gcs_uri}"
+  # Execute: init
   out = ok(program(env, "init", store_flag, f"--config.model.source={tiny_run['base']}"))
+  # Assert
   assert f"store {gcs_uri}: LATEST = 0" in out
   store = store_lib.Store(gcs_uri)  # The same base cache as the programs.
   assert store.storage.read_bytes("LATEST") == b"0\n"
   assert store.run_info()["source_model"] == tiny_run["base"]
 
+  # Execute: train
   ok(program(env, "train", store_flag, f"--config.task={tiny_run['task']}",
              "--config.contributor_id=alice", *SMALL))
+  # Assert
   (alice,), rejected = store.contributions(0)
   assert rejected == [] and alice.contributor_id == "alice"
   assert alice.meta["base_sha256"] == store.base_sha256(0)
@@ -109,7 +114,9 @@ def test_init_train_fuse_evaluate_on_gcs(tiny_run, gcs_uri, env, tmp_path):
   assert store.cache_dir.startswith(env["COLD_FUSION_CACHE"])
   assert set(os.listdir(cached)) == set(store.manifest(0)["files"])
 
+  # Execute: fuse
   out = ok(program(env, "fuse", store_flag))
+  # Assert
   assert "published base 1" in out
   assert store.storage.read_bytes("LATEST") == b"1\n"
   manifest = store.manifest(1)
@@ -118,23 +125,28 @@ def test_init_train_fuse_evaluate_on_gcs(tiny_run, gcs_uri, env, tmp_path):
   assert manifest["fusion"]["rejected"] == []
   store.base_dir(1)  # Every file of base 1 matches its manifest.
 
+  # Execute: fuse again
   # Nothing has contributed to base 1 yet: the fuser publishes nothing and says so.
   proc = program(env, "fuse", store_flag)
+  # Assert
   assert proc.returncode == 1, proc.stderr
   assert "0 valid contribution(s)" in proc.stdout
   assert store.latest() == 1
 
+  # Execute: evaluate
   # Model recycling of the gs:// store's LATEST base against its base 0 (one seed, 2 steps).
   out_dir = tmp_path / "eval"
   ok(program(env, "evaluate", store_flag, f"--tasks={tiny_run['task']}", "--seeds=1",
              f"--out={out_dir}", "--config.eval.recipe.batch_size=8",
              "--config.eval.recipe.max_length=32", "--config.eval.recipe.max_steps=2",
              *SMALL[3:]))
+  # Assert
   summary = (out_dir / "summary.json").read_text(encoding="utf-8")
   assert f"{gcs_uri}@1" in summary and f"{gcs_uri}@0" in summary
 
 
 def test_run_one_iteration_on_gcs(tiny_run, gcs_uri, env, tmp_path):
+  # Prepare
   config = tmp_path / "tiny_run.py"
   config.write_text(textwrap.dedent(f"""
       from cold_fusion_tf.configs import defaults
@@ -148,7 +160,9 @@ def test_run_one_iteration_on_gcs(tiny_run, gcs_uri, env, tmp_path):
         c.eval.enabled = False
         return c
   """), encoding="utf-8")
+  # Execute
   out = ok(program(env, "run", f"--store={gcs_uri}", *SMALL, config=str(config)))
+  # Assert
   assert "published base 1" in out
   store = store_lib.Store(gcs_uri)
   assert store.latest() == 1
@@ -177,9 +191,11 @@ _BARRIER_FUSE = textwrap.dedent("""
 
 
 def test_two_fusers_race_on_gcs(tiny_run, gcs_uri, env, tmp_path):
+  # Prepare: a store with two contributions
   store = _store_with_contributions(gcs_uri, tiny_run, ["alice", "bob"], tmp_path)
   barrier = tmp_path / "barrier"
   barrier.mkdir()
+  # Execute: two fusers at once
   # Both share one base cache, as two fusers on one machine would.
   procs = [subprocess.Popen(
       [sys.executable, "-c", _BARRIER_FUSE, str(barrier), f"--config={DEMO_CONFIG}",
@@ -195,6 +211,7 @@ def test_two_fusers_race_on_gcs(tiny_run, gcs_uri, env, tmp_path):
       if p.poll() is None:
         p.kill()
         p.wait()
+  # Assert
   assert len(os.listdir(barrier)) == 2  # Both reached the publish step.
   for code, out, err in results:
     assert code == 0, f"{out}\n{err[-3000:]}"
@@ -209,6 +226,7 @@ def test_two_fusers_race_on_gcs(tiny_run, gcs_uri, env, tmp_path):
 
 
 def test_fuse_rejects_body_changed_in_bucket(tiny_run, gcs_uri, env, tmp_path):
+  # Prepare
   store = _store_with_contributions(gcs_uri, tiny_run, ["alice", "bob"], tmp_path)
   # Someone rewrites bob's body in the bucket after upload: same size, valid safetensors,
   # other values. Only the sha256 in contribution.json can tell.
@@ -221,32 +239,43 @@ def test_fuse_rejects_body_changed_in_bucket(tiny_run, gcs_uri, env, tmp_path):
   assert os.path.getsize(path) == store.contributions(0)[0][1].meta["body_size"]
   store.storage.upload(path, name)
 
+  # Execute
   proc = program(env, "fuse", f"--store={gcs_uri}", "--config.fusion.min_contributions=2")
+  # Assert
   assert proc.returncode == 1, f"{proc.stdout}\n{proc.stderr[-3000:]}"
   assert "rejected bob" in proc.stdout and "sha256" in proc.stdout
   assert "1 valid contribution(s), fewer than the 2 required; nothing published" in proc.stdout
   assert store.latest() == 0 and not store.storage.exists("bases/000001")
 
+  # Execute: fuse again, with the default minimum
   out = ok(program(env, "fuse", f"--store={gcs_uri}"))
+  # Assert
   assert "published base 1" in out
   fusion = store.manifest(1)["fusion"]
   assert [c["id"] for c in fusion["contributions"]] == ["alice"]
   assert [r["id"] for r in fusion["rejected"]] == ["bob"]
   assert "sha256" in fusion["rejected"][0]["reason"]
 
+  # Execute: inspect
   # The lineage of the gs:// store, as the inspect program shows it.
   lineage = json.loads(ok(program(env, "inspect", f"--store={gcs_uri}", "--json")))
+  # Assert
   assert lineage["uri"] == gcs_uri and lineage["latest"] == 1
   assert [b["problems"] for b in lineage["bases"]] == [[], []]
   assert [e["id"] for e in lineage["bases"][1]["fused"]] == ["alice"]
   assert [r["id"] for r in lineage["bases"][1]["rejected"]] == ["bob"]
+  # Execute
   text = ok(program(env, "inspect", f"--store={gcs_uri}"))
+  # Assert
   assert f"store {gcs_uri}:" in text and "LATEST = 1" in text and "sha256" in text
 
 
 def test_missing_bucket_is_one_clear_error(env):
+  # Prepare
   bucket = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
+  # Execute
   proc = program(env, "fuse", f"--store=gs://{bucket}/run")
+  # Assert
   assert proc.returncode == 2, proc.stderr
   assert "Traceback" not in proc.stderr
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

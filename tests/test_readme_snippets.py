@@ -32,17 +32,21 @@ def readme_blocks() -> list[tuple[str, str]]:
 
 
 def test_section_has_the_three_ways():
+  # Execute
   blocks = readme_blocks()
+  # Assert
   assert [language for language, _ in blocks] == ["python", "bash", "python", "bash", "python"]
   # The example store is named where a store is used: the Keras block and both exports.
   assert ["stores/demo" in code for _, code in blocks] == [True, True, False, True, False]
 
 
 def test_every_snippet_runs(tmp_path, monkeypatch):
+  # Prepare
   store = im.tiny_bert_store()
   monkeypatch.chdir(tmp_path)
   env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
   namespaces = []
+  # Execute: each block in turn
   for index, (language, code) in enumerate(readme_blocks()):
     code = code.replace("stores/demo", store)
     if language == "bash":
@@ -55,6 +59,7 @@ def test_every_snippet_runs(tmp_path, monkeypatch):
       program = compile(code, f"README.md[{SECTION} block {index}]", "exec")
       exec(program, namespace)  # pylint: disable=exec-used
       namespaces.append(namespace)
+  # Assert
   keras_block, hf_block, hub_block = namespaces[0], namespaces[2], namespaces[4]
   assert keras_block["hidden"].shape == (1, 5, 32)  # [CLS] a gripping film [SEP]
   assert os.path.exists(tmp_path / "classifier.keras")

@@ -33,25 +33,35 @@ INFO = {"task": "classification", "label_names": ["neg", "pos"]}
 
 
 def test_shipped_jsonl_datasets_load_with_kinds_and_pairs():
+  # Execute
   task = data.load_task("rte", dirs=[tiny.DATA])
+  # Assert
   assert task.kind == "classification" and task.is_pair
   assert task.label_names == ["entailment", "not_entailment"]
   assert len(task.splits["train"]) == 1000 and task.splits["train"].labels.dtype == np.int32
+  # Execute: a regression task, capped at 100 training examples
   stsb = data.load_task("stsb", dirs=[tiny.TEST_DATA], max_examples={"train": 100})
+  # Assert
   assert stsb.kind == "regression" and stsb.num_outputs == 1 and len(stsb.splits["train"]) == 100
   assert stsb.splits["train"].labels.dtype == np.float32
   assert 0.0 <= stsb.splits["train"].labels.min() and stsb.splits["train"].labels.max() <= 5.0
 
 
 def test_csv_and_tsv_with_named_columns_and_label_names(tmp_path):
+  # Prepare: CSV files with named columns and label names
   csv_text = "sentence,y\n\"great, really\",pos\nawful,neg\n"
   folder = _write(str(tmp_path / "reviews"), {f"{s}.csv": csv_text for s in data.SPLITS}, INFO)
+  # Execute
   task = data.load_task(folder, columns={"text": "sentence", "label": "y"})
+  # Assert
   assert task.splits["train"].texts == ["great, really", "awful"]
   assert task.splits["train"].labels.tolist() == [1, 0]
+  # Prepare: TSV files with a text pair
   tsv_text = "text\ttext_pair\tlabel\na\tb\t2\nc\td\t0\n"
   folder = _write(str(tmp_path / "pairs"), {f"{s}.tsv": tsv_text for s in data.SPLITS})
+  # Execute
   task = data.load_task(folder)
+  # Assert
   assert task.is_pair and task.label_names == ["0", "1", "2"]
   assert task.splits["dev"].pairs == ["b", "d"]
 
@@ -73,28 +83,35 @@ def test_csv_and_tsv_with_named_columns_and_label_names(tmp_path):
      r"train.csv:1: no column 'text' in the header \['sentence', 'label'\]"),
 ])
 def test_bad_data_names_file_line_and_fix(tmp_path, files, message):
+  # Prepare
   folder = _write(str(tmp_path / "task"), files, INFO)
+  # Execute / Assert
   with pytest.raises(UserError, match=message):
     data.load_task(folder)
 
 
 def test_unknown_dataset_lists_known_ones(tmp_path):
+  # Execute / Assert
   with pytest.raises(UserError, match=r"Unknown dataset 'nope'.*Known datasets: .*sst2"):
     data.load_task("nope", dirs=[tiny.DATA])
 
 
 @pytest.mark.parametrize("name", ["a b", "", "x\n", "-rm", "caf\u00e9", "a" * 129])
 def test_unsafe_dataset_names_are_refused(name):
+  # Execute / Assert
   with pytest.raises(UserError, match="is not a safe name"):
     data.load_task(name, dirs=[tiny.DATA])
 
 
 def test_tfds_source_with_mocked_data():
+  # Prepare
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # Execute
   with tfds.testing.mock_data(num_examples=40):
     rte = data.load_task("tfds:glue/rte")
     cb = data.load_task("tfds:super_glue/cb")
     stsb = data.load_task("tfds:glue/stsb")
+  # Assert
   assert rte.label_names == ["entailment", "not_entailment"] and rte.is_pair
   assert {k: len(v) for k, v in rte.splits.items()} == {"train": 36, "dev": 4, "test": 40}
   assert cb.label_names == ["entailment", "contradiction", "neutral"] and cb.is_pair
@@ -103,17 +120,26 @@ def test_tfds_source_with_mocked_data():
 
 
 def test_tokenize_once_and_pad_little():
+  # Prepare
   task = data.load_task("sst2", dirs=[tiny.DATA], max_examples={"train": 512})
+  # Execute
   encoded = inputs.encode(tiny.bert_tokenizer(), task.splits["train"], max_length=128)
   buckets = inputs.bucket_lengths(128)
+  # Assert
   assert buckets == sorted(buckets) and buckets[-1] == 128 and len(buckets) <= 16
+  # Execute: batches of similar lengths
   batches = inputs.plan_batches(encoded.lengths, 32, shuffle=True, seed=0)
+  # Assert
   assert sorted(np.concatenate(batches).tolist()) == list(range(512))
+  # Execute
   grouped = inputs.padding_fraction(encoded, batches, buckets)
   naive = 1 - encoded.lengths.sum() / (128 * len(encoded))
+  # Assert
   assert naive > 0.7 and grouped < naive / 2
+  # Execute
   features, labels = inputs.pad_batch(encoded, batches[0], buckets, ("input_ids", "attention_mask"))
   width = features["input_ids"].shape[1]
+  # Assert
   assert width in buckets and width >= encoded.lengths[batches[0]].max()
   assert features["attention_mask"].sum() == encoded.lengths[batches[0]].sum()
   assert labels.tolist() == task.splits["train"].labels[batches[0]].tolist()

@@ -198,28 +198,37 @@ def test_gains_are_paired_by_seed_with_standard_errors(tmp_path):
 
 
 def test_results_file_skips_damaged_lines_and_duplicates(tmp_path):
+  # Prepare
   job = _job(tmp_path)
   ref = job.models[0]
   results = results_dir.ResultsDir(str(tmp_path / "out"))
   good = _record(job, ref, "t1", 0, 0.5)
+  # Execute: a record, the same run again, then damaged lines
   results.append(good)
   results.append({**good, "score": 0.9})  # the same run again: the first one counts
   with open(results.file("results.jsonl"), "a") as f:
     f.write('{"model": "x", "seed": 1, "score": NaN}\n{"truncat')
+  # Execute / Assert: a NaN score is refused
   with pytest.raises(ValueError):
     results.append({**good, "score": float("nan")})
+  # Assert
   notes = []
   assert results.records(notes.append) == [good]
   assert "skipped 2 unreadable line(s)" in notes[0]
+  # Execute / Assert: a remote location is refused
   with pytest.raises(UserError, match="results go to a local directory"):
     results_dir.ResultsDir("gs://bucket/results")
 
 
 def test_model_references_resolve_or_fail_clearly(tiny_store, tmp_path):
+  # Prepare
   store, source, _ = tiny_store
+  # Execute
   latest = refs.resolve(store)
+  # Assert
   assert latest.name == f"{store}@1" and os.path.isfile(os.path.join(latest.directory,
                                                                       "config.json"))
+  # Execute / Assert: other references, and ones that fail
   assert refs.resolve(f"{store}@0").sha256 == weights.sha256_file(
       os.path.join(store, "bases", "000000", "model.safetensors"))
   assert refs.resolve(source).sha256 == weights.sha256_file(
@@ -237,9 +246,12 @@ def test_model_references_resolve_or_fail_clearly(tiny_store, tmp_path):
 
 
 def test_program_errors_are_one_line_before_any_training(tiny_store, tmp_path):
+  # Prepare
   _, source, _ = tiny_store
+  # Execute
   result = _program("evaluate", "--config=configs/demo.py", f"--base={source}",
                     f"--out={tmp_path / 'out'}", *SMALL)
+  # Assert
   assert result.returncode == 2
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and "--reference is required" in errors[0], result.stderr[-2000:]

@@ -41,8 +41,11 @@ def _card(path):
 
 
 def test_hf_export_is_self_contained_with_a_model_card(fused_store, tmp_path):
+  # Prepare
   out = tmp_path / "exported"
+  # Execute
   result = _run(f"--store={fused_store}", f"--out={out}", "--license=mit")
+  # Assert
   assert result.returncode == 0, result.stderr
   assert f"exported base 1 of {fused_store} (hf) to {out}" in result.stdout
   store = store_lib.Store(fused_store)
@@ -75,19 +78,24 @@ def test_hf_export_is_self_contained_with_a_model_card(fused_store, tmp_path):
 
 
 def test_base_zero_and_bad_arguments(fused_store, tmp_path):
+  # Execute
   out = export.export_model(fused_store, str(tmp_path / "zero"), iteration=0, log=lambda _: None)
+  # Assert
   front, body = _card(out)
   assert "datasets" not in front
   assert "This is base 0: the source model as published in the store" in body
   assert "It is the source model as the run published it, before any fusion." in body
   assert "| task | base 0 |" in body and "| sst2 | 80.0 |" in body
+  # Execute / Assert: bad arguments
   with pytest.raises(UserError, match=r"base 2 is not published; .* holds bases 0\.\.1"):
     export.export_model(fused_store, str(tmp_path / "two"), iteration=2)
   with pytest.raises(UserError, match="--format='onnx'"):
     export.export_model(fused_store, str(tmp_path / "onnx"), fmt="onnx")
   assert not os.path.exists(tmp_path / "two") and not os.path.exists(tmp_path / "onnx")
+  # Execute
   # A non-empty --out is refused with one error line and exit status 2; nothing is touched.
   result = _run(f"--store={fused_store}", f"--out={out}")
+  # Assert
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
       f"error: --out={out}: exists and is not an empty directory; choose a new one.")
@@ -96,9 +104,12 @@ def test_base_zero_and_bad_arguments(fused_store, tmp_path):
 
 
 def test_keras_hub_export_carries_the_card(fused_store, tmp_path):
+  # Prepare
   keras_hub = pytest.importorskip("keras_hub")
+  # Execute
   out = export.export_model(fused_store, str(tmp_path / "hub"), fmt="keras_hub",
                             sequence_length=32, log=lambda _: None)
+  # Assert
   front, body = _card(out)
   assert front["library_name"] == "keras-hub" and "keras-hub" in front["tags"]
   assert "keras_hub.models.TextClassifier.from_preset(model_dir, num_classes=2)" in body

@@ -56,7 +56,9 @@ def _tf_hidden(body, enc):
 
 
 def test_published_bert_base_loads_directly(minilm_base):
+  # Execute
   backbone = keras_hub.models.Backbone.from_preset(minilm_base)
+  # Assert
   assert type(backbone).__name__ == "BertBackbone"
   enc = _encode(minilm_base)
   real = enc["attention_mask"].astype(bool)
@@ -81,7 +83,9 @@ def test_published_bert_base_loads_directly(minilm_base):
 
 
 def test_exported_roberta_preset_matches_and_fits(roberta_base, tmp_path):
+  # Execute
   out = keras_hub_export.export_preset(roberta_base, str(tmp_path / "preset"), 48)
+  # Assert
   assert {"config.json", "model.weights.h5", "preprocessor.json", "tokenizer.json",
           "metadata.json", "assets"} <= set(os.listdir(out))
   backbone = keras_hub.models.Backbone.from_preset(out)
@@ -104,8 +108,11 @@ def test_exported_roberta_preset_matches_and_fits(roberta_base, tmp_path):
 
 
 def test_exported_bert_preset_matches_the_direct_load(tmp_path):
+  # Prepare
   base = refs.resolve(im.tiny_bert_store()).directory
+  # Execute
   out = keras_hub_export.export_preset(base, str(tmp_path / "preset"), 32)
+  # Assert
   enc = _encode(base, 8)
   exported = _keras_hub_hidden(keras_hub.models.Backbone.from_preset(out), enc)
   direct = _keras_hub_hidden(keras_hub.models.Backbone.from_preset(base), enc)
@@ -128,8 +135,10 @@ def _short_fit(preset):
 
 
 def test_incompatible_architectures_are_refused(tmp_path):
+  # Prepare
   # tests.tiny's RoBERTa keeps transformers' default layer-norm epsilon (1e-12).
   source = tiny.write_tiny_base(str(tmp_path / "roberta"), "roberta")
+  # Execute / Assert
   with pytest.raises(UserError, match=r"layer_norm_eps=1e-12 \(keras-hub's roberta uses 1e-05\)"):
     keras_hub_export.export_preset(source, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")

@@ -42,14 +42,18 @@ def test_card_parses_with_huggingface_hub():
 
 
 def test_a_local_source_is_no_base_model_and_base_zero_has_no_index():
+  # Prepare
   lineage = dict(LINEAGE, iteration=0, rounds=[], datasets=[], source_model="/models/mine",
                  evaluation={})
+  # Execute
   data = ModelCard(model_card.render(lineage, "keras_hub")).data
+  # Assert
   assert data.base_model is None and data.eval_results is None and data.datasets is None
   assert data.library_name == "keras-hub" and data.license == "other"
 
 
 @pytest.mark.parametrize("license_name", ["MIT", "mit\nbase_model: evil", "", "a/b"])
 def test_license_must_be_an_identifier(license_name):
+  # Execute / Assert
   with pytest.raises(UserError, match="--license"):
     model_card.render(LINEAGE, "hf", license_name)

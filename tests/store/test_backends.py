@@ -62,35 +62,49 @@ def _reopen(store):
 
 
 def test_write_read_round_trip(storage_backend):
+  # Prepare
   s = storage_backend
+  # Execute
   s.write_bytes("run.json", b'{"a": 1}')
+  # Assert
   assert s.read_bytes("run.json") == b'{"a": 1}'
+  # Execute: a binary object in a folder
   s.write_bytes("bases/000000/config.json", bytes(range(256)))
+  # Assert
   assert s.read_bytes("bases/000000/config.json") == bytes(range(256))
+  # Execute
   s.write_bytes("run.json", b"")  # Overwrite, and an empty object.
+  # Assert
   assert s.read_bytes("run.json") == b""
   assert s.exists("run.json")
   assert s.exists("bases/000000")  # A folder counts, as a directory does locally.
 
 
 def test_missing_object(storage_backend, tmp_path):
+  # Prepare
   s = storage_backend
+  # Execute / Assert: reading or downloading a missing object raises
   with pytest.raises(FileNotFoundError):
     s.read_bytes("nope/manifest.json")
   with pytest.raises(FileNotFoundError):
     s.download("nope/model.safetensors", str(tmp_path / "out" / "model.safetensors"))
+  # Assert
   assert not os.path.exists(tmp_path / "out" / "model.safetensors")
   assert not s.exists("nope/manifest.json")
   assert not s.exists("nope")
+  # Execute
   data, token = s.read_versioned("LATEST")
+  # Assert
   assert data is None
   assert s.list_children("nope") == []
 
 
 def test_list_children(storage_backend):
+  # Prepare: objects at several depths
   s = storage_backend
   for name in ["b/1", "a", "c/x/y", "c/z", "b/2", "bases/000001/manifest.json", "bases/000000/m"]:
     s.write_bytes(name, b"x")
+  # Execute / Assert
   assert s.list_children("") == ["a", "b", "bases", "c"]
   assert s.list_children("c") == ["x", "z"]  # A folder and an object, immediate only.
   assert s.list_children("bases") == ["000000", "000001"]
@@ -99,21 +113,28 @@ def test_list_children(storage_backend):
 
 
 def test_upload_download_round_trip(storage_backend, tmp_path):
+  # Prepare
   s = storage_backend
   src = tmp_path / "body.safetensors"
   _write_random_file(src, 20 * MiB + 12345)  # Over 8 MiB: a resumable upload on GCS.
+  # Execute
   s.upload(str(src), "contributions/000003/alice/body.safetensors")
   out = tmp_path / "dl" / "deeper" / "body.safetensors"
   s.download("contributions/000003/alice/body.safetensors", str(out))
+  # Assert
   assert out.stat().st_size == src.stat().st_size
   assert _sha256(out) == _sha256(src)
   assert not os.path.exists(str(out) + ".partial")
+  # Execute: a small object, uploaded then downloaded over the file above
   small = tmp_path / "small.json"
   small.write_bytes(b"{}")
   s.upload(str(small), "contributions/000003/alice/contribution.json")
+  # Assert
   assert s.read_bytes("contributions/000003/alice/contribution.json") == b"{}"
   assert s.list_children("contributions/000003/alice") == ["body.safetensors", "contribution.json"]
+  # Execute
   s.download("contributions/000003/alice/contribution.json", str(out))  # Replaces a file.
+  # Assert
   assert out.read_bytes() == b"{}"
 
 
@@ -140,7 +161,9 @@ def test_upload_with_move_links_or_copies(storage_backend, tmp_path, monkeypatch
 
 
 def test_create_exclusive(storage_backend):
+  # Prepare
   s = storage_backend
+  # Execute / Assert: the first create wins and a second one changes nothing
   assert s.create_exclusive("runs/lock", b"first") is True
   assert s.create_exclusive("runs/lock", b"second") is False
   assert s.read_bytes("runs/lock") == b"first"
@@ -148,7 +171,9 @@ def test_create_exclusive(storage_backend):
 
 
 def test_compare_and_swap(storage_backend):
+  # Prepare
   s = storage_backend
+  # Execute / Assert: a swap succeeds only with the current token
   data, token0 = s.read_versioned("LATEST")
   assert data is None
   assert s.compare_and_swap("LATEST", b"000000", token0) is True
@@ -164,8 +189,10 @@ def test_compare_and_swap(storage_backend):
 
 
 def test_concurrent_compare_and_swap_threads(storage_backend):
+  # Prepare: two handles on one store
   stores = [storage_backend, _reopen(storage_backend)]
   storage_backend.write_bytes("LATEST", b"000000")
+  # Execute / Assert: in each round two threads swap at once and exactly one wins
   for round_ in range(4):
     barrier = threading.Barrier(2)
     results = [None, None]
@@ -192,24 +219,32 @@ def test_concurrent_compare_and_swap_threads(storage_backend):
 
 
 def test_delete_prefix(storage_backend):
+  # Prepare
   s = storage_backend
   for name in ["contributions/000003/a/body", "contributions/000003/a/x/y",
                "contributions/000003/ab/body", "contributions/000003/b", "keep"]:
     s.write_bytes(name, b"x")
+  # Execute
   s.delete_prefix("contributions/000003/a")
+  # Assert
   assert s.list_children("contributions/000003") == ["ab", "b"]  # Not "a*" siblings.
   assert not s.exists("contributions/000003/a/body")
   assert not s.exists("contributions/000003/a")
+  # Execute
   s.delete_prefix("contributions/000003/b")  # A single object.
+  # Assert
   assert s.list_children("contributions/000003") == ["ab"]
+  # Execute
   s.delete_prefix("does/not/exist")  # No error.
   s.delete_prefix("contributions")
+  # Assert
   assert s.list_children("") == ["keep"]
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/../b", "..", "a//b", "/a", "a/", "./a", "a/.",
                                  "a b", "a\nb", "a/\x00"])
 def test_bad_names_rejected(storage_backend, bad, tmp_path):
+  # Prepare
   s = storage_backend
   local = tmp_path / "f"
   local.write_bytes(b"x")
@@ -225,9 +260,11 @@ def test_bad_names_rejected(storage_backend, bad, tmp_path):
       lambda: s.compare_and_swap(bad, b"x", s.read_versioned("ok")[1]),
       lambda: s.delete_prefix(bad),
   ]
+  # Execute / Assert: every operation rejects the name
   for call in calls:
     with pytest.raises(UserError):
       call()
+  # Assert: nothing was written
   assert s.list_children("") == []
 
 
@@ -255,6 +292,7 @@ _RACE_CHILD = textwrap.dedent("""
 
 def test_gcs_processes_race_on_latest(gcs_emulator):
   """Two processes released together: one create and one compare-and-swap win per round."""
+  # Prepare: two child processes that race on the same objects
   from cold_fusion_tf.store.backends.gcs import GCSStorage  # pylint: disable=g-import-not-at-top
   bucket = gcs_emulator.make_bucket()
   uri = f"gs://{bucket}/race"
@@ -277,6 +315,7 @@ def test_gcs_processes_race_on_latest(gcs_emulator):
       if words[0] == "won":
         wins.setdefault((words[1], int(words[2])), {})[who] = words[3] == "1"
 
+  # Execute: release both children together, round after round
   try:
     for _ in range(2 * rounds):
       for p, who in zip(procs, names):
@@ -292,6 +331,7 @@ def test_gcs_processes_race_on_latest(gcs_emulator):
       if p.poll() is None:
         p.kill()
         p.wait()
+  # Assert: one winner per round, and LATEST holds the swap's winner
   s = GCSStorage.from_uri(uri, retry_deadline=20)
   for r in range(rounds):
     create, cas = wins[("create", r)], wins[("cas", r)]
@@ -352,7 +392,9 @@ def _gcs_upload_with_kill(emulator, monkeypatch, tmp_path, restart_after):
 def test_gcs_server_restart_mid_upload_recovers(private_emulator, monkeypatch, tmp_path):
   """The server dies mid-upload and comes back (losing the upload session): the upload
   retries, starts over in a new session and succeeds."""
+  # Execute
   s, error, src, _ = _gcs_upload_with_kill(private_emulator, monkeypatch, tmp_path, restart_after=1.0)
+  # Assert
   assert error is None, repr(error)
   out = tmp_path / "out"
   s.download("contributions/000001/c/body.safetensors", str(out))
@@ -362,11 +404,15 @@ def test_gcs_server_restart_mid_upload_recovers(private_emulator, monkeypatch, t
 def test_gcs_server_down_for_good_fails_cleanly(private_emulator, monkeypatch, tmp_path):
   """The server dies mid-upload and stays down: a clear error within the retry deadline,
   and once it is back no half-written object is visible."""
+  # Execute
   s, error, _, took = _gcs_upload_with_kill(private_emulator, monkeypatch, tmp_path, restart_after=None)
+  # Assert
   assert isinstance(error, UserError), repr(error)
   assert "did not answer" in str(error) and "COLD_FUSION_GCS_RETRY_DEADLINE" in str(error)
   assert took < s.retry_deadline + 20
+  # Execute: the server comes back
   private_emulator.restart()
+  # Assert
   assert not s.exists("contributions/000001/c/body.safetensors")
   assert s.list_children("") == []
 
@@ -393,13 +439,16 @@ _RSS_CHILD = textwrap.dedent("""
 
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss units differ off Linux")
 def test_gcs_large_file_streams_without_holding_it_in_memory(gcs_emulator, tmp_path):
+  # Prepare: a 100 MiB file
   bucket = gcs_emulator.make_bucket()
   src, dst = tmp_path / "big.bin", tmp_path / "dl" / "big.bin"
   size = 100 * MiB + 7
   _write_random_file(src, size)
+  # Execute
   proc = subprocess.run(
       [sys.executable, "-c", _RSS_CHILD, f"gs://{bucket}/rss", str(src), str(dst)],
       capture_output=True, text=True, env=_child_env(), timeout=120, check=False)
+  # Assert
   assert proc.returncode == 0, proc.stderr
   growth = int(proc.stdout.strip().splitlines()[-1])
   assert dst.stat().st_size == size
@@ -410,32 +459,43 @@ def test_gcs_large_file_streams_without_holding_it_in_memory(gcs_emulator, tmp_p
 
 
 def test_gcs_missing_bucket_is_a_user_error(gcs_emulator):
+  # Prepare
   from cold_fusion_tf.store.backends.gcs import GCSStorage  # pylint: disable=g-import-not-at-top
+  # Execute
   with pytest.raises(UserError) as e:
     GCSStorage.from_uri("gs://no-such-bucket-xyz/run", retry_deadline=5)
+  # Assert
   assert "no-such-bucket-xyz" in str(e.value)
   assert "does not exist" in str(e.value)
 
 
 def test_gcs_open_storage_dispatches(gcs_emulator):
+  # Prepare
   from cold_fusion_tf.store.backends.gcs import GCSStorage  # pylint: disable=g-import-not-at-top
   from cold_fusion_tf.store.backends import open_storage  # pylint: disable=g-import-not-at-top
   bucket = gcs_emulator.make_bucket()
+  # Execute
   s = open_storage(f"gs://{bucket}/a/b/")
+  # Assert
   assert isinstance(s, GCSStorage)
   assert (s.bucket_name, s.prefix, s.uri) == (bucket, "a/b", f"gs://{bucket}/a/b")
+  # Execute: an object under the prefix, listed from the bucket's root
   s.write_bytes("x", b"1")
+  # Assert
   assert open_storage(f"gs://{bucket}").list_children("a") == ["b"]
 
 
 def test_gcs_unreachable_host_fails_within_deadline(monkeypatch):
+  # Prepare: an emulator address where nobody listens
   from cold_fusion_tf.store.backends import gcs as gcs_storage  # pylint: disable=g-import-not-at-top
   from gcs_emulator import free_port  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # Nobody listens.
   monkeypatch.setenv(gcs_storage.RETRY_DEADLINE_ENV, "2")
+  # Execute
   t0 = time.monotonic()
   with pytest.raises(UserError) as e:
     gcs_storage.GCSStorage.from_uri("gs://some-bucket/run")
+  # Assert
   assert time.monotonic() - t0 < 15
   assert "did not answer" in str(e.value) and "STORAGE_EMULATOR_HOST" in str(e.value)
 
@@ -447,14 +507,18 @@ def test_gcs_unreachable_host_fails_within_deadline(monkeypatch):
     "gs://ok-bucket/a b", "gs://ok_bucket/x/../../y",
 ])
 def test_gcs_bad_uri_rejected_before_any_request(uri, monkeypatch):
+  # Prepare
   from cold_fusion_tf.store.backends.gcs import GCSStorage  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")  # Would fail slowly if used.
+  # Execute / Assert
   with pytest.raises(UserError):
     GCSStorage.from_uri(uri, retry_deadline=30)
 
 
 def test_gcs_bucket_name_rules_accept_valid_names():
+  # Prepare
   from cold_fusion_tf.store.backends.gcs import check_bucket_name, parse_gcs_uri  # pylint: disable=g-import-not-at-top
+  # Execute / Assert
   for name in ["abc", "my-bucket_1", "a.b.c", "x" * 63, ".".join(["y" * 63] * 3)]:
     assert check_bucket_name(name) == name
   assert parse_gcs_uri("gs://my-bucket") == ("my-bucket", "")
@@ -462,15 +526,19 @@ def test_gcs_bucket_name_rules_accept_valid_names():
 
 
 def test_gcs_missing_credentials_is_a_user_error(monkeypatch, tmp_path):
+  # Prepare
   from cold_fusion_tf.store.backends.gcs import GCSStorage  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
   monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing-key.json"))
+  # Execute
   with pytest.raises(UserError) as e:
     GCSStorage.from_uri("gs://some-bucket/run", retry_deadline=2)
+  # Assert
   assert "gcloud auth application-default login" in str(e.value)
 
 
 def test_gcs_permission_denied_is_a_user_error():
+  # Prepare
   from google.api_core import exceptions as api_exceptions  # pylint: disable=g-import-not-at-top
   from cold_fusion_tf.store.backends.gcs import GCSStorage  # pylint: disable=g-import-not-at-top
 
@@ -481,8 +549,10 @@ def test_gcs_permission_denied_is_a_user_error():
     def list_blobs(self, *args, **kwargs):
       raise api_exceptions.Forbidden("caller does not have storage.objects.list access")
 
+  # Execute
   with pytest.raises(UserError) as e:
     GCSStorage("team-bucket", "run", client=ForbiddenClient(), retry_deadline=2)
+  # Assert
   assert "Permission denied" in str(e.value)
   assert "roles/storage.objectAdmin" not in str(e.value) and "gs://team-bucket" in str(e.value)
   assert "roles/storage.objectCreator" in str(e.value)
@@ -490,13 +560,16 @@ def test_gcs_permission_denied_is_a_user_error():
 
 def test_gcs_retried_conditional_write_that_landed_counts_as_won(gcs_emulator, monkeypatch):
   """A 412 caused by our own earlier attempt (response lost, request retried) is a win."""
+  # Prepare: every write uses the same write id
   from cold_fusion_tf.store.backends import gcs as gcs_storage  # pylint: disable=g-import-not-at-top
   bucket = gcs_emulator.make_bucket()
   s = gcs_storage.GCSStorage.from_uri(f"gs://{bucket}/w", retry_deadline=5)
   fixed = uuid.uuid4()
   monkeypatch.setattr(gcs_storage.uuid, "uuid4", lambda: fixed)
+  # Execute / Assert: a retry of a write that landed counts as won
   assert s.create_exclusive("LATEST", b"000000") is True
   # Same write id again = what a retry of the same call sees after its first try landed.
   assert s.create_exclusive("LATEST", b"000000") is True
+  # Execute / Assert: with a new write id, the object is someone else's
   monkeypatch.undo()
   assert s.create_exclusive("LATEST", b"000000") is False  # Someone else's object.

@@ -80,7 +80,9 @@ def created(store_uri, tmp_path):
 
 
 def test_create_publishes_base_zero(created):
+  # Prepare
   store, source = created
+  # Assert
   assert store.run_info()["model_type"] == "bert"
   assert store.run_info()["source_model"] == "tiny"
   assert store.latest() == 0 and store.require_latest() == 0
@@ -94,6 +96,7 @@ def test_create_publishes_base_zero(created):
   # (A local store is read in place, manifest included; a remote one through the cache.)
   assert set(os.listdir(local)) - {"manifest.json"} == set(manifest["files"])
   assert store.base_sha256(0) == _sha256(os.path.join(source, store_lib.MODEL))
+  # Execute / Assert
   # A second create (another process, a rerun) changes nothing.
   again = store_lib.Store(store.uri)
   assert again.create(source, {"source_model": "other"}) is False
@@ -102,18 +105,23 @@ def test_create_publishes_base_zero(created):
 
 
 def test_not_a_store(store_uri, tmp_path):
+  # Prepare
   store = store_lib.Store(store_uri)
+  # Execute / Assert: an empty location is not a store
   assert not store.exists() and store.latest() is None
   for call in (store.run_info, store.require_latest):
     with pytest.raises(UserError, match="is not a ColD Fusion store"):
       call()
+  # Prepare: a file that is not a store's
   store.storage.write_bytes("notes.txt", b"something else lives here")
+  # Execute / Assert
   with pytest.raises(UserError, match="not empty and not a ColD Fusion store"):
     store.create(write_base(tmp_path / "b"), {})
   assert not store.storage.exists("run.json") and not store.storage.exists("bases")
 
 
 def test_corrupt_or_missing_base_file_is_named(created, tmp_path):
+  # Prepare: one byte of the published model changed
   store, _ = created
   name = "bases/000000/model.safetensors"
   original = store.storage.read_bytes(name)
@@ -121,38 +129,50 @@ def test_corrupt_or_missing_base_file_is_named(created, tmp_path):
   data[-1] ^= 0xFF  # Same size, one bit pattern changed: only the sha256 can tell.
   store.storage.write_bytes(name, bytes(data))
   fresh = store_lib.Store(store.uri, cache_dir=str(tmp_path / "fresh-cache"))
+  # Execute / Assert
   with pytest.raises(UserError, match=r"bases/000000/model\.safetensors: size or sha256"):
     fresh.base_dir(0)
+  # Prepare: the model restored, the vocabulary deleted
   store.storage.write_bytes(name, original)
   store.storage.delete_prefix("bases/000000/vocab.txt")
+  # Execute / Assert
   with pytest.raises(UserError, match=r"000000/vocab\.txt: listed in the manifest but missing"):
     store_lib.Store(store.uri, cache_dir=str(tmp_path / "cache-2")).base_dir(0)
 
 
 def test_bad_latest_and_manifest_are_user_errors(created):
+  # Prepare: a manifest without its file list
   store, _ = created
   store.storage.write_bytes("bases/000000/manifest.json", b'{"format_version": 1, "iteration": 0}')
+  # Execute / Assert
   with pytest.raises(UserError, match="files"):
     store.manifest(0)
+  # Prepare: a LATEST that is not a number
   store.storage.write_bytes("LATEST", b"../../etc\n")
+  # Execute / Assert
   with pytest.raises(UserError, match="is not an iteration number"):
     store.latest()
 
 
 def test_publish_next_base_and_lost_race(created, tmp_path):
+  # Prepare
   store, _ = created
   fields = {"parent": {"iteration": 0, "sha256": store.base_sha256(0)}}
+  # Execute
   manifest = store.publish_base(1, write_base(tmp_path / "b1", seed=1), fields)
+  # Assert
   assert store.latest() == 1
   assert store.manifest(1) == manifest
   assert manifest["parent"]["iteration"] == 0
   winner = manifest["files"][store_lib.MODEL]["sha256"]
+  # Execute / Assert
   # A second fuser for the same iteration (it read LATEST = 0 earlier) loses ...
   with pytest.raises(store_lib.LostRace):
     store_lib.Store(store.uri).publish_base(1, write_base(tmp_path / "b1x", seed=7), fields)
   # ... and so does one that skips an iteration.
   with pytest.raises(store_lib.LostRace):
     store.publish_base(3, write_base(tmp_path / "b3", seed=3), fields)
+  # Assert: the first base stays published, intact
   assert store.latest() == 1
   assert store.base_sha256(1) == winner
   local = store_lib.Store(store.uri, cache_dir=str(tmp_path / "c")).base_dir(1)
@@ -162,6 +182,7 @@ def test_publish_next_base_and_lost_race(created, tmp_path):
 def test_racer_stops_before_overwriting_a_published_base(created, tmp_path):
   """Fuser A reads LATEST, then fuser B publishes the same iteration with other weights
   while A is uploading: A loses, and the published base stays B's, intact."""
+  # Prepare: A's upload lets B publish first
   store, _ = created
   fields = {"parent": {"iteration": 0, "sha256": store.base_sha256(0)}}
   a = store_lib.Store(store.uri)
@@ -176,8 +197,10 @@ def test_racer_stops_before_overwriting_a_published_base(created, tmp_path):
     original_upload(local_path, name, move=move)
 
   a.storage.upload = upload_after_b_publishes
+  # Execute
   with pytest.raises(store_lib.LostRace):
     a.publish_base(1, write_base(tmp_path / "a", seed=1), fields)
+  # Assert
   assert store.latest() == 1
   assert store.manifest(1) == calls[0]
   local = store_lib.Store(store.uri, cache_dir=str(tmp_path / "c")).base_dir(1)  # Verifies all.
@@ -186,15 +209,20 @@ def test_racer_stops_before_overwriting_a_published_base(created, tmp_path):
 
 
 def test_contributions_protocol(created, tmp_path):
+  # Prepare
   store, _ = created
   body = write_body(tmp_path / "alice.safetensors", seed=11)
+  # Execute
   meta = store.put_contribution(0, "alice", body, _meta(store))
+  # Assert
   assert meta["body_sha256"] == _sha256(body) and meta["contributor_id"] == "alice"
   assert store.has_contribution(0, "alice")
+  # Execute / Assert
   # The same id again is refused, whoever tries.
   with pytest.raises(UserError, match="already contributed"):
     store_lib.Store(store.uri).put_contribution(0, "alice", write_body(tmp_path / "x", 12),
                                                 _meta(store))
+  # Prepare
   # A body without contribution.json (an upload cut short) is invisible.
   folder = "contributions/000000"
   store.storage.upload(write_body(tmp_path / "bob", 13), f"{folder}/bob/body.safetensors")
@@ -205,7 +233,9 @@ def test_contributions_protocol(created, tmp_path):
   erin = dict(meta, contributor_id="mallory")
   store.storage.write_bytes(f"{folder}/erin/contribution.json", json.dumps(erin).encode())
 
+  # Execute
   found, rejected = store_lib.Store(store.uri).contributions(0)
+  # Assert
   assert [c.contributor_id for c in found] == ["alice"]
   assert found[0].meta == meta
   assert found[0].body_name == "contributions/000000/alice/body.safetensors"
@@ -215,16 +245,21 @@ def test_contributions_protocol(created, tmp_path):
   assert "JSON" in reasons["dave"]
   assert "does not match its folder" in reasons["erin"]
   assert store.contributions(1) == ([], [])
+  # Execute
   # The fuser's copy of the body is byte for byte what was uploaded.
   fetched = store.fetch_body(found[0], str(tmp_path / "work"))
+  # Assert
   assert _sha256(fetched) == meta["body_sha256"]
 
 
 @pytest.mark.parametrize("bad_id", ["../x", "a/b", "", ".hidden", "x" * 129, "tab\there"])
 def test_unsafe_contributor_ids_are_refused(created, tmp_path, bad_id):
+  # Prepare
   store, _ = created
+  # Execute
   with pytest.raises(UserError, match="not a safe name"):
     store.put_contribution(0, bad_id, write_body(tmp_path / "b", 1), _meta(store))
+  # Assert
   assert store.storage.list_children("contributions") == []
 
 
@@ -253,23 +288,29 @@ def _count_downloads(store):
 
 
 def test_gcs_base_is_cached_and_not_fetched_twice(gcs_created, tmp_path):
+  # Prepare
   cache = str(tmp_path / "cache")
   first = store_lib.Store(gcs_created.uri, cache_dir=cache)
   counted = _count_downloads(first)
+  # Execute
   local = first.base_dir(0)
+  # Assert
   assert local.startswith(cache)
   assert sorted(counted) == ["bases/000000/config.json", "bases/000000/model.safetensors",
                              "bases/000000/vocab.txt"]
+  # Execute / Assert
   # Another process on the same machine (same cache): nothing is downloaded again.
   second = store_lib.Store(gcs_created.uri, cache_dir=cache)
   counted = _count_downloads(second)
   assert second.base_dir(0) == local
   assert counted == []
+  # Prepare
   # A damaged cached file is fetched again (and only that one); strays are removed.
   with open(os.path.join(local, "vocab.txt"), "a", encoding="utf-8") as f:
     f.write("tampered\n")
   with open(os.path.join(local, "merges.txt"), "w", encoding="utf-8") as f:
     f.write("left over from another store at this URI\n")
+  # Execute / Assert
   assert second.base_dir(0) == local
   assert counted == ["bases/000000/vocab.txt"]
   assert sorted(os.listdir(local)) == ["config.json", "model.safetensors", "vocab.txt"]
@@ -277,6 +318,7 @@ def test_gcs_base_is_cached_and_not_fetched_twice(gcs_created, tmp_path):
 
 def test_gcs_concurrent_downloads_into_one_cache(gcs_created, tmp_path):
   """Several processes (here threads, each with its own client) fill the same cache."""
+  # Prepare
   cache = str(tmp_path / "shared-cache")
   results, errors = [], []
 
@@ -286,11 +328,13 @@ def test_gcs_concurrent_downloads_into_one_cache(gcs_created, tmp_path):
     except Exception as e:  # pylint: disable=broad-except
       errors.append(e)
 
+  # Execute
   threads = [threading.Thread(target=fetch) for _ in range(4)]
   for t in threads:
     t.start()
   for t in threads:
     t.join()
+  # Assert
   assert errors == [] and len(set(results)) == 1
   assert sorted(os.listdir(results[0])) == ["config.json", "model.safetensors", "vocab.txt"]
 
@@ -298,6 +342,7 @@ def test_gcs_concurrent_downloads_into_one_cache(gcs_created, tmp_path):
 def test_gcs_server_dies_mid_publish_nothing_half_published(tmp_path, monkeypatch):
   """The server goes away while a base is uploading: a clear error, LATEST unmoved, no
   manifest (the base stays invisible), and a rerun after it is back publishes."""
+  # Prepare: a store on an emulator that stops when the model uploads
   from gcs_emulator import GCSEmulator, loopback_no_proxy  # pylint: disable=g-import-not-at-top
   with GCSEmulator() as emulator:
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
@@ -315,14 +360,18 @@ def test_gcs_server_dies_mid_publish_nothing_half_published(tmp_path, monkeypatc
       original(local_path, name, move=move)
 
     store.storage.upload = upload
+    # Execute
     with pytest.raises(UserError, match="did not answer"):
       store.publish_base(1, write_base(tmp_path / "b1", seed=1), fields)
+    # Assert
     emulator.restart()
     again = store_lib.Store(store.uri, cache_dir=str(tmp_path / "cache"))
     assert again.latest() == 0
     assert not again.storage.exists("bases/000001/manifest.json")
     with pytest.raises(UserError, match="missing; base 1 is not complete"):
       again.manifest(1)
+    # Execute: a rerun
     again.publish_base(1, write_base(tmp_path / "b1", seed=1), fields)
+    # Assert
     assert again.latest() == 1
     again.base_dir(1)

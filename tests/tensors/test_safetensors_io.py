@@ -49,8 +49,10 @@ def test_round_trip_tf_safetensors_tf_is_exact(tmp_path, family):
 
 
 def test_base_zero_keeps_the_source_tensors_exactly(minilm_base):
+  # Prepare
   source = load_file(os.path.join(tiny.minilm_dir(), "model.safetensors"))
   ours = load_file(os.path.join(minilm_base, "model.safetensors"))
+  # Assert
   assert set(ours) == set(source) - {"embeddings.position_ids"}
   for name, value in ours.items():
     np.testing.assert_array_equal(value, source[name], err_msg=name)
@@ -59,6 +61,7 @@ def test_base_zero_keeps_the_source_tensors_exactly(minilm_base):
 
 
 def test_published_base_loads_in_transformers_tf_and_pytorch(minilm_base):
+  # Prepare
   import torch  # pylint: disable=g-import-not-at-top
   tokenizer = models.load_tokenizer(minilm_base)
   ours = models.load_body(minilm_base)
@@ -67,22 +70,27 @@ def test_published_base_loads_in_transformers_tf_and_pytorch(minilm_base):
   texts = _sentences()
   tf_inputs = tokenizer(texts, padding=True, return_tensors="tf")
   pt_inputs = tokenizer(texts, padding=True, return_tensors="pt")
+  # Execute
   ours_h = ours(**tf_inputs, training=False).last_hidden_state.numpy()
   hf_h = hf_tf(**tf_inputs, training=False).last_hidden_state.numpy()
   with torch.no_grad():
     pt_h = pt(**pt_inputs).last_hidden_state.numpy()
+  # Assert
   mask = tf_inputs["attention_mask"].numpy().astype(bool)
   np.testing.assert_array_equal(ours_h, hf_h)
   assert np.abs(ours_h[mask] - pt_h[mask]).max() < 1e-4
 
 
 def test_the_writer_is_deterministic_and_readable(tmp_path):
+  # Prepare
   rng = np.random.default_rng(0)
   tensors = {"b.weight": rng.normal(size=(3, 4)).astype(np.float32),
              "a.bias": rng.normal(size=(5,)).astype(np.float16)}
   p1, p2 = str(tmp_path / "1.safetensors"), str(tmp_path / "2.safetensors")
+  # Execute
   weights.save_safetensors(tensors, p1)
   weights.save_safetensors(dict(reversed(list(tensors.items()))), p2)
+  # Assert
   assert weights.sha256_file(p1) == weights.sha256_file(p2)
   loaded = load_file(p1)
   for name, value in tensors.items():
@@ -97,35 +105,45 @@ def _write_raw(path, header, data=b""):
 
 
 def test_damaged_files_are_rejected_with_the_reason(tmp_path):
+  # Prepare: a good file and a truncated copy
   good = str(tmp_path / "good.safetensors")
   weights.save_safetensors({"w": np.ones((4, 4), np.float32)}, good)
   data = open(good, "rb").read()
   truncated = str(tmp_path / "truncated.safetensors")
   open(truncated, "wb").write(data[:-10])
+  # Execute / Assert
   with pytest.raises(UserError, match="truncated"):
     weights.read_header(truncated)
+  # Prepare: a file too short for a header
   tiny_file = str(tmp_path / "tiny.safetensors")
   open(tiny_file, "wb").write(b"abc")
+  # Execute / Assert
   with pytest.raises(UserError, match="not a safetensors file"):
     weights.read_header(tiny_file)
+  # Prepare: a header that is not JSON
   bad_json = str(tmp_path / "badjson.safetensors")
   open(bad_json, "wb").write(struct.pack("<Q", 5) + b"{nope")
+  # Execute / Assert
   with pytest.raises(UserError, match="not valid JSON"):
     weights.read_header(bad_json)
+  # Prepare: two tensors whose bytes overlap
   overlap = str(tmp_path / "overlap.safetensors")
   _write_raw(overlap, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12)
+  # Execute / Assert
   with pytest.raises(UserError, match="overlap"):
     weights.read_header(overlap)
 
 
 def test_wrong_shapes_names_and_nan_are_rejected(tmp_path):
+  # Prepare
   source = tiny.write_tiny_base(str(tmp_path / "base"), "bert")
   body = models.load_body(source)
   tensors = hf_names.body_tensors(body)
   specs = hf_names.expected_specs(body)
   name = "encoder.layer.0.attention.self.query.weight"
   bad = dict(tensors, **{name: tensors[name][:, :-1]})
+  # Execute / Assert: a wrong shape, a missing or unexpected name, a NaN, a wrong dtype
   with pytest.raises(UserError, match=r"query.weight has shape \(32, 31\)"):
     weights.check_tensors(bad, specs, "x")
   bad = dict(tensors)
@@ -145,10 +163,13 @@ def test_wrong_shapes_names_and_nan_are_rejected(tmp_path):
 
 
 def test_the_reader_reads_whole_tensors_and_chunks(tmp_path):
+  # Prepare
   path = str(tmp_path / "m.safetensors")
   values = {"x": np.arange(12, dtype=np.float32).reshape(3, 4), "y": np.ones(2, np.float16)}
   weights.save_safetensors(values, path)
+  # Execute
   f = weights.BodyFile(path)
+  # Assert
   assert f.specs() == {"x": ((3, 4), "F32"), "y": ((2,), "F16")}
   np.testing.assert_array_equal(f.read_tensor("x"), values["x"])
   np.testing.assert_array_equal(f.read("x", 5, 3), [5, 6, 7])

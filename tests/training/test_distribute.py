@@ -18,14 +18,19 @@ from cold_fusion_tf.errors import UserError
 
 
 def test_auto_and_default_on_a_cpu_machine(monkeypatch):
+  # Prepare
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv("TF_CONFIG", raising=False)
   assert not strategies.tpu_attached()
+  # Execute
   strategy = strategies.make("auto")
+  # Assert
   assert strategy is tf.distribute.get_strategy()
   assert strategies.make("auto") is strategy  # made once per process
   assert strategies.is_chief(strategy) and strategies.task(strategy) == ("chief", 0)
+  # Execute: one device
   one = strategies.make("one_device")
+  # Assert
   assert isinstance(one, tf.distribute.OneDeviceStrategy) and one.num_replicas_in_sync == 1
 
 
@@ -35,36 +40,49 @@ def test_auto_and_default_on_a_cpu_machine(monkeypatch):
     ("tpu", "no TPU available"),
 ])
 def test_unavailable_strategy_lists_the_visible_devices(monkeypatch, name, expected):
+  # Prepare
   monkeypatch.delenv("TF_CONFIG", raising=False)
+  # Execute
   with pytest.raises(UserError) as err:
     strategies.make(name, "local" if name == "tpu" else "")
+  # Assert
   assert expected in str(err.value)
   assert "Visible devices: CPU:0" in str(err.value)
 
 
 def test_unknown_strategy_and_bad_tf_config(monkeypatch):
+  # Execute / Assert: an unknown name
   with pytest.raises(UserError, match="not one of auto, tpu, mirrored"):
     strategies.make("gpu")
+  # Prepare: a TF_CONFIG that is not JSON
   monkeypatch.setenv("TF_CONFIG", "{not json")
+  # Execute / Assert
   with pytest.raises(UserError, match="TF_CONFIG is not valid JSON"):
     strategies.make("multi_worker")
+  # Prepare: a TF_CONFIG with an empty cluster
   monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {}}))
+  # Execute / Assert
   with pytest.raises(UserError, match='needs "cluster"'):
     strategies.tf_config_cluster()
 
 
 def test_batch_must_divide_across_replicas_and_accumulation():
+  # Prepare
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   default = tf.distribute.get_strategy()
+  # Execute / Assert: a batch that divides
   assert strategies.check_batch(32, default, 4) == 8
+  # Execute: one that does not
   with pytest.raises(UserError) as err:
     strategies.check_batch(30, default, 4)
+  # Assert
   assert "does not divide across 1 replica(s) x 4" in str(err.value)
   assert "Visible devices: CPU:0" in str(err.value)
   assert "multiple of 4" in str(err.value)
 
 
 def test_accumulation_steps():
+  # Execute / Assert
   assert strategies.accumulation_steps(256, 8) == 1
   assert strategies.accumulation_steps(256, 1, grad_accum_steps=4) == 4
   assert strategies.accumulation_steps(256, 8, max_replica_batch=32) == 1
@@ -118,11 +136,14 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 
 
 def test_mirrored_over_two_cpu_devices_matches_one_device(tmp_path):
+  # Prepare
   script = tmp_path / "mirrored.py"
   script.write_text(MIRRORED_SCRIPT)
+  # Execute
   proc = subprocess.run([sys.executable, str(script), os.path.join(tiny.REPO, "tests")],
                         env=tiny.env(), capture_output=True, text=True, timeout=300,
                         check=False)
+  # Assert
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["replicas"] == 2 and len(out["devices"]) == 2
@@ -143,10 +164,12 @@ def _free_ports(n: int) -> list[int]:
 
 
 def test_multi_worker_two_processes_write_one_contribution(tmp_path):
+  # Prepare
   store = tiny.make_store(str(tmp_path / "store"))
   config = tiny.write_config(str(tmp_path / "config.py"), train=160,
                              checkpoint_every_steps=5)
   cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+  # Execute: two worker processes
   procs = []
   for index in range(2):
     tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
@@ -163,6 +186,7 @@ def test_multi_worker_two_processes_write_one_contribution(tmp_path):
       if proc.poll() is None:
         proc.kill()
         proc.wait()
+  # Assert
   for proc, out in zip(procs, outputs):
     assert proc.returncode == 0, out[-3000:]
   chief, worker = outputs

@@ -29,21 +29,29 @@ class Context:
 
 
 def test_encode_matches_the_tokenizer_and_caches(tmp_path):
+  # Prepare
   split = SST2.splits["dev"]
+  # Execute
   encoded = inputs.encode(TOKENIZER, split, 16, cache_dir=str(tmp_path))
+  # Assert
   direct = TOKENIZER(split.texts[3], truncation=True, max_length=16)
   assert list(encoded.row(3)) == direct["input_ids"]
   assert encoded.lengths.max() == 16 and len(encoded) == len(split)
   files = os.listdir(tmp_path)
   assert len(files) == 1 and files[0].endswith(".npz")
+  # Execute: the same settings again
   cached = inputs.encode(TOKENIZER, split, 16, cache_dir=str(tmp_path))
+  # Assert
   assert np.array_equal(cached.ids, encoded.ids) and np.array_equal(cached.labels, encoded.labels)
+  # Execute
   # Other settings are another cache entry.
   inputs.encode(TOKENIZER, split, 32, cache_dir=str(tmp_path))
+  # Assert
   assert len(os.listdir(tmp_path)) == 2
 
 
 def test_bucket_lengths():
+  # Execute / Assert
   assert inputs.bucket_lengths(40) == [8, 16, 24, 32, 40]
   assert inputs.bucket_lengths(128, np.arange(1, 101), num_buckets=4) == [32, 56, 80, 104, 128]
   few = inputs.bucket_lengths(128, TRAIN.lengths, num_buckets=4)
@@ -52,9 +60,12 @@ def test_bucket_lengths():
 
 @pytest.mark.parametrize("static, per_execution", [(False, 1), (True, 4)])
 def test_epoch_plan_covers_each_example_once_with_little_padding(static, per_execution):
+  # Prepare
   buckets = inputs.bucket_lengths(128, TRAIN.lengths, 6 if static else 0)
+  # Execute
   plan = inputs.plan_epoch(TRAIN.lengths, 32, buckets, seed=3, static_shapes=static,
                            steps_per_execution=per_execution)
+  # Assert
   assert plan.batches.shape == (len(TRAIN) // 32, 32)
   assert len(np.unique(plan.batches)) == plan.batches.size  # no example twice
   assert all(TRAIN.lengths[b].max() <= w for b, w in zip(plan.batches, plan.widths))
@@ -65,10 +76,14 @@ def test_epoch_plan_covers_each_example_once_with_little_padding(static, per_exe
   random_padding = 1 - TRAIN.lengths[random].sum() / (TRAIN.lengths[random].max(1) * 32).sum()
   assert random_padding > 0.4
   assert inputs.padding_fraction(TRAIN.lengths, plan) < 0.5 * random_padding
+  # Execute: the same seed again
   again = inputs.plan_epoch(TRAIN.lengths, 32, buckets, seed=3, static_shapes=static,
                             steps_per_execution=per_execution)
+  # Assert
   assert np.array_equal(again.batches, plan.batches)  # a resumed run sees the same order
+  # Execute: another seed
   other = inputs.plan_epoch(TRAIN.lengths, 32, buckets, seed=4, static_shapes=static)
+  # Assert
   assert not np.array_equal(other.batches, plan.batches)
   if static:  # steps of one width come in runs of up to steps_per_execution
     runs, step = [], 0
@@ -88,11 +103,14 @@ def _replica_batches(encoded, plan, steps, width, context, with_index=False):
 
 
 def test_replicas_get_their_slices_of_each_global_batch():
+  # Prepare
   buckets = inputs.bucket_lengths(128)
   plan = inputs.plan_epoch(TRAIN.lengths, 16, buckets, seed=0, static_shapes=False)
   steps = np.arange(3)
+  # Execute
   # 2 pipelines (workers) x 2 local replicas: pipeline 1 feeds replicas 2 and 3.
   got = _replica_batches(TRAIN, plan, steps, None, Context(2, 1, 4))
+  # Assert
   assert len(got) == 6
   for k, (features, labels) in enumerate(got):
     step, replica = divmod(k, 2)
@@ -108,19 +126,24 @@ def test_replicas_get_their_slices_of_each_global_batch():
 
 
 def test_static_width_datasets_have_fully_static_shapes():
+  # Prepare
   buckets = inputs.bucket_lengths(128, TRAIN.lengths, 4)
   plan = inputs.plan_epoch(TRAIN.lengths, 16, buckets, seed=0, static_shapes=True,
                            steps_per_execution=4)
   width = int(plan.widths[0])
   steps = np.flatnonzero(plan.groups == width)
   fn = inputs.replica_dataset_fn(TRAIN, plan, steps, NAMES, tf.int32, width=width)
+  # Execute
   spec = fn(Context(1, 0, 2)).element_spec
+  # Assert
   assert spec[0]["input_ids"].shape == (8, width) and spec[1].shape == (8,)
 
 
 def test_eval_plan_pads_with_empty_rows():
+  # Prepare
   dev = inputs.encode(TOKENIZER, SST2.splits["dev"], 128)
   buckets = inputs.bucket_lengths(128)
+  # Execute / Assert: with and without static shapes
   for static in (False, True):
     plan = inputs.eval_plan(dev.lengths, 24, buckets, static)
     real = plan.batches[plan.batches >= 0]

@@ -10,11 +10,14 @@ from cold_fusion_tf.evaluation import summary
 
 
 def test_rankdata_averages_ties():
+  # Execute / Assert
   assert metrics.rankdata(np.array([10, 20, 20, 5])).tolist() == [2.0, 3.5, 3.5, 1.0]
 
 
 def test_spearman_and_pearson_known_values():
+  # Prepare
   x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+  # Execute / Assert
   assert metrics.spearman(x, x ** 3) == 1.0
   assert metrics.spearman(x, -x) == -1.0
   # d = rank differences (0, 0, 1, -1, 0): rho = 1 - 6 * 2 / (5 * 24) = 0.9
@@ -23,7 +26,9 @@ def test_spearman_and_pearson_known_values():
 
 
 def test_task_metrics_score_is_accuracy_or_spearman():
+  # Prepare
   logits = np.array([[2.0, 0.1], [0.0, 1.0], [3.0, -1.0]])
+  # Execute / Assert
   assert metrics.task_metrics("classification", np.array([0, 1, 1]), logits)["score"] == 2 / 3
   reg = metrics.task_metrics("regression", np.array([0.1, 0.5, 0.9]), np.array([[1], [2], [3]]))
   assert reg["score"] == reg["spearman"] == 1.0

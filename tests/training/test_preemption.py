@@ -39,6 +39,7 @@ def _run_until_checkpoint(cmd, stderr_path, at_least: int) -> tuple[int, str]:
 
 
 def test_killed_contributor_resumes_and_finishes(tmp_path):
+  # Prepare
   store = tiny.make_store(str(tmp_path / "store"), layers=2)
   config = tiny.write_config(str(tmp_path / "config.py"), train=640,
                              checkpoint_every_steps=5, log_every_steps=1,
@@ -46,7 +47,9 @@ def test_killed_contributor_resumes_and_finishes(tmp_path):
   workdir = str(tmp_path / "workdir")
   cmd = tiny.train_command(config, store, workdir)
 
+  # Execute: killed after a checkpoint
   code, first = _run_until_checkpoint(cmd, tmp_path / "first.err", at_least=10)
+  # Assert
   assert code == -signal.SIGKILL, first[-2000:]
   first_steps = [int(s) for s in re.findall(rf"step (\d+)/{TOTAL}", first)]
   assert first_steps and max(first_steps) < TOTAL
@@ -54,8 +57,10 @@ def test_killed_contributor_resumes_and_finishes(tmp_path):
   assert not os.path.exists(os.path.join(contributions, "trec_coarse", "contribution.json"))
   assert os.listdir(os.path.join(workdir, "checkpoints"))
 
+  # Execute: run again
   second = subprocess.run(cmd, env=tiny.env(), capture_output=True, text=True,
                           timeout=300, check=False)
+  # Assert
   assert second.returncode == 0, second.stderr[-3000:]
   resumed = re.search(r"resuming from step (\d+)", second.stdout)
   assert resumed, second.stdout[-2000:]

@@ -55,6 +55,7 @@ INITIAL = [w.numpy() for w in tiny.tiny_body(seed=0).weights]
 
 
 def test_plain_run_trains_and_logs_progress():
+  # Assert
   assert BASE_RESULT.steps == 4 and BASE_RESULT.examples_seen == 64
   assert max_diff(BASE_WEIGHTS, INITIAL) > 1e-3
   assert set(BASE_RESULT.dev) == {"score", "accuracy"}
@@ -63,46 +64,61 @@ def test_plain_run_trains_and_logs_progress():
 
 
 def test_gradient_accumulation_matches_one_big_batch():
+  # Execute
   result, weights = train(recipe(max_replica_batch=8))  # 16 = 2 micro-batches of 8
+  # Assert
   assert result.steps == 4
   assert "8 per replica x 1 replica(s) x 2 accumulation" in result.logs[0]
   assert max_diff(weights, BASE_WEIGHTS) < 1e-5
 
 
 def test_steps_per_execution_gives_the_same_run():
+  # Execute
   result, weights = train(recipe(steps_per_execution=3))
+  # Assert
   assert result.steps == 4
   assert max_diff(weights, BASE_WEIGHTS) < 1e-6
 
 
 def test_xla_jit_compile_matches_on_cpu():
+  # Execute
   result, weights = train(recipe(jit_compile=True))
+  # Assert
   assert result.steps == 4
   assert max_diff(weights, BASE_WEIGHTS) < 1e-4
 
 
 def test_static_shapes_run_with_few_shapes():
+  # Prepare
   the_task = task(train=128)
+  # Execute
   result, weights = train(recipe(static_shapes=True, length_buckets=2, steps_per_execution=4,
                                  eval_every_steps=4), the_task)
+  # Assert
   assert result.steps == 8 and [h["step"] for h in result.history] == [4, 8]
   assert max_diff(weights, INITIAL) > 1e-3
 
 
 def test_mixed_bfloat16_trains_with_float32_weights():
+  # Execute
   result, weights = train(recipe(mixed_precision="mixed_bfloat16"))
+  # Assert
   assert result.steps == 4 and np.isfinite(result.dev["score"])
   assert all(w.dtype == np.float32 for w in weights)
   assert max_diff(weights, INITIAL) > 1e-3
   assert keras.mixed_precision.global_policy().name == "float32"  # restored afterwards
+  # Execute / Assert: float16 is refused
   with pytest.raises(UserError, match="mixed_precision='float16'"):
     train(recipe(mixed_precision="float16"))
 
 
 def test_early_stopping_with_patience_in_examples():
+  # Prepare
   the_task = task(train=160)
+  # Execute
   result, weights = train(recipe(learning_rate=0.0, eval_every_examples=32,
                                  patience_examples=64), the_task)
+  # Assert
   # lr 0: dev never improves after the first evaluation (step 2); 64 examples later it stops.
   assert [h["step"] for h in result.history] == [2, 4, 6]
   assert result.best_step == 2 and result.steps == 6
@@ -111,6 +127,7 @@ def test_early_stopping_with_patience_in_examples():
 
 
 def test_regression_task_on_a_roberta_body():
+  # Prepare
   import transformers  # pylint: disable=g-import-not-at-top
   config = transformers.RobertaConfig(
       vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -119,25 +136,33 @@ def test_regression_task_on_a_roberta_body():
   models.set_seed(0)
   body = models.build_body(config)
   stsb = task(os.path.join(tiny.TEST_DATA, "stsb"))
+  # Execute
   result, _ = train(recipe(max_length=64), stsb, body=body)
+  # Assert
   assert result.steps == 4 and set(result.dev) == {"score", "spearman", "pearson"}
   assert np.isfinite(result.dev["score"])
 
 
 def test_checkpoints_resume_tensorboard_and_refuse_another_run(tmp_path):
+  # Prepare
   workdir = str(tmp_path / "work")
+  # Execute
   first, weights = train(recipe(checkpoint_every_steps=2, eval_every_steps=2), workdir=workdir)
+  # Assert
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [
       "checkpoint", "ckpt-4.data-00000-of-00001", "ckpt-4.index"]
   assert any("saved checkpoint at step 2" in line for line in first.logs)
+  # Execute
   # Run again: the finished state is restored (best weights included), nothing is retrained.
   again, weights_again = train(recipe(checkpoint_every_steps=2, eval_every_steps=2),
                                workdir=workdir)
+  # Assert
   assert again.resumed_from == 4 and again.steps == 4
   assert not any("examples/s" in line for line in again.logs)
   assert again.best_step == first.best_step and again.dev == first.dev
   assert max_diff(weights_again, weights) == 0.0
 
+  # Assert: the TensorBoard events
   tags = set()
   for path in glob.glob(os.path.join(workdir, "tensorboard", "*")):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -145,14 +170,18 @@ def test_checkpoints_resume_tensorboard_and_refuse_another_run(tmp_path):
   assert {"train/loss", "train/learning_rate", "train/examples_per_second",
           "dev/score", "dev/accuracy"} <= tags
 
+  # Execute / Assert: another run's settings are refused
   with pytest.raises(UserError, match="different run .*learning_rate"):
     train(recipe(checkpoint_every_steps=2, eval_every_steps=2, learning_rate=5e-4),
           workdir=workdir)
 
 
 def test_a_dataset_smaller_than_one_batch_trains_on_smaller_batches():
+  # Execute
   result, _ = train(recipe(batch_size=128, epochs=2))
+  # Assert
   assert result.steps == 2 and result.examples_seen == 128
   assert any("fewer than one batch of 128: batches of 64 instead" in line for line in result.logs)
+  # Execute / Assert
   with pytest.raises(UserError, match="fewer than the 128 replicas x accumulation steps"):
     train(recipe(batch_size=128, grad_accum_steps=128))
