@@ -6,6 +6,8 @@
   outliers, direction, capped weights) and the fused base is checked before publishing;
 * :mod:`.plan`: what is fused, fixed once per iteration in the store;
 * :mod:`.stream`: the fusion pass, tensor by tensor in chunks;
+* :mod:`.speculative`: the fusion pass made while validating (or checking directions),
+  kept when the plan fuses exactly those bodies;
 * :mod:`.methods`, :mod:`.params`: the fusion rules (mean, weighted, TIES, DARE, ...);
 * :mod:`.server_optimizer`, :mod:`.robust`: the outer optimizer step and robust statistics;
 * :mod:`.job`: one fusion, start to publish; :mod:`.watch`: the fuse program's waiting loop.

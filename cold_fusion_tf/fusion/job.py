@@ -4,18 +4,21 @@ publish the next base.
 One fusion of base ``i`` into base ``i+1`` (after a rollback, into the first number past
 every withdrawn base, with parent ``i``):
 
-1. **Validate** every complete contribution to iteration ``i`` (each body is read once, in
-   parallel threads): the size and schema of ``contribution.json``; the base iteration and
-   sha256 it claims are base ``i``'s (stale work is rejected); its signature where the store
-   lists keys; its size and sha256; the same tensor names, shapes and dtypes as the base; a
-   well-formed safetensors file of the base's layout; every value finite. Then
+1. **Validate** every complete contribution to iteration ``i`` (each body is hashed and
+   measured once, on every core): the size and schema of ``contribution.json``; the base
+   iteration and sha256 it claims are base ``i``'s (stale work is rejected); its signature
+   where the store lists keys; its size and sha256; the same tensor names, shapes and dtypes
+   as the base; a well-formed safetensors file of the base's layout; every value finite. Then
    :mod:`.trust`: identical bodies count once (the earliest upload), updates beyond the norm
    bounds are rejected (or clipped), and with 3 or more contributions outliers and updates
    against the others' direction are rejected. Every rejection is printed, recorded with its
    reason, and the fusion goes on with the rest: whatever a contribution holds, it is that
    contribution's rejection. A fuser that waits for the quorum (``max_wait``, ``--watch``)
    validates each contribution as it arrives (:class:`Validations`), so that at the quorum
-   only steps 2-4 are left.
+   only steps 2-4 are left. The bodies read for the first time are fused while they are
+   validated, and bodies validated earlier while the direction check reads them
+   (:mod:`.speculative`): when the plan then fuses exactly those (the usual case), that
+   fusion is step 3, and no body is read again.
 2. **Plan**: the fuser that first creates ``fusion/<i+1>/plan.json`` (an exclusive create)
    fixes which contributions are fused, which are rejected, and how. Every other attempt at
    iteration ``i+1`` (a racing fuser, a rerun after a crash) fuses exactly that plan, so all
@@ -42,6 +45,7 @@ holds no time stamps, so the same inputs always publish the same bytes.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -53,6 +57,7 @@ import numpy as np
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.fusion import plan as plan_lib
+from cold_fusion_tf.fusion import speculative
 from cold_fusion_tf.fusion import stream
 from cold_fusion_tf.fusion import trust
 from cold_fusion_tf.fusion import validation
@@ -74,13 +79,18 @@ class _Job:
     self.target = self.store.next_iteration(self.iteration)
     self.base_sha, self.base_dir = validations.base_sha, validations.base_dir
     self.base, self.specs = validations.base, validations.specs
-    self.bounds = trust.limits(validations.base_squares, validations.numel, settings)
     self.checked: dict[str, validation.Checked] = {}
+    self.early: Optional[speculative.Fused] = None  # a fusion made before the plan
+    self.reused = False
     self.previous_state = None
     self.hashes: dict[str, str] = {}
     self.valid = 0
     self.plan_name = layout.plan_name(self.target)
     self.plan_where = f"{self.store.uri}/{self.plan_name}"
+
+  @functools.cached_property
+  def bounds(self) -> trust.Limits:
+    return trust.limits(self.validations.base_squares, self.validations.numel, self.settings)
 
   def close(self) -> None:
     """Closes what the job opened (the validated bodies belong to its Validations)."""
@@ -88,9 +98,24 @@ class _Job:
       self.previous_state.close()
 
   def _validate(self, contributions) -> list[dict]:
-    checked, failed = self.validations.check(contributions, self.log)
+    """Validates ``contributions``; those read for the first time are fused on the way, in
+    case the plan fuses them all (:mod:`.speculative`)."""
+    scanner = self._validate_and_fuse if speculative.possible(self.settings, self.specs) else None
+    checked, failed = self.validations.check(contributions, self.log, scanner)
     self.checked.update(checked)
     return failed
+
+  def _early_path(self) -> str:
+    """Where the next early fusion goes (the previous one, not kept, is dropped)."""
+    if self.early is not None and os.path.exists(self.early.path):
+      os.remove(self.early.path)
+    self.early = None
+    return os.path.join(self.work, "early.safetensors")
+
+  def _validate_and_fuse(self, opened: list) -> Optional[list]:
+    results, self.early = speculative.validate_and_fuse(opened, self.base, self.specs,
+                                                        self.settings, self._early_path())
+    return results
 
   def _read_plan(self) -> tuple[Optional[dict], object, Optional[str]]:
     """(the plan or None, its version token, why it cannot be followed or None)."""
@@ -160,8 +185,21 @@ class _Job:
     return self.plan(attempts - 1)
 
   def _directions(self, ids: list[str], factors: dict) -> tuple:
-    return streaming.direction_terms([self.checked[c].body for c in ids], self.specs,
-                                     self.base, [factors.get(c, {}) for c in ids])
+    """The direction terms of ``ids`` (their updates scaled by ``factors``): from the early
+    fusion of exactly those, or by fusing them now (kept if the check keeps them all)."""
+    clips = {c: factors[c] for c in ids if factors.get(c)}
+    if not speculative.possible(self.settings, self.specs):
+      return streaming.direction_terms([self.checked[c].body for c in ids], self.specs,
+                                       self.base, [clips.get(c, {}) for c in ids])
+    if self.early is not None and self.early.terms is not None and \
+        self.early.ids == tuple(ids) and not clips:
+      return self.early.terms
+    bodies = [stream.ClippedBody(self.checked[c].body, self.base, clips[c]) if c in clips
+              else self.checked[c].body for c in ids]
+    self.early, _ = speculative.fuse(self.base, [self.checked[c].contribution for c in ids],
+                                     bodies, self.specs, self.settings, self._early_path(),
+                                     clips)
+    return self.early.terms
 
   def build(self, plan: dict) -> tuple[str, dict]:
     """Fuses as planned into a staging directory: (its path, the manifest fields). Raises
@@ -178,13 +216,19 @@ class _Job:
       state_path = os.path.join(self.work, layout.STATE)
     counts = np.asarray([entries[cid].get("weight", entries[cid]["num_examples"])
                          for cid in ids], dtype=np.float64)
-    bodies = [stream.ClippedBody(self.checked[cid].body, self.base, entries[cid]["clip"])
-              if entries[cid].get("clip") else self.checked[cid].body for cid in ids]
-    check = {}
-    model_sha, state_sha = stream.fuse_files(
-        self.base, bodies, counts, self.specs, self.settings,
-        os.path.join(out_dir, store_lib.MODEL), state_path, self.previous_state,
-        fsync=False, check=check)  # staged: the upload makes the stored copy
+    clips = {cid: entries[cid]["clip"] for cid in ids if entries[cid].get("clip")}
+    model_path = os.path.join(out_dir, store_lib.MODEL)
+    if state_path is None and self.early is not None and self.early.matches(ids, counts, clips):
+      os.replace(self.early.path, model_path)  # fused before the plan, exactly as planned
+      model_sha, state_sha, check, self.reused = self.early.sha256, None, self.early.check, True
+    else:
+      self._early_path()
+      bodies = [stream.ClippedBody(self.checked[cid].body, self.base, clips[cid])
+                if cid in clips else self.checked[cid].body for cid in ids]
+      check = {}
+      model_sha, state_sha = stream.fuse_files(
+          self.base, bodies, counts, self.specs, self.settings, model_path, state_path,
+          self.previous_state, fsync=False, check=check)  # staged: the upload makes the copy
     try:
       trust.check_fused(check.get("squared_distance", 0.0), check.get("nonfinite"),
                         self.bounds.base_norm, self.settings)
@@ -254,6 +298,7 @@ def fuse(store: store_lib.Store, method: str = "mean", params: Optional[dict] = 
       tick = time.perf_counter()
       out_dir, fields = job.build(plan)
       timings["fuse"] = time.perf_counter() - tick
+      timings["fused_before_plan"] = float(job.reused)
       tick = time.perf_counter()
       try:
         job.publish(out_dir, fields)
@@ -274,7 +319,8 @@ def fuse(store: store_lib.Store, method: str = "mean", params: Optional[dict] = 
   target = job.target
   message = (f"published base {target}: {settings.method} of {len(fused)} "
              f"contribution(s) ({', '.join(e['id'] for e in fused)}), {len(rejected)} "
-             f"rejected; validation {timings['validate']:.1f}s, fusion {timings['fuse']:.1f}s, "
+             f"rejected; validation {timings['validate']:.1f}s"
+             f"{' (fused on the way)' if job.reused else ''}, fusion {timings['fuse']:.1f}s, "
              f"publishing {timings['publish']:.1f}s")
   log(message)
   return Outcome(target, fused, rejected, message, timings=timings)

@@ -47,7 +47,7 @@ class ClippedBody:
     return values
 
 
-class _Chunks(Sequence):
+class Chunks(Sequence):
   """The contributions' versions of one chunk of one tensor, read on access."""
 
   def __init__(self, bodies, name, start, count, shape):
@@ -92,7 +92,7 @@ def _tasks(specs: dict, method: str) -> Iterator[tuple[str, int, int]]:
       yield name, start, min(step, size - start)
 
 
-def _ordered(pool, fn, items, window: int) -> Iterator:
+def ordered(pool, fn, items, window: int) -> Iterator:
   """``map(fn, items)`` on a thread pool, in order, with at most ``window`` items in flight."""
   pending = collections.deque()
   try:
@@ -150,7 +150,7 @@ def fuse_files(base: safetensors_io.BodyFile, bodies: list, counts: np.ndarray, 
       fused = _mean_chunk(bodies, name, start, count, dtype)
     else:
       base_chunk = base.read(name, start, count).reshape(chunk_shape)
-      fused = fn(base_chunk, _Chunks(bodies, name, start, count, chunk_shape), counts,
+      fused = fn(base_chunk, Chunks(bodies, name, start, count, chunk_shape), counts,
                  name=name, **settings.params)
     fused = fused.reshape(-1)
     if base_chunk is None:
@@ -172,7 +172,7 @@ def fuse_files(base: safetensors_io.BodyFile, bodies: list, counts: np.ndarray, 
   state_writer = safetensors_io.ChunkWriter(state_path, state_specs, fsync) if server else None
   try:
     with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
-      for item in _ordered(pool, compute, _tasks(specs, settings.method), 2 * threads):
+      for item in ordered(pool, compute, _tasks(specs, settings.method), 2 * threads):
         name, fused, buffer = item[:3]
         if check is not None and len(item) > 3:
           check["squared_distance"] = check.get("squared_distance", 0.0) + item[3]

@@ -82,11 +82,15 @@ def _checked_scan(result, meta: dict) -> streaming.ScanResult:
   return result
 
 
-def validate(store, contributions, base, specs, workdir, threads, log) -> tuple[dict, list]:
+def validate(store, contributions, base, specs, workdir, threads, log,
+             scanner=None) -> tuple[dict, list]:
   """Checks each contribution's body: ({id: Checked}, [rejections]).
 
   Bodies are read once, in parallel: ``threads`` groups of bodies with the same data layout,
   each group scanned a chunk of all its bodies at a time (:func:`streaming.scan_group`).
+  ``scanner([(Contribution, BodyFile)])``, when given, measures the bodies that passed the
+  header checks instead (a ScanResult or an exception per body, as the scan gives), or
+  returns None to leave them to the scan.
   """
   opened, rejected = [], []
   limits = base.limits()
@@ -108,6 +112,21 @@ def validate(store, contributions, base, specs, workdir, threads, log) -> tuple[
       reject(c, problem)
       continue
     opened.append((c, body))
+  found = scanner(opened) if scanner is not None and opened else None
+  results = dict(enumerate(found)) if found is not None else _scan(opened, specs, base, threads)
+  checked = {}
+  for i in sorted(range(len(opened)), key=lambda i: opened[i][0].contributor_id):
+    c, body = opened[i]
+    try:
+      checked[c.contributor_id] = Checked(c, body, _checked_scan(results[i], c.meta))
+    except Exception as e:  # pylint: disable=broad-except
+      body.close()
+      reject(c, e)
+  return checked, rejected
+
+
+def _scan(opened: list, specs: dict, base, threads: int) -> dict:
+  """{index in ``opened``: ScanResult or the exception of its read} by scanning groups."""
   groups = streaming.layout_groups([body for _, body in opened], threads)
   results = {}
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
@@ -118,15 +137,7 @@ def validate(store, contributions, base, specs, workdir, threads, log) -> tuple[
         results.update(zip(group, future.result()))
       except Exception as e:  # pylint: disable=broad-except  (a file that broke its group's scan)
         results.update((i, e) for i in group)
-  checked = {}
-  for i in sorted(range(len(opened)), key=lambda i: opened[i][0].contributor_id):
-    c, body = opened[i]
-    try:
-      checked[c.contributor_id] = Checked(c, body, _checked_scan(results[i], c.meta))
-    except Exception as e:  # pylint: disable=broad-except
-      body.close()
-      reject(c, e)
-  return checked, rejected
+  return results
 
 
 class Validations:
@@ -148,19 +159,28 @@ class Validations:
     self.keys = signing.load_keys(store)
     self.base = safetensors_io.BodyFile(os.path.join(self.base_dir, store_lib.MODEL))
     self.specs = self.base.specs()
-    # The base's own norms, the measure of the bounds on updates (fusion.trust).
-    self.base_squares = streaming.squared_norms(self.base, self.specs)
+    # The base's own norms, the measure of the bounds on updates (fusion.trust): computed in
+    # the background while the bodies are read.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self._base_squares = pool.submit(streaming.squared_norms, self.base, self.specs)
+    pool.shutdown(wait=False)
     self.numel = {n: math.prod(shape) for n, (shape, _) in self.specs.items()}
     self._checked: dict[str, Checked] = {}
     self._failed: dict[str, tuple[dict, dict]] = {}  # id -> (contribution.json, rejection)
+
+  @property
+  def base_squares(self) -> dict:
+    """{floating tensor: the base's squared norm}."""
+    return self._base_squares.result()
 
   def current(self, store: store_lib.Store) -> bool:
     """Whether this is still about the latest base of ``store``."""
     return store is self.store and store.require_latest() == self.iteration
 
-  def check(self, contributions, log=None) -> tuple[dict, list]:
+  def check(self, contributions, log=None, scanner=None) -> tuple[dict, list]:
     """Validates those of ``contributions`` not seen yet: ({id: Checked}, [rejections]),
-    both for all of ``contributions``."""
+    both for all of ``contributions``. ``scanner``: see :func:`validate`; used only when
+    none of ``contributions`` was seen before."""
     log = log or self.log
     new = []
     for c in contributions:
@@ -173,8 +193,10 @@ class Validations:
         del self._failed[cid]
       if cid not in self._checked and cid not in self._failed:
         new.append(c)
+    if len(new) < len(contributions):
+      scanner = None
     checked, rejected = validate(self.store, new, self.base, self.specs, self.work,
-                                  self.settings.threads(), log)
+                                  self.settings.threads(), log, scanner)
     self._checked.update(checked)
     by_id = {r["id"]: r for r in rejected}
     for c in new:
@@ -194,6 +216,7 @@ class Validations:
     for c in self._checked.values():
       c.body.close()
     self._checked.clear()
+    concurrent.futures.wait([self._base_squares])
     self.base.close()
     self._staging.cleanup()
 
