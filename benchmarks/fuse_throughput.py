@@ -1,26 +1,40 @@
-"""Fusion throughput and memory: this package's fuser against reading the bytes and the naive way.
+"""Fusion throughput and memory: this package's fuser against the limit of any fusion job, reading
+the bytes, and the naive way.
 
   python benchmarks/fuse_throughput.py                      # the README's figures
   python benchmarks/fuse_throughput.py --quick              # a small model only, N = 2, 8
 
 Builds local stores of random float32 bodies with the real tensor names and shapes
 (roberta-base: 476 MiB per body; a MiniLM-L6-sized model for N = 2, 8, 32), warms the page
-cache, then for each case measures, each in a fresh process:
+cache, then for each case measures (the fusions each in a fresh process):
 
+- limit: what any fusion job must do, and the measure of the fuser: sha256 of every byte of
+  the N bodies with ``hashlib`` on a thread pool of one thread per CPU (the bodies shared out
+  over the threads, read in 4 MiB chunks; hashlib releases the GIL), plus the sha256 of one
+  output-sized file (the new base, hashed once); cross-checked with ``sha256sum`` processes,
+  the bodies split over the CPUs (the best of 3 each; coreutils' sha256sum may not use the
+  CPU's SHA instructions, which hashlib's OpenSSL does: then it is the slower);
 - read: ``cat`` of the N body files to /dev/null (warm cache; the best of 3);
 - naive: load every file fully (``safetensors.numpy.load_file``), stack, mean, save;
-- fuse: ``cold_fusion_tf.fusion.fuse`` on the store, split into validation (sha256,
-  finiteness and update norms: one read of every body), the fusion pass (read, average,
-  write, fsync) and publishing (hashing the new base, copying it into the store, manifest,
-  LATEST);
+- fuse: ``cold_fusion_tf.fusion.fuse`` on the store, the whole job, split into validation
+  (sha256 of every byte on a thread pool, finiteness and update norms; the fusion made on the
+  way, kept when every body is), the fusion pass when it was not (read, average, write) and
+  publishing (the new base linked into the store, its sha256 computed as it was written;
+  manifest, LATEST);
+- at the quorum: the same job for a fuser that waited for its quorum, the contributions
+  validated as they arrived (the direction check and the fusion pass, then publishing);
 
-and prints wall times, peak RSS (``ru_maxrss``, which counts mapped file pages) and the ratios
-to the read time and to one body's size. Needs about 11 bodies of disk space under --workdir.
+and prints wall and CPU times, peak RSS (``VmHWM``, which counts mapped file pages) and the
+ratios to the limit, to the read time and to one body's size. Needs about 11 bodies of disk
+space under --workdir. The full run takes about 2 minutes on an idle 2-core machine,
+``--quick`` about 20 s.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import hashlib
 import json
 import os
 import resource
@@ -28,7 +42,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+
+from typing import Optional
 
 import numpy as np
 
@@ -128,6 +145,69 @@ def time_cat(paths, repeats=3):
   return best
 
 
+HASH_CHUNK_BYTES = 4 << 20
+
+
+def sha256_file(path: str, buffer: bytearray) -> str:
+  """The hex sha256 of a file, read into ``buffer`` a chunk at a time."""
+  digest, view = hashlib.sha256(), memoryview(buffer)
+  with open(path, "rb", buffering=0) as f:
+    while count := f.readinto(buffer):
+      digest.update(view[:count])
+  return digest.hexdigest()
+
+
+def cpu_seconds() -> float:
+  """CPU time of this process so far, all threads, user and system."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def _best(fn, repeats: int) -> tuple[float, float]:
+  """(wall seconds, CPU seconds) of the fastest of ``repeats`` calls of ``fn``."""
+  best = (float("inf"), 0.0)
+  for _ in range(repeats):
+    start, cpu = time.perf_counter(), cpu_seconds()
+    fn()
+    best = min(best, (time.perf_counter() - start, cpu_seconds() - cpu))
+  return best
+
+
+def time_hash_limit(paths, output_like, threads, repeats=3) -> tuple[tuple, tuple]:
+  """(wall, CPU) seconds to sha256 every byte of ``paths`` on ``threads`` threads, the bodies
+  shared out over them, and to sha256 the output-sized file ``output_like`` on one."""
+  local = threading.local()
+
+  def one(path):
+    if not hasattr(local, "buffer"):
+      local.buffer = bytearray(HASH_CHUNK_BYTES)
+    return sha256_file(path, local.buffer)
+
+  def bodies():
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+      list(pool.map(one, paths))
+
+  buffer = bytearray(HASH_CHUNK_BYTES)
+  return _best(bodies, repeats), _best(lambda: sha256_file(output_like, buffer), repeats)
+
+
+def time_sha256sum(paths, output_like, processes, repeats=3) -> Optional[float]:
+  """Seconds for ``sha256sum`` processes over ``paths`` split ``processes`` ways, then over
+  ``output_like``: the limit measured by another program (None without sha256sum)."""
+  if not shutil.which("sha256sum"):
+    return None
+  groups = [paths[k::processes] for k in range(processes) if paths[k::processes]]
+
+  def run():
+    running = [subprocess.Popen(["sha256sum", *group], stdout=subprocess.DEVNULL)
+               for group in groups]
+    if any(p.wait() for p in running):
+      raise RuntimeError("sha256sum failed")
+    subprocess.run(["sha256sum", output_like], stdout=subprocess.DEVNULL, check=True)
+
+  return _best(run, repeats)[0]
+
+
 def peak_rss() -> int:
   """This process's peak resident set in bytes (VmHWM: unlike ru_maxrss, not inherited from
   the parent process across fork and exec)."""
@@ -155,7 +235,7 @@ def time_write(source, repeats=3):
 def child(kind, store_uri, paths, method, workers):
   """Runs in a fresh process: one measurement, printed as JSON."""
   base_rss = peak_rss()
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), cpu_seconds()
   result = {}
   if kind == "naive":
     import safetensors.numpy  # pylint: disable=g-import-not-at-top
@@ -176,7 +256,7 @@ def child(kind, store_uri, paths, method, workers):
       assert validations.refresh() == len(paths)
       result["arrival_validation"] = time.perf_counter() - tick
     base_rss = peak_rss()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     outcome = fusion.fuse(store, log=lambda m: None, settings=settings,
                           validations=validations)
     assert outcome.published == 1, outcome.message
@@ -184,6 +264,7 @@ def child(kind, store_uri, paths, method, workers):
     if validations is not None:
       validations.close()
   result["wall"] = time.perf_counter() - start
+  result["cpu"] = cpu_seconds() - cpu
   result["peak_rss"] = peak_rss()
   result["interpreter_rss"] = base_rss
   print(json.dumps(result))
@@ -204,8 +285,11 @@ def run_case(workdir, model, count, naive, repeats, method, workers):
     time_cat(bodies, 1)  # warm the page cache
     read = time_cat(bodies, 3)
     write = time_write(bodies[0])
+    threads = os.cpu_count() or 1
+    hash_bodies, hash_output = time_hash_limit(bodies, bodies[0], threads)
     row = {"model": model, "n": count, "body_mib": body_bytes / 2**20, "read_s": read,
-           "write_s": write}
+           "write_s": write, "threads": threads, "hash_bodies": hash_bodies,
+           "hash_output": hash_output, "sha256sum_s": time_sha256sum(bodies, bodies[0], threads)}
     for kind in ("fuse", "at_quorum"):
       runs = []
       for _ in range(repeats):
@@ -222,30 +306,45 @@ def run_case(workdir, model, count, naive, repeats, method, workers):
 
 def report(row):
   body = row["body_mib"] * 2**20
-  f, t = row["fuse"], row["fuse"]["timings"]
-  read = row["read_s"]
+  f, t, q = row["fuse"], row["fuse"]["timings"], row["at_quorum"]
+  read, threads = row["read_s"], row["threads"]
+  (hash_wall, hash_cpu), (out_wall, out_cpu) = row["hash_bodies"], row["hash_output"]
+  limit = hash_wall + out_wall
   print(f"\n{row['model']}, N = {row['n']} bodies of {row['body_mib']:.0f} MiB "
-        f"({row['n'] * row['body_mib'] / 1024:.2f} GiB), warm cache")
-  print(f"  {'':34} {'wall s':>8} {'x read':>8} {'peak RSS MiB':>13} {'x body':>7}")
-  print(f"  {'read (cat > /dev/null)':34} {read:8.2f} {1:8.2f}")
-  print(f"  {'write one body to a new file':34} {row['write_s']:8.2f} "
-        f"{row['write_s'] / read:8.2f}")
-  q = row["at_quorum"]
-  lines = [("fuse, whole job", f["wall"], f["peak_rss"]),
-           ("  validation (sha256, finite, norm)", t["validate"], None),
-           ("  fusion pass (read, mean, write)", t["fuse"], None),
-           ("  publishing (link, manifest, CAS)", t["publish"], None),
-           ("waiting fuser: at the quorum", q["wall"], q["peak_rss"]),
-           ("  (validated as they arrived)", q["arrival_validation"], None)]
+        f"({row['n'] * row['body_mib'] / 1024:.2f} GiB), warm cache, {threads} threads")
+  print(f"  {'':40} {'wall s':>7} {'x limit':>8} {'x read':>7} {'CPU s':>6} "
+        f"{'peak RSS MiB':>13} {'x body':>7}")
+  alongside = t.get("fused_before_plan")
+  lines = [
+      (f"limit: sha256 of the bodies, {threads} threads", hash_wall, hash_cpu, None),
+      ("  + sha256 of one output-sized file", out_wall, out_cpu, None),
+      ("limit of a fusion job (the sum)", limit, hash_cpu + out_cpu, None)]
+  if row["sha256sum_s"] is not None:
+    lines.append((f"  cross-check: sha256sum, {threads} processes", row["sha256sum_s"], None,
+                  None))
+  lines += [
+      ("read (cat > /dev/null)", read, None, None),
+      ("write one body to a new file", row["write_s"], None, None),
+      ("fuse, whole job", f["wall"], f["cpu"], f["peak_rss"]),
+      ("  validation (sha256, finite, norms)" if not alongside else
+       "  validation, fusing on the way", t["validate"], None, None),
+      ("  fusion pass (read, mean, write)" if not alongside else
+       "  fusion pass (done while validating)", t["fuse"], None, None),
+      ("  publishing (link, manifest, CAS)", t["publish"], None, None),
+      ("waiting fuser: at the quorum", q["wall"], q["cpu"], q["peak_rss"]),
+      ("  (validated as they arrived)", q["arrival_validation"], None, None)]
   if "naive" in row:
-    lines.append(("naive (load all, stack, mean)", row["naive"]["wall"],
+    lines.append(("naive (load all, stack, mean)", row["naive"]["wall"], row["naive"]["cpu"],
                   row["naive"]["peak_rss"]))
-  for label, wall, rss in lines:
-    rss_text = f"{rss / 2**20:13.0f} {rss / body:7.2f}" if rss else ""
-    print(f"  {label:34} {wall:8.2f} {wall / read:8.2f} {rss_text}")
-  floor = read + row["write_s"]
-  print(f"  fusion pass / (read + write one body) = {t['fuse'] / floor:.2f}; validation: "
-        f"{row['n'] * body / t['validate'] / 2**30:.2f} GiB/s (sha256 of every byte)")
+  for label, wall, cpu, rss in lines:
+    cpu_text = f"{cpu:6.2f}" if cpu is not None else " " * 6
+    rss_text = f" {rss / 2**20:13.0f} {rss / body:7.2f}" if rss else ""
+    print(f"  {label:40} {wall:7.2f} {wall / limit:8.2f} {wall / read:7.2f} {cpu_text}"
+          f"{rss_text}")
+  hashed = row["n"] * body / hash_wall / 2**30
+  print(f"  whole job / limit = {f['wall'] / limit:.2f} (target 1.3 or less; CPU time "
+        f"{f['cpu'] / (hash_cpu + out_cpu):.2f}); at the quorum / limit = "
+        f"{q['wall'] / limit:.2f}; sha256 of the bodies at {hashed:.2f} GiB/s")
   print(f"  fuse: interpreter alone {f['interpreter_rss'] / 2**20:.0f} MiB; peak RSS above it "
         f"{(f['peak_rss'] - f['interpreter_rss']) / 2**20:.0f} MiB")
 
