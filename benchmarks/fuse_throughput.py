@@ -26,8 +26,8 @@ cache, then for each case measures (the fusions each in a fresh process):
 
 and prints wall and CPU times, peak RSS (``VmHWM``, which counts mapped file pages) and the
 ratios to the limit, to the read time and to one body's size. Needs about 11 bodies of disk
-space under --workdir. The full run takes about 2 minutes on an idle 2-core machine,
-``--quick`` about 20 s.
+space under --workdir. The full run takes about 4 minutes on an idle 2-core machine,
+``--quick`` about 30 s.
 """
 
 from __future__ import annotations
