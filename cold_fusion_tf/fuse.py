@@ -36,8 +36,8 @@ def main(argv):
     settings = fusion.Settings.from_config(config.fusion)
     from cold_fusion_tf.simulation import scalars  # pylint: disable=g-import-not-at-top
     store = store_lib.Store(cli.require_store())
-    log = scalars.fuser_log(store, flags.FLAGS.logdir, cli.say)
-    return fusion.run(store, settings, watch=flags.FLAGS.watch, log=log)
+    return fusion.run(store, settings, watch=flags.FLAGS.watch, log=cli.say,
+                      published=scalars.fuser_recorder(store, flags.FLAGS.logdir))
 
   cli.run_main(body)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from absl import logging
 
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.fusion.job import fuse
-from cold_fusion_tf.fusion.settings import Settings
+from cold_fusion_tf.fusion.settings import Outcome, Settings
 from cold_fusion_tf.fusion.validation import Validations
 
 
@@ -25,8 +25,10 @@ def _pending(store, iteration: int, base_sha: str) -> tuple:
 
 def run(store: store_lib.Store, settings: Settings, watch: bool = False,
         log: Callable[[str], None] = logging.info, sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.monotonic) -> int:
+        clock: Callable[[], float] = time.monotonic,
+        published: Optional[Callable[[Outcome], None]] = None) -> int:
   """The fuse program: returns its exit status (0: published, 1: no quorum in time).
+  ``published`` is called with the outcome of each fusion that published a base.
 
   Without ``watch``: one fusion now; with ``settings.max_wait > 0`` it first polls the
   store every ``poll_seconds`` until ``min_contributions`` contributions are there or
@@ -65,6 +67,8 @@ def run(store: store_lib.Store, settings: Settings, watch: bool = False,
           outcome = fuse(store, log=log, settings=settings, validations=validations)
           if outcome.published is not None:
             advanced += 1
+            if published is not None:
+              published(outcome)
             break
           if outcome.lost_race:  # LATEST really moved: fuse from where it is now
             if not watch:

@@ -5,7 +5,7 @@
 * ``fusion/contributions_fused``, ``fusion/contributions_rejected``, ``fusion/update_norm_mean``,
   ``fusion/update_norm_max`` (the fused updates' norms ``||body - base||``), from the base's
   manifest, and ``fusion/seconds``: how long the fusion took (validation, fusion and
-  publishing; with ``fuse --watch``, since the previous base, waiting included);
+  publishing; not the wait for contributions);
 * ``eval/<task>``, ``eval/<group>`` (the mean over a group's tasks: held-in, held-out, all
   tasks): the base's evaluation scores (x 100), where the run evaluated it.
 
@@ -44,23 +44,15 @@ def open_for(store_uri: str, logdir: Optional[str] = None) -> Optional["RunScala
   return RunScalars(os.path.join(store_uri, DIRECTORY))
 
 
-def fuser_log(store, logdir: Optional[str], log: Callable[[str], None]) -> Callable[[str], None]:
-  """The fuse program's ``log``: ``log``, and after each message, when LATEST has moved up to
-  a newly published base, that base's fusion scalars (in the folder of :func:`open_for`)."""
+def fuser_recorder(store, logdir: Optional[str]) -> Optional[Callable[[object], None]]:
+  """For the fuse program: records the scalars of each base it publishes (its fusion outcome:
+  how long validation, fusion and publishing took, not the wait for contributions), in the
+  folder of :func:`open_for`; None where there is no such folder."""
   run_scalars = open_for(store.uri, logdir)
   if run_scalars is None:
-    return log
-  state = {"latest": store.latest(), "since": time.monotonic()}
-
-  def log_and_record(message: str) -> None:
-    log(message)
-    latest = store.latest()
-    if latest is not None and latest != state["latest"]:
-      if state["latest"] is None or latest > state["latest"]:  # not a rollback
-        run_scalars.fusion(store, latest, time.monotonic() - state["since"])
-      state.update(latest=latest, since=time.monotonic())
-
-  return log_and_record
+    return None
+  return lambda outcome: run_scalars.fusion(store, outcome.published,
+                                            outcome.timings.get("total"))
 
 
 class RunScalars:

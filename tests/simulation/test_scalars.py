@@ -69,3 +69,32 @@ def test_the_fuse_program_writes_its_fusion(tmp_path, logdir):
   assert points["fusion/contributions_rejected"] == [(1, 1.0)]
   assert points["fusion/update_norm_max"][0][1] >= points["fusion/update_norm_mean"][0][1] > 0
   assert points["fusion/seconds"][0][1] > 0
+
+
+def test_a_waiting_fuser_records_the_fusion_time_not_the_wait(tmp_path):
+  # Prepare: a fuser that needs two contributions; the second arrives after WAIT seconds.
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf import fusion  # pylint: disable=g-import-not-at-top
+  wait = 3.0
+  store = h.new_store(tmp_path)
+  base = h.base_tensors(store)
+  h.contribute(store, "c0", h.nudged(base, 0))
+  late = threading.Timer(wait, lambda: h.contribute(store, "c1", h.nudged(base, 1)))
+  settings = fusion.Settings(min_contributions=2, max_wait=120.0, poll_seconds=0.2, workers=1)
+  logdir = str(tmp_path / "logs")
+  # Execute
+  started = time.monotonic()
+  late.start()
+  status = fusion.run(store, settings, log=lambda message: None,
+                      published=scalars.fuser_recorder(store, logdir))
+  elapsed = time.monotonic() - started
+  late.join()
+  # Assert
+  assert status == 0 and store.latest() == 1
+  assert elapsed >= wait
+  seconds = scalars.RunScalars(logdir).read()["fusion/seconds"]
+  assert list(seconds) == [1]
+  assert 0 < seconds[1] < wait
+  gcs_store = type("GCSStore", (), {"uri": "gs://bucket/run"})()
+  assert scalars.fuser_recorder(gcs_store, None) is None
