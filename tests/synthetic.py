@@ -53,6 +53,20 @@ def nudged(base: dict, seed: int, scale: float = 0.01) -> dict[str, np.ndarray]:
   return {n: (v + scale * rng.normal(size=v.shape)).astype(np.float32) for n, v in base.items()}
 
 
+def awkward_bodies(n: int = 4):
+  """A base and ``n`` bodies that test edge cases of the fusion pass: a tensor of -0.0 and a
+  float16 tensor; with example counts of different sizes. Returns (base, bodies, counts)."""
+  base = random_body()
+  base["embeddings.LayerNorm.bias"] = np.full(HIDDEN, -0.0, dtype=np.float32)
+  base["half"] = np.linspace(-1, 1, 30).astype(np.float16).reshape(5, 6)
+  bodies = [nudged(base, i, scale=0.1) for i in range(n)]
+  for body in bodies:
+    body["embeddings.LayerNorm.bias"] = np.full(HIDDEN, -0.0, dtype=np.float32)
+    body["half"] = body["half"].astype(np.float16)
+  counts = np.array([1.0, 5.0, 2.0, 7.0, 3.0, 4.0, 6.0, 8.0][:n])
+  return base, bodies, counts
+
+
 def new_store(root, base: dict | None = None, name: str = "store") -> store_lib.Store:
   """A store under ``root/name`` with base 0 = ``base`` (default :func:`random_body`)."""
   source = os.path.join(str(root), name + "-base0")

@@ -100,14 +100,7 @@ def test_streamed_fusion_equals_whole_tensor_methods(tmp_path, monkeypatch, meth
   # Prepare: chunks of 7 elements so every tensor is split unevenly; -0.0 and float16 too.
   monkeypatch.setattr(fusion.stream, "CHUNK_ELEMENTS", 7)
   monkeypatch.setattr(fusion.stream, "MEAN_CHUNK_ELEMENTS", 7)
-  base = h.random_body()
-  base["embeddings.LayerNorm.bias"] = np.full(h.HIDDEN, -0.0, dtype=np.float32)
-  base["half"] = np.linspace(-1, 1, 30).astype(np.float16).reshape(5, 6)
-  bodies = [h.nudged(base, i, scale=0.1) for i in range(4)]
-  for body in bodies:
-    body["embeddings.LayerNorm.bias"] = np.full(h.HIDDEN, -0.0, dtype=np.float32)
-    body["half"] = body["half"].astype(np.float16)
-  counts = np.array([1.0, 5.0, 2.0, 7.0])
+  base, bodies, counts = h.awkward_bodies()
   base_file, files = _write_bodies(tmp_path, base, bodies)
   out = tmp_path / "out.safetensors"
   # Execute

@@ -197,14 +197,7 @@ def test_the_measured_pass_writes_each_element_wise_method_bit_for_bit(tmp_path,
   # Prepare: chunks of 28 bytes so every tensor is split unevenly; -0.0 and float16 too.
   from cold_fusion_tf.tensors import streaming  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(streaming, "SCAN_CHUNK_BYTES", 28)
-  base = h.random_body()
-  base["embeddings.LayerNorm.bias"] = np.full(h.HIDDEN, -0.0, dtype=np.float32)
-  base["half"] = np.linspace(-1, 1, 30).astype(np.float16).reshape(5, 6)
-  bodies = [h.nudged(base, i, scale=0.1) for i in range(4)]
-  for body in bodies:
-    body["embeddings.LayerNorm.bias"] = np.full(h.HIDDEN, -0.0, dtype=np.float32)
-    body["half"] = body["half"].astype(np.float16)
-  counts = np.array([1.0, 5.0, 2.0, 7.0])
+  base, bodies, counts = h.awkward_bodies()
   paths = [str(tmp_path / f"{i}.safetensors") for i in range(len(bodies) + 1)]
   for path, tensors in zip(paths, [base] + bodies):
     weights.save_safetensors(tensors, path)
