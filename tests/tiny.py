@@ -111,13 +111,18 @@ def make_store(path: str, layers: int = 1) -> str:
   return path
 
 
-def demo_config(source: str, **overrides):
-  """configs/demo.py with a tiny model, a slice of the demo data and a few steps per fine-tune."""
+def user_demo_config():
+  """configs/demo.py as a user's program loads it (the top-level configs folder)."""
   spec = importlib.util.spec_from_file_location(
       "demo_config", os.path.join(REPO, "configs", "demo.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  return module.get_config()
+
+
+def demo_config(source: str, **overrides):
+  """configs/demo.py with a tiny model, a slice of the demo data and a few steps per fine-tune."""
+  config = user_demo_config()
   config.model.source = source
   config.data.dirs = (DATA,)
   config.data.max_examples = {"train": 48, "dev": 16, "test": 16}

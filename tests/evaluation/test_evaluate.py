@@ -1,7 +1,6 @@
 """Model recycling (``python -m cold_fusion_tf.evaluate``): real fine-tunes of tiny encoders,
 the results directory and its reuse, paired gains and standard errors, the linear probe."""
 
-import importlib.util
 import json
 import math
 import os
@@ -38,11 +37,7 @@ SMALL = [f"--config.data.dirs=('{tiny.DATA}',)"] + [
 
 def _demo_config():
   """configs/demo.py with SMALL applied: what the program sees."""
-  spec = importlib.util.spec_from_file_location("demo_config",
-                                                os.path.join(REPO, "configs", "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = tiny.user_demo_config()
   config.data.dirs = (tiny.DATA,)
   config.update_from_flattened_dict(OVERRIDES)
   return config
