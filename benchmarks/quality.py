@@ -3,6 +3,7 @@
   python benchmarks/quality.py                          # the demo's defaults (configs/demo.py)
   python benchmarks/quality.py --contributors=4 --server_lr=0.5   # one knob at a time
   python benchmarks/quality.py --groups=final           # the final held-out group
+  python benchmarks/quality.py --pool=trec_coarse,sst2,ag_news,rte,cola --contributors=5
   python benchmarks/quality.py --compare                # a table of every variant run so far
 
 Fusion: the demo's loop (configs/demo.py: MiniLM-L6-H384 from the PyPI package
@@ -50,6 +51,7 @@ GROUPS = {
 # 1 point).
 TARGET_GAIN, TARGET_WORST = 0.015, 0.01
 CAPS = {"train": 500, "dev": 200, "test": 1000}  # per held-out split (evaluation fine-tunes)
+POOL_CAPS = {"train": 1000, "dev": 200, "test": 400}  # per split of a --pool task (as shipped)
 # The knobs (flag: config field) and their short names in the variant's directory name.
 KNOBS = {
     "iterations": ("iterations", "it"),
@@ -75,10 +77,19 @@ def _set(config, dotted: str, value) -> None:
   config[last] = type(config[last])(value)
 
 
-def fusion_config(knobs: dict):
-  """configs/demo.py with ``knobs`` changed; the loop only trains and fuses (no evaluation)."""
+def demo_pool() -> tuple:
+  from cold_fusion_tf.configs import demo  # pylint: disable=g-import-not-at-top
+  return tuple(demo.get_config().pool)
+
+
+def fusion_config(knobs: dict, pool=(), pool_dir: str = ""):
+  """configs/demo.py with ``knobs`` changed (and the contributors' ``pool`` of tasks, those
+  not shipped read from ``pool_dir``); the loop only trains and fuses (no evaluation)."""
   from cold_fusion_tf.configs import demo  # pylint: disable=g-import-not-at-top
   config = demo.get_config()
+  if pool:
+    config.pool = tuple(pool)
+    config.data.dirs = tuple(config.data.dirs) + (pool_dir,)
   server = config.fusion.server_optimizer
   if not server.enabled and {"server_lr", "server_momentum"} & set(knobs):
     server.update(dict(enabled=True, lr=1.0, momentum=0.0, nesterov=False))  # from the mean
@@ -97,6 +108,8 @@ def variant_name(config) -> str:
     if field.startswith("fusion.server_optimizer") and not config.fusion.server_optimizer.enabled:
       value = {"fusion.server_optimizer.lr": 1, "fusion.server_optimizer.momentum": 0}[field]
     parts.append(f"{short}{value:g}" if isinstance(value, float) else f"{short}{value}")
+  if tuple(config.pool) != demo_pool():  # (the demo's pool is left out of the names)
+    parts.append("p" + "+".join(config.pool))
   return "-".join(parts)
 
 
@@ -108,14 +121,16 @@ def eval_config(config, data_dir: str, heldout):
   return config
 
 
-def shuffle_data(source: str, names, out: str) -> None:
-  """Each split shuffled (seed 0) and capped (CAPS), as JSONL in ``out/<name>``."""
+def shuffle_data(source: str, names, out: str, caps=None) -> None:
+  """Each split shuffled (seed 0) and capped (``caps``, default CAPS), as JSONL in
+  ``out/<name>``."""
+  caps = caps or CAPS
   for name in names:
     target = os.path.join(out, name)
     if os.path.exists(os.path.join(target, "info.json")):
       continue
     os.makedirs(target, exist_ok=True)
-    for split, cap in CAPS.items():
+    for split, cap in caps.items():
       with open(os.path.join(source, name, f"{split}.jsonl"), encoding="utf-8") as f:
         lines = [line for line in f.read().splitlines() if line.strip()]
       random.Random(f"{name}/{split}").shuffle(lines)
@@ -139,6 +154,8 @@ def main() -> int:
                       help="server step toward the fused mean (1: the mean itself)")
   parser.add_argument("--server_momentum", type=float, help="server momentum (0: none)")
   parser.add_argument("--method", help="fusion method: mean, ties, dare, ...")
+  parser.add_argument("--pool", help="the contributors' tasks, comma-separated (default: the "
+                      "demo's; others come from --data, capped as the shipped ones)")
   parser.add_argument("--seeds", type=int, help="evaluation seeds (default: the demo's)")
   parser.add_argument("--groups", default="selection",
                       help="held-out groups to evaluate, comma-separated: selection (used to "
@@ -168,7 +185,18 @@ def main() -> int:
     print(compare(workdir, args.seeds or fusion_config({}).eval.seeds))
     return 0
 
-  config = fusion_config(knobs)
+  pool = tuple(t.strip() for t in (args.pool or "").split(",") if t.strip())
+  heldout = {t for g in GROUPS.values() for t in g}
+  if args.pool is not None and (not pool or heldout & set(pool)):
+    parser.error(f"--pool={args.pool!r}: give pool tasks, none of the held-out "
+                 f"{', '.join(sorted(heldout))}")
+  absent = [t for t in pool if t not in demo_pool()
+            and not os.path.isfile(os.path.join(args.data, t, "info.json"))]
+  if absent:
+    parser.error(f"--pool: {', '.join(absent)} not in --data={args.data}")
+  pool_dir = os.path.join(workdir, "pool_data")
+  shuffle_data(args.data, [t for t in pool if t not in demo_pool()], pool_dir, POOL_CAPS)
+  config = fusion_config(knobs, pool, pool_dir)
   name = variant_name(config)
   seeds = args.seeds or config.eval.seeds
   groups = [g.strip() for g in args.groups.split(",") if g.strip()]
