@@ -184,6 +184,25 @@ check_seconds() {
   [[ $value =~ ^[0-9]+(\.[0-9]+)?$ && ! $value =~ ^0+(\.0+)?$ ]] || usage_error "--$flag '$value' must be a positive number of seconds"
 }
 
+# The contributor: --dataset and --contributor-id (the dataset unless given) as safe names, and
+# --config; sets CONTRIBUTOR_ID.
+check_contributor() {
+  check_safe_name dataset "$DATASET"
+  CONTRIBUTOR_ID=${CONTRIBUTOR_ID:-$DATASET}
+  check_safe_name contributor-id "$CONTRIBUTOR_ID"
+  check_config "$CONFIG"
+}
+
+# A contributor on this machine: --workdir (workdir/<contributor id> unless given) and --store
+# as seen from the caller's directory, and --python.
+check_local_contributor() {
+  WORKDIR=${WORKDIR:-workdir/$CONTRIBUTOR_ID}
+  check_path workdir "$WORKDIR"
+  STORE=$(from_caller "$STORE")
+  WORKDIR=$(from_caller "$WORKDIR")
+  check_path python "$PYTHON"
+}
+
 # A config is a file under configs/, given relative to the repository root (it is resolved on
 # the machine that runs the program, which may be a TPU VM or a container).
 check_config() {

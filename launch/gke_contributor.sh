@@ -117,10 +117,7 @@ require dataset "$DATASET" "dataset to fine-tune on"
 require accelerator "$ACCELERATOR" "gpu or tpu"
 check_word image "$IMAGE"
 check_gcs_store "$STORE"
-check_safe_name dataset "$DATASET"
-CONTRIBUTOR_ID=${CONTRIBUTOR_ID:-$DATASET}
-check_safe_name contributor-id "$CONTRIBUTOR_ID"
-check_config "$CONFIG"
+check_contributor
 case $ACCELERATOR in
   gpu)
     check_positive gpus "$GPUS"

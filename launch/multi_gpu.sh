@@ -47,16 +47,9 @@ parse_flags "$@"
 require store "$STORE" "a folder or gs://bucket/prefix"
 require dataset "$DATASET" "dataset to fine-tune on"
 check_any_store "$STORE"
-check_safe_name dataset "$DATASET"
-CONTRIBUTOR_ID=${CONTRIBUTOR_ID:-$DATASET}
-check_safe_name contributor-id "$CONTRIBUTOR_ID"
-check_config "$CONFIG"
-WORKDIR=${WORKDIR:-workdir/$CONTRIBUTOR_ID}
-check_path workdir "$WORKDIR"
-STORE=$(from_caller "$STORE")
-WORKDIR=$(from_caller "$WORKDIR")
+check_contributor
+check_local_contributor
 [[ -z $GPUS || $GPUS =~ ^[0-9]+(,[0-9]+)*$ ]] || usage_error "--gpus '$GPUS' must be a list of GPU indices such as 0,1"
-check_path python "$PYTHON"
 
 cd "$REPO_ROOT"
 TRAIN=("$PYTHON" -m cold_fusion_tf.train "--config=$CONFIG" "--store=$STORE" "--workdir=$WORKDIR"

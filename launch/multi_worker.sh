@@ -112,15 +112,8 @@ fi
 require store "$STORE" "a folder or gs://bucket/prefix"
 require dataset "$DATASET" "dataset to fine-tune on"
 check_any_store "$STORE"
-check_safe_name dataset "$DATASET"
-CONTRIBUTOR_ID=${CONTRIBUTOR_ID:-$DATASET}
-check_safe_name contributor-id "$CONTRIBUTOR_ID"
-check_config "$CONFIG"
-WORKDIR=${WORKDIR:-workdir/$CONTRIBUTOR_ID}
-check_path workdir "$WORKDIR"
-STORE=$(from_caller "$STORE")
-WORKDIR=$(from_caller "$WORKDIR")
-check_path python "$PYTHON"
+check_contributor
+check_local_contributor
 if [[ -z $INDEX ]]; then
   for address in "${ADDRESSES[@]}"; do
     case ${address%:*} in

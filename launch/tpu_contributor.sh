@@ -146,10 +146,7 @@ check_zone "$ZONE"
 check_accelerator_type "$ACCELERATOR_TYPE"
 check_tpu_generation "$ACCELERATOR_TYPE"
 check_gcs_store "$STORE"
-check_safe_name dataset "$DATASET"
-CONTRIBUTOR_ID=${CONTRIBUTOR_ID:-$DATASET}
-check_safe_name contributor-id "$CONTRIBUTOR_ID"
-check_config "$CONFIG"
+check_contributor
 NAME=${NAME:-$(slug "cf-$CONTRIBUTOR_ID")}
 check_resource_name name "$NAME"
 [[ $RUNTIME_VERSION == auto ]] || check_word runtime-version "$RUNTIME_VERSION"
