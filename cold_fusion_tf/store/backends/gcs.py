@@ -246,14 +246,8 @@ class GCSStorage(Storage):
   def check_access(self) -> None:
     """One cheap listing: fails early on credentials, bucket, permissions, network."""
     with self._errors("list"):
-      try:
-        blobs = self._client.list_blobs(
-            self._bucket, prefix=self._folder(""), max_results=1,
-            retry=self._retry, timeout=self._timeout)
-        for _ in blobs:
-          pass
-      except api_exceptions.NotFound:
-        raise self._bucket_missing() from None
+      if not self._bucket_exists():
+        raise self._bucket_missing()
 
   # --- reads ------------------------------------------------------------------------
 
@@ -416,6 +410,7 @@ class GCSStorage(Storage):
       raise
 
   def _bucket_exists(self) -> bool:
+    """One cheap listing (at most one object): False when the bucket does not exist."""
     try:
       blobs = self._client.list_blobs(
           self._bucket, prefix=self._folder(""), max_results=1,
