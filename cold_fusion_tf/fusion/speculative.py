@@ -159,12 +159,8 @@ def fuse_measured(base: safetensors_io.BodyFile, bodies: list, counts, specs: di
     for i, body in enumerate(bodies):
       values = body.read(name, start, count, out=held["values"])
       parts.append(_squared_part(values, ref, held["work"]))
-      if not (mean or directions):
-        continue
-      if i:
-        np.add(total, values, out=total)
-      else:  # as stream.fuse_files' mean: 0 + x first (turns -0 into +0)
-        np.add(values, 0.0, out=total, dtype=np.float64)
+      if mean or directions:
+        stream.add_to_sum(total, values, i)
     dots, summed_sq = None, 0.0
     if directions:  # the sum of the updates, then each update's dot product with it
       np.multiply(ref, float(count_bodies), out=wide, dtype=np.float64)
@@ -177,8 +173,7 @@ def fuse_measured(base: safetensors_io.BodyFile, bodies: list, counts, specs: di
         np.subtract(values, ref, out=work, dtype=work.dtype)
         dots.append(float(np.dot(work, summed)))
     if mean:
-      total /= count_bodies
-      fused = total.astype(dtype)
+      fused = stream.mean_of_sum(total, count_bodies, dtype)
     else:
       fused = fn(ref, stream.Chunks(bodies, name, start, count, (count,)), counts, name=name,
                  **settings.params).reshape(-1)

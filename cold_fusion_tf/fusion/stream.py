@@ -72,12 +72,24 @@ def _mean_chunk(bodies, name: str, start: int, count: int, dtype) -> np.ndarray:
     held = _buffers.mean = (np.empty(max(count, MEAN_CHUNK_ELEMENTS), dtype=dtype),
                             np.empty(max(count, MEAN_CHUNK_ELEMENTS), dtype=np.float64))
   buffer, total = held[0][:count], held[1][:count]
-  bodies[0].read(name, start, count, out=buffer)
-  np.add(buffer, 0.0, out=total, dtype=np.float64)  # 0 + x, as fm.mean (turns -0 into +0)
-  for body in bodies[1:]:
-    body.read(name, start, count, out=buffer)
-    np.add(total, buffer, out=total)
-  total /= len(bodies)
+  for i, body in enumerate(bodies):
+    add_to_sum(total, body.read(name, start, count, out=buffer), i)
+  return mean_of_sum(total, len(bodies), dtype)
+
+
+def add_to_sum(total: np.ndarray, values: np.ndarray, index: int) -> None:
+  """Adds the ``index``-th body's chunk to the float64 sum of a mean, as :func:`fm.mean`
+  does: the first as 0 + x (which turns -0 into +0), then one body after another."""
+  if index:
+    np.add(total, values, out=total)
+  else:
+    np.add(values, 0.0, out=total, dtype=np.float64)
+
+
+def mean_of_sum(total: np.ndarray, count: int, dtype) -> np.ndarray:
+  """The mean of ``count`` bodies from their sum (:func:`add_to_sum`), in ``dtype``; divides
+  ``total`` in place."""
+  total /= count
   return total.astype(dtype)
 
 
