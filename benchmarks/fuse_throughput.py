@@ -62,22 +62,10 @@ MODELS = {
 
 def shapes(vocab, positions, type_vocab, hidden, layers, intermediate):
   """Tensor names and shapes of a BERT/RoBERTa encoder body (Hugging Face layout)."""
-  out = {"embeddings.word_embeddings.weight": (vocab, hidden),
-         "embeddings.position_embeddings.weight": (positions, hidden),
-         "embeddings.token_type_embeddings.weight": (type_vocab, hidden),
-         "embeddings.LayerNorm.weight": (hidden,), "embeddings.LayerNorm.bias": (hidden,),
-         "pooler.dense.weight": (hidden, hidden), "pooler.dense.bias": (hidden,)}
-  for i in range(layers):
-    p = f"encoder.layer.{i}."
-    for part in ("attention.self.query", "attention.self.key", "attention.self.value",
-                 "attention.output.dense"):
-      out[p + part + ".weight"], out[p + part + ".bias"] = (hidden, hidden), (hidden,)
-    out[p + "intermediate.dense.weight"] = (intermediate, hidden)
-    out[p + "intermediate.dense.bias"] = (intermediate,)
-    out[p + "output.dense.weight"], out[p + "output.dense.bias"] = (hidden, intermediate), (hidden,)
-    for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
-      out[p + norm + ".weight"], out[p + norm + ".bias"] = (hidden,), (hidden,)
-  return out
+  from cold_fusion_tf.model import keras_hub_names  # pylint: disable=g-import-not-at-top
+  config = dict(vocab_size=vocab, max_position_embeddings=positions, type_vocab_size=type_vocab,
+                hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate)
+  return {n: shape for n, (shape, _) in keras_hub_names.hf_specs(config).items()}
 
 
 def _write_body(path, model_shapes, seed, base_path=None):

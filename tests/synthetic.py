@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from cold_fusion_tf import store as store_lib
+from cold_fusion_tf.model.keras_hub_names import hf_specs
 from cold_fusion_tf.tensors import safetensors_io as weights
 
 HIDDEN, VOCAB, POSITIONS, INTERMEDIATE, LAYERS = 8, 40, 16, 16, 1
@@ -18,33 +19,9 @@ CONFIG = {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": H
           "max_position_embeddings": POSITIONS, "type_vocab_size": 2}
 
 
-def bert_shapes(hidden=HIDDEN, vocab=VOCAB, positions=POSITIONS, intermediate=INTERMEDIATE,
-                layers=LAYERS) -> dict[str, tuple[int, ...]]:
-  """The tensor names and shapes of a BERT encoder body (Hugging Face layout)."""
-  shapes = {"embeddings.word_embeddings.weight": (vocab, hidden),
-            "embeddings.position_embeddings.weight": (positions, hidden),
-            "embeddings.token_type_embeddings.weight": (2, hidden),
-            "embeddings.LayerNorm.weight": (hidden,), "embeddings.LayerNorm.bias": (hidden,),
-            "pooler.dense.weight": (hidden, hidden), "pooler.dense.bias": (hidden,)}
-  for i in range(layers):
-    p = f"encoder.layer.{i}."
-    for part in ("attention.self.query", "attention.self.key", "attention.self.value",
-                 "attention.output.dense"):
-      shapes[p + part + ".weight"] = (hidden, hidden)
-      shapes[p + part + ".bias"] = (hidden,)
-    shapes[p + "intermediate.dense.weight"] = (intermediate, hidden)
-    shapes[p + "intermediate.dense.bias"] = (intermediate,)
-    shapes[p + "output.dense.weight"] = (hidden, intermediate)
-    shapes[p + "output.dense.bias"] = (hidden,)
-    for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
-      shapes[p + norm + ".weight"] = (hidden,)
-      shapes[p + norm + ".bias"] = (hidden,)
-  return shapes
-
-
 def random_body(seed: int = 0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
-  return {n: rng.normal(size=s).astype(np.float32) for n, s in bert_shapes().items()}
+  return {n: rng.normal(size=s).astype(np.float32) for n, (s, _) in hf_specs(CONFIG).items()}
 
 
 def nudged(base: dict, seed: int, scale: float = 0.01) -> dict[str, np.ndarray]:
