@@ -14,7 +14,7 @@ base (iteration 0) and the fused base on held-out tasks of kinds the pool does n
 base learns each task), several seeds, paired by seed.
 
 Two held-out groups: ``selection`` (used to choose the defaults) and ``final`` (kept aside:
-evaluated only with --final, for the chosen defaults). Every variant is evaluated into one
+evaluated only with --groups=final, for the chosen defaults). Every variant is evaluated into one
 shared results directory, keyed by (weights, task data, mode, recipe, seed), so the original
 base's runs are computed once and a rerun only runs what is missing.
 
