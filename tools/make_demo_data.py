@@ -30,6 +30,7 @@ def main():
     os.makedirs(os.path.join(args.out, task), exist_ok=True)
     with open(os.path.join(args.source, task, "info.json"), encoding="utf-8") as f:
       info = json.load(f)
+    info.pop("group", None)  # where the source folder sat; means nothing in the repository
     for split, size in sizes.items():
       with open(os.path.join(args.source, task, f"{split}.jsonl"), encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
