@@ -192,12 +192,12 @@ def main() -> int:
   if args.pool is not None and (not pool or heldout & set(pool)):
     parser.error(f"--pool={args.pool!r}: give pool tasks, none of the held-out "
                  f"{', '.join(sorted(heldout))}")
-  absent = [t for t in pool if t not in demo_pool()
-            and not os.path.isfile(os.path.join(args.data, t, "info.json"))]
+  extra = [t for t in pool if t not in demo_pool()]  # not shipped with the demo
+  absent = [t for t in extra if not os.path.isfile(os.path.join(args.data, t, "info.json"))]
   if absent:
     parser.error(f"--pool: {', '.join(absent)} not in --data={args.data}")
   pool_dir = os.path.join(workdir, "pool_data")
-  shuffle_data(args.data, [t for t in pool if t not in demo_pool()], pool_dir, POOL_CAPS)
+  shuffle_data(args.data, extra, pool_dir, POOL_CAPS)
   config = fusion_config(knobs, pool, pool_dir)
   name = variant_name(config)
   seeds = args.seeds or config.eval.seeds
