@@ -9,12 +9,14 @@ Stores of random numpy bodies with no model behind them are in :mod:`synthetic`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 import sys
 import textwrap
 
+import numpy as np
 import transformers
 
 from cold_fusion_tf.model import bodies
@@ -78,6 +80,14 @@ def roberta_config(vocab_size: int, positions: int = 130, layer_norm_eps: float 
       vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
       intermediate_size=64, max_position_embeddings=positions, type_vocab_size=1,
       pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=layer_norm_eps)
+
+
+def rescaled_scores(task, scale: float, shift: float):
+  """A regression ``task`` with every score mapped to ``scale * score + shift``."""
+  splits = {name: dataclasses.replace(split, labels=(split.labels * scale + shift)
+                                      .astype(np.float32))
+            for name, split in task.splits.items()}
+  return dataclasses.replace(task, splits=splits)
 
 
 def tiny_body(layers: int = 1, seed: int = 0):

@@ -72,8 +72,13 @@ def resolve_tasks(config, spec: str) -> tuple[list[str], dict[str, list[str]]]:
 
 
 def task_key(task: data_lib.TaskData) -> str:
-  """A short hash of a task's data (kind, labels, every split): other data, other runs."""
-  h = hashlib.sha256(json.dumps([task.kind, list(task.label_names)]).encode())
+  """A short hash of a task's data (kind, labels, every split): other data, other runs.
+  Regression runs since their scores are standardized for training
+  (:func:`~cold_fusion_tf.training.inputs.training_targets`) are keyed apart from earlier ones."""
+  spec = [task.kind, list(task.label_names)]
+  if task.kind == "regression":
+    spec.append("standardized targets")
+  h = hashlib.sha256(json.dumps(spec).encode())
   for split in sorted(task.splits):
     s = task.splits[split]
     h.update(split.encode())

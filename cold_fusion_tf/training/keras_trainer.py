@@ -192,6 +192,8 @@ class _Run:
     self.tokenize = lambda split: inputs.encode(tokenizer, task.splits[split], max_length, cache,
                                                 body_type=body.body_type)
     self.encoded = {s: self.tokenize(s) for s in ("train", "dev")}
+    # (regression scores standardized for the loss; see inputs.training_targets)
+    self.encoded["train"] = inputs.training_targets(self.encoded["train"], task.kind)
     train = self.encoded["train"]
     # JAX compiles each batch length once: a few length buckets (multiples of 8).
     static = self.jax or recipe.static_shapes

@@ -150,6 +150,8 @@ class _Trainer:
 
     self.tokenize = tokenize
     self.encoded = {s: self.tokenize(s) for s in ("train", "dev")}
+    # (regression scores standardized for the loss; see inputs.training_targets)
+    self.encoded["train"] = inputs.training_targets(self.encoded["train"], task.kind)
     train = self.encoded["train"]
     num_buckets = recipe.length_buckets or (8 if self.static else 0)
     # Static shapes and GPUs want lengths in multiples of 8; a CPU's cost is linear in the

@@ -320,6 +320,22 @@ def test_regression_on_the_roberta_body():
   assert np.isfinite(result.dev["score"])
 
 
+def test_regression_trains_the_same_whatever_the_units_of_its_scores(bert_base):
+  # Prepare
+  stsb = data.load_task("stsb", dirs=[tiny.TEST_DATA],
+                        max_examples={"train": 64, "dev": 32, "test": 16})
+  # Execute
+  result, tensors, _ = _train(bert_base, _recipe(max_length=64), stsb)
+  rescaled, rescaled_tensors, _ = _train(bert_base, _recipe(max_length=64),
+                                         tiny.rescaled_scores(stsb, 1000.0, -40.0))
+  # Assert
+  assert np.isfinite(result.dev["score"]) and result.dev["score"] != 0.0
+  # The loss sees standardized scores, so their units (0-5 or -40 to 4960) change nothing.
+  assert rescaled.dev["score"] == pytest.approx(result.dev["score"], abs=1e-4)
+  assert _max_diff(rescaled_tensors, tensors) < 1e-6
+  assert rescaled.history[0]["loss"] == pytest.approx(result.history[0]["loss"], rel=1e-3)
+
+
 def test_batches_are_grouped_by_length_as_for_the_transformers_tf_body(bert_base):
   # Prepare
   task = data.load_task("sst2", dirs=[tiny.DATA], max_examples={"train": 400})

@@ -159,3 +159,25 @@ def test_eval_plan_pads_with_empty_rows():
       padding = features["index"] < 0
       assert (features["attention_mask"][padding] == 0).all()
       assert (features["input_ids"][padding] == dev.pad_id).all()
+
+
+def test_training_targets_standardize_regression_scores_only():
+  # Prepare
+  scores = inputs.Encoded(TRAIN.ids, TRAIN.types, TRAIN.lengths,
+                          np.linspace(0.0, 5.0, len(TRAIN)).astype(np.float32), TRAIN.pad_id)
+  same = inputs.Encoded(TRAIN.ids, TRAIN.types, TRAIN.lengths,
+                        np.full(len(TRAIN), 3.5, np.float32), TRAIN.pad_id)
+  # Execute
+  standardized = inputs.training_targets(scores, "regression")
+  centred = inputs.training_targets(same, "regression")
+  classes = inputs.training_targets(TRAIN, "classification")
+  # Assert
+  assert standardized.labels.dtype == np.float32
+  assert abs(float(standardized.labels.mean())) < 1e-6
+  assert float(standardized.labels.std()) == pytest.approx(1.0, abs=1e-6)
+  assert np.array_equal(np.argsort(standardized.labels, kind="stable"),
+                        np.argsort(scores.labels, kind="stable"))
+  assert scores.labels[0] == 0.0 and scores.labels[-1] == 5.0  # the input is left as it was
+  assert np.array_equal(standardized.offsets, scores.offsets)
+  assert np.array_equal(centred.labels, np.zeros(len(TRAIN), np.float32))
+  assert classes is TRAIN

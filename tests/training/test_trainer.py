@@ -126,21 +126,27 @@ def test_early_stopping_with_patience_in_examples():
   assert max_diff(weights, INITIAL) == 0.0
 
 
-def test_regression_task_on_a_roberta_body():
+def test_regression_trains_the_same_whatever_the_units_of_its_scores():
   # Prepare
   import transformers  # pylint: disable=g-import-not-at-top
   config = transformers.RobertaConfig(
       vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
       intermediate_size=64, max_position_embeddings=130, hidden_dropout_prob=0.0,
       attention_probs_dropout_prob=0.0, pad_token_id=0)
-  models.set_seed(0)
-  body = models.build_body(config)
   stsb = task(os.path.join(tiny.TEST_DATA, "stsb"))
-  # Execute
-  result, _ = train(recipe(max_length=64), stsb, body=body)
+  runs = []
+  for the_task in (stsb, tiny.rescaled_scores(stsb, 1000.0, -40.0)):
+    models.set_seed(0)
+    # Execute
+    runs.append(train(recipe(max_length=64), the_task, body=models.build_body(config)))
   # Assert
+  (result, weights), (rescaled, rescaled_weights) = runs
   assert result.steps == 4 and set(result.dev) == {"score", "spearman", "pearson"}
-  assert np.isfinite(result.dev["score"])
+  assert np.isfinite(result.dev["score"]) and result.dev["score"] != 0.0
+  # The loss sees standardized scores, so the units (0-5 or -40 to 4960) change nothing.
+  assert rescaled.dev["score"] == pytest.approx(result.dev["score"], abs=1e-4)
+  assert max_diff(rescaled_weights, weights) < 1e-6
+  assert rescaled.history[0]["loss"] == pytest.approx(result.history[0]["loss"], rel=1e-3)
 
 
 def test_checkpoints_resume_tensorboard_and_refuse_another_run(tmp_path):
