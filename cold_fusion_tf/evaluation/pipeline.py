@@ -73,8 +73,8 @@ def resolve_tasks(config, spec: str) -> tuple[list[str], dict[str, list[str]]]:
 
 def task_key(task: data_lib.TaskData) -> str:
   """A short hash of a task's data (kind, labels, every split): other data, other runs.
-  Regression runs since their scores are standardized for training
-  (:func:`~cold_fusion_tf.training.inputs.training_targets`) are keyed apart from earlier ones."""
+  Regression tasks carry a mark, so runs made before their scores were standardized for
+  training (:func:`~cold_fusion_tf.training.inputs.training_targets`) are not reused."""
   spec = [task.kind, list(task.label_names)]
   if task.kind == "regression":
     spec.append("standardized targets")

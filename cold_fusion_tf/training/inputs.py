@@ -103,6 +103,12 @@ def training_targets(encoded: Encoded, kind: str) -> Encoded:
   return dataclasses.replace(encoded, labels=((labels - labels.mean()) / scale).astype(np.float32))
 
 
+def start_splits(tokenize: Callable[[str], Encoded], kind: str) -> dict[str, Encoded]:
+  """The splits a fine-tune starts with, by name: ``train`` with its labels as the loss sees
+  them (:func:`training_targets`), and ``dev``; ``tokenize(split)`` tokenizes one."""
+  return {"train": training_targets(tokenize("train"), kind), "dev": tokenize("dev")}
+
+
 _KEPT: "collections.OrderedDict[str, Encoded]" = collections.OrderedDict()
 _SPECS: dict[int, tuple[weakref.ref, int, bytes]] = {}  # id(tokenizer): its spec for keys
 

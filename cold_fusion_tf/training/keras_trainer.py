@@ -191,9 +191,7 @@ class _Run:
     cache = checkpointing.join(workdir, "tokens") if workdir else None
     self.tokenize = lambda split: inputs.encode(tokenizer, task.splits[split], max_length, cache,
                                                 body_type=body.body_type)
-    self.encoded = {s: self.tokenize(s) for s in ("train", "dev")}
-    # (regression scores standardized for the loss; see inputs.training_targets)
-    self.encoded["train"] = inputs.training_targets(self.encoded["train"], task.kind)
+    self.encoded = inputs.start_splits(self.tokenize, task.kind)
     train = self.encoded["train"]
     # JAX compiles each batch length once: a few length buckets (multiples of 8).
     static = self.jax or recipe.static_shapes

@@ -149,9 +149,7 @@ class _Trainer:
         return inputs.encode(tokenizer, task.splits[split], max_length, cache)
 
     self.tokenize = tokenize
-    self.encoded = {s: self.tokenize(s) for s in ("train", "dev")}
-    # (regression scores standardized for the loss; see inputs.training_targets)
-    self.encoded["train"] = inputs.training_targets(self.encoded["train"], task.kind)
+    self.encoded = inputs.start_splits(self.tokenize, task.kind)
     train = self.encoded["train"]
     num_buckets = recipe.length_buckets or (8 if self.static else 0)
     # Static shapes and GPUs want lengths in multiples of 8; a CPU's cost is linear in the
