@@ -15,10 +15,11 @@ every withdrawn base, with parent ``i``):
    reason, and the fusion goes on with the rest: whatever a contribution holds, it is that
    contribution's rejection. A fuser that waits for the quorum (``max_wait``, ``--watch``)
    validates each contribution as it arrives (:class:`Validations`), so that at the quorum
-   only steps 2-4 are left. The bodies read for the first time are fused while they are
-   validated, and bodies validated earlier while the direction check reads them
-   (:mod:`.speculative`): when the plan then fuses exactly those (the usual case), that
-   fusion is step 3, and no body is read again.
+   only steps 2-4 are left. The base's own file is checked against its manifest's sha256
+   meanwhile, in the background, and before anything is planned. The bodies read for the
+   first time are fused while they are validated, and bodies validated earlier while the
+   direction check reads them (:mod:`.speculative`): when the plan then fuses exactly those
+   (the usual case), that fusion is step 3, and no body is read again.
 2. **Plan**: the fuser that first creates ``fusion/<i+1>/plan.json`` (an exclusive create)
    fixes which contributions are fused, which are rejected, and how. Every other attempt at
    iteration ``i+1`` (a racing fuser, a rerun after a crash) fuses exactly that plan, so all
@@ -150,6 +151,7 @@ class _Job:
     plan, token, problem = self._read_plan()
     if plan is not None:
       problem = self._follow(plan)
+      self.validations.base_checked()
       if problem is None:
         self.log(f"following the plan in {self.plan_where}: fusing "
                  f"{', '.join(sorted(e['id'] for e in plan['fusion']['contributions']))}")
@@ -161,6 +163,7 @@ class _Job:
                "planning again")
     candidates, rejected = self._candidates(self.log)
     rejected += self._validate(candidates)
+    self.validations.base_checked()  # before anything measured against the base counts
     kept, dropped, scores, clips = trust.select(self.checked, self.settings, self.bounds,
                                                 self._directions, self.log)
     rejected = sorted(rejected + dropped, key=lambda r: (r["id"], r["reason"]))

@@ -153,20 +153,35 @@ class Validations:
     self.iteration = store.require_latest()
     self.manifest = store.manifest(self.iteration)
     self.base_sha = self.manifest["files"][store_lib.MODEL]["sha256"]
-    self.base_dir = store.base_dir(self.iteration)
+    # The base's sha256 is checked in the background while the bodies are read (see
+    # base_checked), as are its own norms, the measure of the bounds on updates (fusion.trust).
+    self.base_dir, check_base = store.base_dir_checked_later(self.iteration, store_lib.MODEL)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    self._base_check = pool.submit(check_base)
     self._staging = store_lib.staging_dir("validate")
     self.work = self._staging.name
-    self.keys = signing.load_keys(store)
-    self.base = safetensors_io.BodyFile(os.path.join(self.base_dir, store_lib.MODEL))
-    self.specs = self.base.specs()
-    # The base's own norms, the measure of the bounds on updates (fusion.trust): computed in
-    # the background while the bodies are read.
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self.base = None
+    try:
+      self.keys = signing.load_keys(store)
+      self.base = safetensors_io.BodyFile(os.path.join(self.base_dir, store_lib.MODEL))
+      self.specs = self.base.specs()
+    except BaseException:
+      pool.shutdown(wait=False)
+      if self.base is not None:
+        self.base.close()
+      self._staging.cleanup()
+      self.base_checked()  # a corrupt base says so first
+      raise
     self._base_squares = pool.submit(streaming.squared_norms, self.base, self.specs)
     pool.shutdown(wait=False)
     self.numel = {n: math.prod(shape) for n, (shape, _) in self.specs.items()}
     self._checked: dict[str, Checked] = {}
     self._failed: dict[str, tuple[dict, dict]] = {}  # id -> (contribution.json, rejection)
+
+  def base_checked(self) -> None:
+    """Waits for the check of the base's sha256: raises UserError when the base's file does
+    not match its manifest. Nothing computed from the base may be written before it."""
+    self._base_check.result()
 
   @property
   def base_squares(self) -> dict:
@@ -216,7 +231,7 @@ class Validations:
     for c in self._checked.values():
       c.body.close()
     self._checked.clear()
-    concurrent.futures.wait([self._base_squares])
+    concurrent.futures.wait([self._base_squares, self._base_check])
     self.base.close()
     self._staging.cleanup()
 

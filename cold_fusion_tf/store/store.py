@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import os
 import tempfile
-from typing import Optional
+from typing import Callable, Optional
 
 from cold_fusion_tf import __version__
 from cold_fusion_tf.errors import UserError
@@ -142,7 +142,30 @@ class Store:
 
   def base_dir(self, iteration: int) -> str:
     """A local directory holding base ``iteration``, every file checked against the manifest."""
+    return self._base_dir(iteration, None)[0]
+
+  def base_dir_checked_later(self, iteration: int, name: str) -> tuple[str, Callable[[], None]]:
+    """:meth:`base_dir`, but when the store holds the base in a local directory, the sha256
+    of its file ``name`` (a large one) is left to the returned function, which raises
+    UserError when it does not match the manifest: a caller hashes it while it reads the file
+    for other work, and calls it before anything it computed from the file is trusted."""
+    local, deferred = self._base_dir(iteration, name)
+    if deferred is None:
+      return local, lambda: None
+    path = os.path.join(local, name)
+    where = f"{self.uri}/{self.base_prefix(iteration)}/{name}"
+
+    def check() -> None:
+      if safetensors_io.sha256_file(path, 1 << 20) != deferred:
+        raise UserError(f"{where}: size or sha256 does not match the manifest; the base is "
+                        "corrupt. Republish it or restore the file.")
+    return local, check
+
+  def _base_dir(self, iteration: int, later: Optional[str]) -> tuple[str, Optional[str]]:
+    """:meth:`base_dir`, and with ``later`` the file of the store's own directory whose
+    sha256 is left to the caller: (the directory, that file's expected sha256 or None)."""
     manifest = self.manifest(iteration)
+    deferred = None
     prefix = self.base_prefix(iteration)
     local = self.storage.local_path(prefix)
     if local is None:
@@ -161,6 +184,10 @@ class Store:
           raise UserError(f"{self.uri}/{prefix}/{name}: listed in the manifest but missing.") from None
       if not os.path.exists(path):
         raise UserError(f"{self.uri}/{prefix}/{name}: listed in the manifest but missing.")
+      if name == later and self.storage.local_path(prefix) is not None and \
+          os.path.getsize(path) == info["size"]:
+        deferred = info["sha256"]
+        continue
       if os.path.getsize(path) != info["size"] or safetensors_io.sha256_file(path) != info["sha256"]:
         raise UserError(f"{self.uri}/{prefix}/{name}: size or sha256 does not match the manifest; "
                         "the base is corrupt. Republish it or restore the file.")
@@ -174,7 +201,7 @@ class Store:
             os.remove(path)
           except FileNotFoundError:
             pass
-    return local
+    return local, deferred
 
   def publish_base(self, iteration: int, local_dir: str, manifest_fields: dict, *,
                    known_sha256: Optional[dict] = None, move: bool = False,

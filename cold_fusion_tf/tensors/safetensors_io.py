@@ -17,6 +17,8 @@ Files come from untrusted stores: everything read is checked before use.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import functools
 import hashlib
 import json
@@ -370,14 +372,42 @@ class BodyFile:
     self.close()
 
 
+WRITEBACK_BYTES = 64 << 20
+"""A file being written is handed to the disk in steps of this many bytes (see
+:func:`start_writeback`)."""
+
+
+@functools.cache
+def _sync_file_range():
+  """Linux's ``sync_file_range`` from the C library, or None where there is none."""
+  try:
+    fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+  except (OSError, AttributeError):
+    return None
+  fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+  fn.restype = ctypes.c_int
+  return fn
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+  """Asks the kernel to start writing ``length`` bytes of ``fd`` at ``offset`` to disk,
+  without waiting (``SYNC_FILE_RANGE_WRITE``), so that a later fsync of a large file finds
+  little left to write; where the call does not exist or fails, nothing happens (the fsync
+  writes it all)."""
+  fn = _sync_file_range()
+  if fn is not None:
+    fn(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE; a failure leaves it to the fsync
+
+
 class ChunkWriter:
   """Writes a safetensors file for ``specs`` chunk by chunk, in sorted name order.
 
   The header is :func:`header_bytes` (names sorted, data contiguous, padded to 8 bytes), so
-  the same tensors always give the same bytes. Written to ``path + '.partial'``,
-  fsynced (unless ``fsync=False``) and renamed into place by :meth:`close`, which sets
-  :attr:`sha256` (the file's, computed from the bytes as they were written); :meth:`abort`
-  removes it.
+  the same tensors always give the same bytes. Written to ``path + '.partial'``, handed to
+  the disk as it grows (:func:`start_writeback`, every :data:`WRITEBACK_BYTES`), fsynced
+  (unless ``fsync=False``: the caller, or the store that takes the file, syncs it) and renamed
+  into place by :meth:`close`, which sets :attr:`sha256` (the file's, computed from the bytes
+  as they were written); :meth:`abort` removes it.
   """
 
   def __init__(self, path: str, specs: Specs, fsync: bool = True):
@@ -387,12 +417,28 @@ class ChunkWriter:
     self.sha256: Optional[str] = None
     self._digest = hashlib.sha256()
     self._file = open(path + ".partial", "wb")
+    self._written = self._handed = 0
+    self._handing = None  # a thread of its own, so that the writer never waits for the disk
     raw = header_bytes(specs)
     self._put(struct.pack("<Q", len(raw)) + raw)
 
   def _put(self, data) -> None:
     self._digest.update(data)
     self._file.write(data)
+    self._written += len(data)
+    if self._written - self._handed >= WRITEBACK_BYTES:
+      self._file.flush()
+      if self._handing is None:
+        self._handing = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+      self._handing.submit(start_writeback, self._file.fileno(), self._handed,
+                           self._written - self._handed)
+      self._handed = self._written
+
+  def _handed_over(self) -> None:
+    """Waits for the writeback requests made so far (before the file is synced or closed)."""
+    if self._handing is not None:
+      self._handing.shutdown(wait=True)
+      self._handing = None
 
   def write(self, name: str, values: np.ndarray) -> None:
     """Appends the next ``values.size`` elements (flattened) of tensor ``name``."""
@@ -417,6 +463,7 @@ class ChunkWriter:
       self.abort()
       raise ValueError("ChunkWriter: fewer elements than announced")
     self._file.flush()
+    self._handed_over()
     if self.fsync:
       os.fsync(self._file.fileno())
     self._file.close()
@@ -425,6 +472,7 @@ class ChunkWriter:
 
   def abort(self) -> None:
     """Drops the partial file."""
+    self._handed_over()
     if not self._file.closed:
       self._file.close()
     try:

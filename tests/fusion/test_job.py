@@ -345,6 +345,32 @@ def test_too_few_valid_contributions_publish_nothing_and_plan_nothing(tmp_path):
   assert not store.storage.exists("bases/000001")
 
 
+@pytest.mark.parametrize("flipped", ["data", "header"])
+def test_a_corrupt_base_stops_the_fusion_before_anything_is_planned(tmp_path, flipped):
+  # Prepare: 3 honest contributions; then one bit of the base's file flipped (same size), in
+  # a tensor's data or in its header.
+  store = h.new_store(tmp_path)
+  base = h.base_tensors(store)
+  for i in range(3):
+    h.contribute(store, f"c{i}", h.nudged(base, i))
+  path = os.path.join(store.base_dir(0), store_lib.MODEL)
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    data[-1 if flipped == "data" else 9] ^= 0x20
+    f.seek(0)
+    f.write(bytes(data))
+  logged = []
+  # Execute
+  with pytest.raises(UserError, match=r"bases/000000/model\.safetensors: size or sha256 does "
+                     "not match the manifest; the base is corrupt"):
+    fusion.fuse(store, log=logged.append, settings=_settings())
+  # Assert: no plan, no base, no contribution rejected for the base's fault.
+  assert store.latest() == 0
+  assert not store.storage.exists(layout.plan_name(1))
+  assert not store.storage.exists("bases/000001")
+  assert not any(m.startswith("rejected") for m in logged)
+
+
 # ----------------------------------------------------------------------------------------------
 # Robust methods against one bad contributor.
 

@@ -174,3 +174,30 @@ def test_the_reader_reads_whole_tensors_and_chunks(tmp_path):
   np.testing.assert_array_equal(f.read_tensor("x"), values["x"])
   np.testing.assert_array_equal(f.read("x", 5, 3), [5, 6, 7])
   assert tf.constant(f.read_tensor("y")).dtype == tf.float16
+
+
+def test_chunk_writer_hands_the_file_to_the_disk_as_it_grows(tmp_path, monkeypatch):
+  # Prepare: writeback every 1000 bytes, each request recorded, then passed on to the kernel.
+  monkeypatch.setattr(weights, "WRITEBACK_BYTES", 1000)
+  handed, start = [], weights.start_writeback
+
+  def record(fd, offset, length):  # on the writer's writeback thread
+    handed.append((offset, length, os.fstat(fd).st_size))
+    start(fd, offset, length)
+
+  monkeypatch.setattr(weights, "start_writeback", record)
+  values = np.arange(1500, dtype=np.float32)
+  path = str(tmp_path / "x.safetensors")
+  writer = weights.ChunkWriter(path, {"a": ((1500,), "F32")}, fsync=False)
+  # Execute
+  for part in np.split(values, 6):
+    writer.write("a", part)
+  writer.close()
+  # Assert: contiguous requests of at least 1000 bytes from the start, covering all but the
+  # tail; the file is the tensor, hashed as written.
+  assert [o for o, _, _ in handed] == [0] + list(np.cumsum([n for _, n, _ in handed])[:-1])
+  assert all(n >= 1000 for _, n, _ in handed) and len(handed) >= 5  # 6,000 bytes of data
+  assert all(size >= o + n for o, n, size in handed)  # what is handed over is in the file
+  assert os.path.getsize(path) - sum(n for _, n, _ in handed) < 1000
+  assert np.array_equal(load_file(path)["a"], values)
+  assert writer.sha256 == weights.sha256_file(path)
