@@ -7,4 +7,5 @@ bash scripts/setup.sh --dev
 # shellcheck disable=SC1091
 source .venv/bin/activate
 export HF_HUB_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=2
-exec python -m pytest -q tests "$@"
+# Two processes, each taking whole test files (module fixtures are built once).
+exec python -m pytest -q -n 2 --dist loadfile tests "$@"

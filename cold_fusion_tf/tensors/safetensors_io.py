@@ -382,7 +382,7 @@ def _sync_file_range():
   """Linux's ``sync_file_range`` from the C library, or None where there is none."""
   try:
     fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-  except (OSError, AttributeError):
+  except (OSError, AttributeError, TypeError):  # no such call, or no C library to ask
     return None
   fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
   fn.restype = ctypes.c_int
