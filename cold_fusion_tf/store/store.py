@@ -39,6 +39,12 @@ class Contribution:
   created_ns: int = 0  # when the storage created its body (not a writer's claim)
 
 
+def _corrupt(where: str) -> UserError:
+  """The error for a base file that does not match its manifest."""
+  return UserError(f"{where}: size or sha256 does not match the manifest; the base is corrupt. "
+                   "Republish it or restore the file.")
+
+
 class Store:
   """A ColD Fusion store at a URI (local directory or gs://bucket/prefix)."""
 
@@ -153,12 +159,10 @@ class Store:
     if deferred is None:
       return local, lambda: None
     path = os.path.join(local, name)
-    where = f"{self.uri}/{self.base_prefix(iteration)}/{name}"
 
     def check() -> None:
       if safetensors_io.sha256_file(path, 1 << 20) != deferred:
-        raise UserError(f"{where}: size or sha256 does not match the manifest; the base is "
-                        "corrupt. Republish it or restore the file.")
+        raise _corrupt(f"{self.uri}/{self.base_prefix(iteration)}/{name}")
     return local, check
 
   def _base_dir(self, iteration: int, later: Optional[str]) -> tuple[str, Optional[str]]:
@@ -168,12 +172,13 @@ class Store:
     deferred = None
     prefix = self.base_prefix(iteration)
     local = self.storage.local_path(prefix)
-    if local is None:
+    cached = local is None  # a remote store's base, fetched into the cache
+    if cached:
       local = os.path.join(self.cache_dir, prefix)
       os.makedirs(local, exist_ok=True)
     for name, info in sorted(manifest["files"].items()):
       path = os.path.join(local, name)
-      if self.storage.local_path(prefix) is None:
+      if cached:
         fresh = (os.path.exists(path) and os.path.getsize(path) == info["size"]
                  and safetensors_io.sha256_file(path) == info["sha256"])
         if fresh:
@@ -184,14 +189,12 @@ class Store:
           raise UserError(f"{self.uri}/{prefix}/{name}: listed in the manifest but missing.") from None
       if not os.path.exists(path):
         raise UserError(f"{self.uri}/{prefix}/{name}: listed in the manifest but missing.")
-      if name == later and self.storage.local_path(prefix) is not None and \
-          os.path.getsize(path) == info["size"]:
+      if name == later and not cached and os.path.getsize(path) == info["size"]:
         deferred = info["sha256"]
         continue
       if os.path.getsize(path) != info["size"] or safetensors_io.sha256_file(path) != info["sha256"]:
-        raise UserError(f"{self.uri}/{prefix}/{name}: size or sha256 does not match the manifest; "
-                        "the base is corrupt. Republish it or restore the file.")
-    if self.storage.local_path(prefix) is None:
+        raise _corrupt(f"{self.uri}/{prefix}/{name}")
+    if cached:
       # The cache holds exactly the manifest's files (a store recreated at the same URI may
       # have left others behind); downloads in progress (*.partial) are left alone.
       for name in os.listdir(local):
