@@ -64,6 +64,11 @@ KNOBS = {
     "server_momentum": ("fusion.server_optimizer.momentum", "smom"),
     "method": ("fusion.method", "m"),
 }
+# Knobs spelled in a variant's name only when set (variants from before they existed keep
+# their names): the contributors' probe phase (LP-FT), in epochs.
+OPTIONAL_KNOBS = {
+    "probe_epochs": ("recipe.probe_epochs", "lp"),
+}
 
 
 def _get(config, dotted: str):
@@ -96,7 +101,7 @@ def fusion_config(knobs: dict, pool=(), pool_dir: str = ""):
   if not server.enabled and {"server_lr", "server_momentum"} & set(knobs):
     server.update(dict(enabled=True, lr=1.0, momentum=0.0, nesterov=False))  # from the mean
   for flag, value in knobs.items():
-    _set(config, KNOBS[flag][0], value)
+    _set(config, (KNOBS | OPTIONAL_KNOBS)[flag][0], value)
   config.strategy = "default"
   config.eval.enabled = False
   return config
@@ -110,6 +115,10 @@ def variant_name(config) -> str:
     if field.startswith("fusion.server_optimizer") and not config.fusion.server_optimizer.enabled:
       value = {"fusion.server_optimizer.lr": 1, "fusion.server_optimizer.momentum": 0}[field]
     parts.append(f"{short}{value:g}" if isinstance(value, float) else f"{short}{value}")
+  for field, short in OPTIONAL_KNOBS.values():
+    value = _get(config, field)
+    if value:
+      parts.append(f"{short}{value:g}")
   if tuple(config.pool) != demo_pool():  # (the demo's pool is left out of the names)
     parts.append("p" + "+".join(config.pool))
   return "-".join(parts)
@@ -156,6 +165,9 @@ def main() -> int:
                       help="server step toward the fused mean (1: the mean itself)")
   parser.add_argument("--server_momentum", type=float, help="server momentum (0: none)")
   parser.add_argument("--method", help="fusion method: mean, ties, dare, ...")
+  parser.add_argument("--probe_epochs", type=float,
+                      help="the contributors' head-only epochs on the frozen body before "
+                      "their fine-tune (LP-FT; 0: none)")
   parser.add_argument("--pool", help="the contributors' tasks, comma-separated (default: the "
                       "demo's; others come from --data, capped as the shipped ones)")
   parser.add_argument("--seeds", type=int, help="evaluation seeds (default: the demo's)")
@@ -178,7 +190,7 @@ def main() -> int:
     parser.error(f"--data={args.data} lacks the held-out datasets {', '.join(missing)}. They "
                  "come from ../shared/data, beside the repository (not part of it); give "
                  "--data=<a folder holding them> in the JSONL format of cold_fusion_tf/data.")
-  knobs = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
+  knobs = {k: getattr(args, k) for k in KNOBS | OPTIONAL_KNOBS if getattr(args, k) is not None}
   if args.seeds is not None and args.seeds < 2:
     parser.error("--seeds must be at least 2 (a standard error needs two)")
   workdir = os.path.abspath(args.workdir)
@@ -255,7 +267,8 @@ def knob_values(name: str) -> dict:
   """{short name: value} of a variant's directory name (:func:`variant_name`), the pool under
   ``p`` (None: the demo's)."""
   fields = "-".join(rf"{short}(?P<{short}>[^-]+(?:-\d+)?)" for _, short in KNOBS.values())
-  found = re.fullmatch(fields + r"(?:-p(?P<p>.+))?", name)
+  optional = "".join(rf"(?:-{short}(?P<{short}>[^-]+))?" for _, short in OPTIONAL_KNOBS.values())
+  found = re.fullmatch(fields + optional + r"(?:-p(?P<p>.+))?", name)
   if found is None:
     raise ValueError(f"{name!r} is not a variant name")
   return found.groupdict()
@@ -267,7 +280,7 @@ def by_knob(variants) -> list:
   default = knob_values(variant_name(fusion_config({})))
   changed = {v: {k for k, x in knob_values(v).items() if x != default[k]} for v in variants}
   default_name = [v for v, keys in changed.items() if not keys]
-  titles = {short: flag for flag, (_, short) in KNOBS.items()} | {"p": "pool"}
+  titles = {short: flag for flag, (_, short) in (KNOBS | OPTIONAL_KNOBS).items()} | {"p": "pool"}
   tables = []
   for short, flag in titles.items():
     members = sorted((v for v, keys in changed.items() if keys == {short}),

@@ -34,8 +34,6 @@ from cold_fusion_tf.errors import UserError
 
 MODES = ("finetune", "probe")
 DEFAULT_PROBE_LEARNING_RATE = 1e-3
-_DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout",
-                   "attention_dropout")
 
 
 def check_mode(mode: str) -> str:
@@ -61,9 +59,7 @@ def eval_body_weights(base_dir: str, mode: str = "finetune") -> model_cache.Body
   every dropout rate set to 0, and frozen) and its weights, checked as they are assigned."""
   config = models.read_config(base_dir)
   if check_mode(mode) == "probe":
-    for field in _DROPOUT_FIELDS:
-      if hasattr(config, field):
-        setattr(config, field, 0.0)
+    config = models.without_dropout(config)
   path = os.path.join(base_dir, "model.safetensors")
   if not os.path.exists(path):
     raise UserError(f"{base_dir}: missing model.safetensors.")

@@ -93,6 +93,9 @@ def task_key(task: data_lib.TaskData) -> str:
 def recipe_key(recipe, mode: str) -> str:
   """A short hash of everything in a run's recipe that changes its result (not the seed)."""
   fields = {k: v for k, v in recipe.to_dict().items() if k not in _NOT_IN_RECIPE_KEY}
+  if not fields.get("probe_epochs"):  # no probe phase: the key of a recipe without one
+    fields.pop("probe_epochs", None)
+    fields.pop("probe_learning_rate", None)
   text = json.dumps({"mode": mode, "recipe": fields}, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -8,6 +8,7 @@ deserialised by anything but the safetensors reader.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -83,6 +84,19 @@ def load_source_model(source: str):
   body(body.dummy_inputs, training=False)
   tokenizer = transformers.AutoTokenizer.from_pretrained(source)
   return body, tokenizer
+
+
+DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout",
+                  "attention_dropout")
+
+
+def without_dropout(config):
+  """A copy of a body's config with every dropout rate 0 (a frozen body's features)."""
+  config = copy.deepcopy(config)
+  for field in DROPOUT_FIELDS:
+    if hasattr(config, field):
+      setattr(config, field, 0.0)
+  return config
 
 
 class TaskHead(keras.layers.Layer):

@@ -134,7 +134,11 @@ def finetune(body, tokenizer, task: TaskData, recipe, *, strategy=None, evaluate
   (``keras_hub_body.load(..., scope=strategy.scope())``). With ``workdir`` the run backs up
   its state there and resumes from it (``run_key`` is part of the run's fingerprint).
   """
-  return _Run(body, tokenizer, task, Recipe.from_config(recipe), strategy, log, label, workdir,
+  recipe = Recipe.from_config(recipe)
+  if recipe.probe_epochs:
+    raise UserError(f"recipe.probe_epochs={recipe.probe_epochs:g}: the probe phase (LP-FT) is "
+                    "for transformers-TF bodies; set it to 0 for the keras_hub body.")
+  return _Run(body, tokenizer, task, recipe, strategy, log, label, workdir,
               run_key).run(evaluate_test)
 
 

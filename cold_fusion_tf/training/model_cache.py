@@ -108,9 +108,11 @@ class Built:
     self.bytes = sum(int(np.prod(v.shape)) * v.dtype.size for v in every)
     self.runs = 0  # fine-tunes started on it
 
-  def start(self, body, seed: int, learning_rate: float, warmup: int, total: int) -> None:
+  def start(self, body, seed: int, learning_rate: float, warmup: int, total: int,
+            head: list | None = None) -> None:
     """Sets the state of a new fine-tune: ``body``'s weights (a TF body or
-    :class:`BodyWeights`), a head drawn from ``seed``, a reset optimizer and schedule."""
+    :class:`BodyWeights`), a head drawn from ``seed`` (or ``head``'s weights, in the order
+    of the head's ``weights``), a reset optimizer and schedule."""
     if isinstance(body, BodyWeights):
       body.assign(self.body)
     else:
@@ -119,7 +121,11 @@ class Built:
                         f"{len(self.body.weights)}; was it changed after it was built?")
       for target, source in zip(self.body.weights, body.weights):
         target.assign(source.numpy())
-    draw_head(self.model.head, seed)
+    if head is None:
+      draw_head(self.model.head, seed)
+    else:
+      for target, value in zip(self.model.head.weights, head, strict=True):
+        target.assign(value)
     optimizer_lib.reset(self.optimizer)
     self.schedule.set(learning_rate, warmup, total)
     self.run_seed.assign(dropout_lib.run_seed(seed))

@@ -31,6 +31,8 @@ class Recipe:
   max_replica_batch: int = 0       # if > 0: accumulate so a replica's micro-batch is at most this
   eval_batch_size: int = 64
   epochs: float = 1.0              # passes over the training data (the paper: at most 10)
+  probe_epochs: float = 0.0        # head-only passes, body frozen, before the full fine-tune
+  probe_learning_rate: float = 1e-3  # ... their peak learning rate (LP-FT; 0 epochs: off)
   max_steps: int = 0               # cap on optimizer steps (0: no cap)
   max_length: int = 128            # tokens per example (pairs are truncated longest-first)
   eval_every_steps: int = 0        # dev evaluation period in steps (0: once per epoch)
@@ -81,7 +83,8 @@ _RANGES = {  # field: (lowest valid value, whether the lowest is excluded)
     "learning_rate": (0.0, False), "warmup_fraction": (0.0, False), "weight_decay": (0.0, False),
     "adam_epsilon": (0.0, True), "clip_norm": (0.0, False), "batch_size": (1, False),
     "grad_accum_steps": (1, False), "max_replica_batch": (0, False),
-    "eval_batch_size": (1, False), "epochs": (0.0, True), "max_steps": (0, False),
+    "eval_batch_size": (1, False), "epochs": (0.0, True), "probe_epochs": (0.0, False),
+    "probe_learning_rate": (0.0, True), "max_steps": (0, False),
     "max_length": (2, False), "eval_every_steps": (0, False), "eval_every_examples": (0, False),
     "patience_evals": (0, False), "patience_examples": (0, False), "seed": (0, False),
     "steps_per_execution": (1, False), "length_buckets": (0, False),

@@ -74,8 +74,33 @@ def finetune(body, tokenizer, task: TaskData, recipe: Recipe, *, strategy=None, 
   behind is the one that did best. With ``workdir``, training resumes from the checkpoint
   found there (``run_key`` is part of the run's fingerprint, e.g. the base's sha256).
   """
-  return _Trainer(body, tokenizer, task, recipe, strategy or tf.distribute.get_strategy(),
-                  log, label, workdir, run_key).run(evaluate_test)
+  strategy = strategy or tf.distribute.get_strategy()
+  head = None
+  if recipe.probe_epochs and body.trainable:
+    head = probe_head(body, tokenizer, task, recipe, strategy, log, label)
+  return _Trainer(body, tokenizer, task, recipe, strategy, log, label, workdir, run_key,
+                  head).run(evaluate_test)
+
+
+def probe_head(body, tokenizer, task: TaskData, recipe: Recipe, strategy,
+               log: Callable[[str], None] = logging.info, label: str = "") -> list:
+  """The head of a fine-tune's probe phase (LP-FT): ``recipe.probe_epochs`` passes that
+  train a fresh head on the frozen body (every dropout rate 0) at
+  ``recipe.probe_learning_rate``, its best dev weights; the full fine-tune starts from them
+  instead of a random head, so its first steps do not push the body with a random head's
+  gradients."""
+  if isinstance(body, model_cache.BodyWeights):
+    assign = body.assign
+  else:
+    def assign(target):
+      for t, s in zip(target.weights, body.weights):
+        t.assign(s.numpy())
+  frozen = model_cache.BodyWeights(models.without_dropout(body.config), assign, trainable=False)
+  probe = recipe.replace(epochs=recipe.probe_epochs, learning_rate=recipe.probe_learning_rate,
+                         max_steps=0, probe_epochs=0.0, checkpoint_every_steps=0)
+  trainer = _Trainer(frozen, tokenizer, task, probe, strategy, log, f"{label}probe: ", None, "")
+  trainer.run(False)
+  return [w.numpy() for w in trainer.model.head.weights]
 
 
 def throughput(body, tokenizer, task: TaskData, recipe: Recipe, *, steps: int, warmup_steps: int = 2,
@@ -124,7 +149,9 @@ def throughput(body, tokenizer, task: TaskData, recipe: Recipe, *, steps: int, w
 class _Trainer:
   """One fine-tuning run (see :func:`finetune`)."""
 
-  def __init__(self, body, tokenizer, task, recipe, strategy, log, label, workdir, run_key):
+  def __init__(self, body, tokenizer, task, recipe, strategy, log, label, workdir, run_key,
+               head=None):
+    self.head = head  # the head to start from (a probe phase's), else drawn from the seed
     self.timings = timings_lib.Timings()
     self.task, self.recipe, self.strategy = task, recipe, strategy
     self.log, self.label, self.workdir = log, label, workdir
@@ -176,6 +203,9 @@ class _Trainer:
         "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
         "seed": recipe.seed, "learning_rate": recipe.learning_rate,
         "max_length": max_length, "static_shapes": self.static, "run_key": run_key}
+    if recipe.probe_epochs:
+      self.fingerprint.update(probe_epochs=recipe.probe_epochs,
+                              probe_learning_rate=recipe.probe_learning_rate)
     if self.static:  # then the batch order also depends on these
       self.fingerprint.update(buckets=self.buckets, steps_per_execution=self.per_execution)
     self._build(body)
@@ -194,7 +224,7 @@ class _Trainer:
                                                    self.strategy)
       built.start(body, recipe.seed, recipe.learning_rate,
                   optimizer_lib.warmup_steps(recipe.warmup_fraction, self.total_steps),
-                  self.total_steps)
+                  self.total_steps, head=self.head)
     self.body, self.model, self.optimizer = built.body, built.model, built.optimizer
     self.best_weights = built.best_weights
     self.train_chunk, self.predict_step = built.train_chunk, built.predict_step

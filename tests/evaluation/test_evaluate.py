@@ -313,3 +313,16 @@ def test_task_lists_expand_pool_prefixes_and_reject_bad_counts():
   for bad in ("pool:0", "pool:5", "pool:x", "pool:-1", "pool:١"):
     with pytest.raises(UserError, match=r"pool:N is its first N tasks"):
       recycling.resolve_tasks(config, f"{bad},heldout")
+
+
+def test_a_recipe_key_changes_with_a_probe_phase_only_when_there_is_one():
+  # Prepare
+  from cold_fusion_tf.training.recipe import Recipe  # pylint: disable=g-import-not-at-top
+  # Execute
+  plain = recycling.recipe_key(Recipe(), "finetune")
+  unused = recycling.recipe_key(Recipe(probe_learning_rate=5e-3), "finetune")
+  probed = recycling.recipe_key(Recipe(probe_epochs=1.0), "finetune")
+  faster = recycling.recipe_key(Recipe(probe_epochs=1.0, probe_learning_rate=5e-3), "finetune")
+  # Assert: the runs of recipes without a probe phase keep their keys
+  assert plain == unused
+  assert len({plain, probed, faster}) == 3

@@ -191,3 +191,39 @@ def test_a_dataset_smaller_than_one_batch_trains_on_smaller_batches():
   # Execute / Assert
   with pytest.raises(UserError, match="fewer than the 128 replicas x accumulation steps"):
     train(recipe(batch_size=128, grad_accum_steps=128))
+
+
+def test_a_probe_phase_trains_a_head_on_the_frozen_body_and_the_fine_tune_starts_from_it():
+  # Prepare
+  body = tiny.tiny_body(seed=0)
+  strategy = tf.distribute.get_strategy()
+  drawn = training.probe_head(body, TOKENIZER, TREC, recipe(probe_epochs=1,
+                                                            probe_learning_rate=1e-30),
+                              strategy, log=lambda _: None)
+  # Execute
+  logs = []
+  head = training.probe_head(body, TOKENIZER, TREC, recipe(probe_epochs=2,
+                                                           probe_learning_rate=1e-2),
+                             strategy, log=logs.append)
+  # Assert: the head trained for two epochs at its own rate; the body did not move
+  assert any(line.startswith("probe: training trec_coarse: 64 examples, 8 steps") and
+             "lr 0.01" in line for line in logs)
+  assert max_diff([w.numpy() for w in body.weights], INITIAL) == 0.0
+  assert max_diff(head, drawn) > 1e-3
+
+  # Execute: full fine-tunes after a probe phase that moved the head, and one that did not
+  probed, probed_weights = train(recipe(probe_epochs=2, probe_learning_rate=1e-2))
+  unmoved, unmoved_weights = train(recipe(probe_epochs=1, probe_learning_rate=1e-30))
+  # Assert: the fine-tune starts from the probe's head: an unmoved one gives the plain run
+  assert probed.steps == unmoved.steps == BASE_RESULT.steps == 4
+  assert max_diff(unmoved_weights, BASE_WEIGHTS) < 1e-6
+  assert max_diff(probed_weights, BASE_WEIGHTS) > 1e-4
+  assert any(line.startswith("probe: ") for line in probed.logs)
+
+
+def test_a_probe_phase_needs_a_positive_learning_rate():
+  # Execute / Assert
+  with pytest.raises(UserError, match="probe_learning_rate=0.0 is out of range"):
+    recipe(probe_epochs=1, probe_learning_rate=0.0)
+  with pytest.raises(UserError, match="probe_epochs=-1 is out of range"):
+    recipe(probe_epochs=-1)
