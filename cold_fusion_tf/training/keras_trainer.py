@@ -100,24 +100,64 @@ def make_optimizer(recipe: Recipe, total_steps: int, accumulation: int, variable
   return optimizer
 
 
-def task_model(body, num_outputs: int, seed: int, dtype=None) -> keras.Model:
-  """The body with a fresh head over the first token (dense-tanh-dropout-linear, the shape of
-  the transformers-TF body's head). The head's initial weights are drawn with numpy from
-  ``seed``, so they are the same on every backend and device count."""
+class _Inference(keras.layers.Layer):
+  """A model called in inference mode whatever the caller's mode (no dropout): the frozen
+  body of a probe phase."""
+
+  def __init__(self, inner, **kwargs):
+    super().__init__(**kwargs)
+    self.inner = inner
+
+  def call(self, inputs):
+    return self.inner(inputs, training=False)
+
+
+def task_model(body, num_outputs: int, seed: int, dtype=None, head=None,
+               frozen: bool = False) -> keras.Model:
+  """The body with a head over the first token (dense-tanh-dropout-linear, the shape of the
+  transformers-TF body's head). The head's weights are ``head`` (:func:`probe_head`'s list)
+  or fresh ones drawn with numpy from ``seed``, the same on every backend and device count.
+  ``frozen``: the body runs without dropout and so does the head (a probe phase's model; the
+  caller makes the body's variables non-trainable)."""
   features = {n: keras.Input(shape=(None,), dtype="int32", name=n) for n in body.input_names}
-  x = body.encoder(features)[:, 0, :]
+  encoder = _Inference(body.encoder, name="frozen_body") if frozen else body.encoder
+  x = encoder(features)[:, 0, :]
+  rate = 0.0 if frozen else body.dropout
   dense = keras.layers.Dense(body.hidden_size, activation="tanh", name="head_dense", dtype=dtype)
   out = keras.layers.Dense(num_outputs, name="head_out", dtype="float32")
-  x = keras.layers.Dropout(body.dropout, dtype=dtype)(x)
+  x = keras.layers.Dropout(rate, dtype=dtype)(x)
   x = dense(x)
-  x = keras.layers.Dropout(body.dropout, dtype=dtype)(x)
+  x = keras.layers.Dropout(rate, dtype=dtype)(x)
   model = keras.Model(features, out(x), name="task_model")
+  if head is not None:
+    for variable, value in zip(dense.weights + out.weights, head):
+      variable.assign(value)
+    return model
   rng = np.random.default_rng([seed, 7])
   for layer, width in ((dense, body.hidden_size), (out, num_outputs)):
     kernel = np.clip(rng.normal(0.0, 1.0, (body.hidden_size, width)), -2, 2)
     layer.kernel.assign((kernel * body.initializer_range).astype(np.float32))
     layer.bias.assign(np.zeros(width, np.float32))
   return model
+
+
+def head_weights(model: keras.Model) -> list[np.ndarray]:
+  """The head of a :func:`task_model` (what its ``head`` argument takes)."""
+  layers = (model.get_layer("head_dense"), model.get_layer("head_out"))
+  return [np.array(to_numpy(v)) for layer in layers for v in layer.weights]
+
+
+@contextlib.contextmanager
+def _frozen(model: keras.Model):
+  """``model``'s variables non-trainable inside the block; every layer's own setting after."""
+  layers = list(model._flatten_layers(include_self=True, recursive=True))  # pylint: disable=protected-access
+  trainable = [layer.trainable for layer in layers]
+  model.trainable = False
+  try:
+    yield
+  finally:
+    for layer, flag in zip(layers, trainable):  # parents first: children keep their own
+      layer.trainable = flag
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,11 +175,26 @@ def finetune(body, tokenizer, task: TaskData, recipe, *, strategy=None, evaluate
   its state there and resumes from it (``run_key`` is part of the run's fingerprint).
   """
   recipe = Recipe.from_config(recipe)
+  head = None
   if recipe.probe_epochs:
-    raise UserError(f"recipe.probe_epochs={recipe.probe_epochs:g}: the probe phase (LP-FT) is "
-                    "for transformers-TF bodies; set it to 0 for the keras_hub body.")
-  return _Run(body, tokenizer, task, recipe, strategy, log, label, workdir,
-              run_key).run(evaluate_test)
+    head = probe_head(body, tokenizer, task, recipe, strategy=strategy, log=log, label=label)
+  return _Run(body, tokenizer, task, recipe, strategy, log, label, workdir, run_key,
+              head=head).run(evaluate_test)
+
+
+def probe_head(body, tokenizer, task: TaskData, recipe: Recipe, *, strategy=None,
+               log: Callable[[str], None] = logging.info, label: str = "") -> list:
+  """The head of a fine-tune's probe phase (LP-FT), as
+  :func:`cold_fusion_tf.training.trainer.probe_head` makes it: ``recipe.probe_epochs``
+  passes that train a fresh head on the frozen body (no dropout) at
+  ``recipe.probe_learning_rate``, its best dev weights."""
+  probe = recipe.replace(epochs=recipe.probe_epochs, learning_rate=recipe.probe_learning_rate,
+                         max_steps=0, probe_epochs=0.0, checkpoint_every_steps=0)
+  run = _Run(body, tokenizer, task, probe, strategy, log, f"{label}probe: ", None, "",
+             frozen=True)
+  with _frozen(body.encoder):
+    run.run(False)
+  return head_weights(run.model)
 
 
 def throughput(body, tokenizer, task: TaskData, recipe, *, steps: int, strategy=None) -> dict:
@@ -173,8 +228,10 @@ def throughput(body, tokenizer, task: TaskData, recipe, *, steps: int, strategy=
 class _Run:
   """One fine-tuning run (see :func:`finetune`)."""
 
-  def __init__(self, body, tokenizer, task, recipe, strategy, log, label, workdir, run_key):
+  def __init__(self, body, tokenizer, task, recipe, strategy, log, label, workdir, run_key,
+               head=None, frozen=False):
     self.body, self.task, self.recipe, self.log, self.label = body, task, recipe, log, label
+    self.head, self.frozen, self.model = head, frozen, None
     self.jax = keras.backend.backend() == "jax"
     if strategy is None:
       strategy = KerasDistribution(None, keras.distribution.list_devices()[:1]) if self.jax \
@@ -229,6 +286,9 @@ class _Run:
         "total_steps": self.total_steps, "epoch_steps": self.epoch_steps, "seed": recipe.seed,
         "learning_rate": recipe.learning_rate, "max_length": max_length,
         "buckets": self.buckets, "run_key": run_key}
+    if recipe.probe_epochs:
+      self.fingerprint.update(probe_epochs=recipe.probe_epochs,
+                              probe_learning_rate=recipe.probe_learning_rate)
     self.rows, self.widths = self._plan()
 
   def _plan(self) -> tuple[np.ndarray, np.ndarray]:
@@ -298,12 +358,13 @@ class _Run:
   # The loop
 
   def compiled_model(self):
-    """The body with a fresh head, compiled with the recipe's loss and optimizer."""
+    """The body with its head (a probe phase's, else a fresh one), compiled with the recipe's
+    loss and optimizer."""
     recipe = self.recipe
     keras.utils.set_random_seed(recipe.seed)
     with self.strategy.scope():
       model = task_model(self.body, self.task.num_outputs, recipe.seed,
-                         recipe.mixed_precision or None)
+                         recipe.mixed_precision or None, head=self.head, frozen=self.frozen)
       loss = (keras.losses.MeanSquaredError() if self.task.kind == "regression"
               else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
       optimizer = make_optimizer(recipe, self.total_steps, self.accumulation,
@@ -321,7 +382,7 @@ class _Run:
 
   def run(self, evaluate_test: bool) -> FinetuneResult:
     recipe, label, task = self.recipe, self.label, self.task
-    model = self.compiled_model()
+    model = self.model = self.compiled_model()
     directory = None
     if self.workdir and recipe.checkpoint_every_steps:
       directory = checkpointing.join(self.workdir, "checkpoints", "keras_hub")

@@ -308,6 +308,41 @@ def test_a_preempted_run_resumes_from_its_backup(bert_base, tmp_path):
   assert {"epoch_score", "epoch_accuracy"} <= tags["validation"]
 
 
+def test_a_probe_phase_trains_a_head_on_the_frozen_body_and_the_fine_tune_starts_from_it(
+    bert_base, one_batch_run):
+  # Prepare
+  body = keras_hub_body.load(bert_base)
+  tokenizer = keras_hub_body.load_tokenizer(bert_base)
+  trainable = [v.path for v in body.encoder.trainable_variables]
+  drawn = keras_trainer.probe_head(body, tokenizer, TREC,
+                                   _recipe(probe_epochs=1, probe_learning_rate=1e-30),
+                                   log=lambda _: None)
+  # Execute
+  logs = []
+  head = keras_trainer.probe_head(body, tokenizer, TREC,
+                                  _recipe(probe_epochs=2, probe_learning_rate=1e-2),
+                                  log=logs.append)
+  # Assert: the head trained for two epochs at its own rate; the body did not move and is
+  # trainable again (its pooler still not)
+  assert any(line.startswith("probe: training trec_coarse: 64 examples, 8 steps") and
+             "lr 0.01" in line for line in logs)
+  assert _max_diff(body.hf_tensors(), _file_tensors(bert_base)) == 0.0
+  assert [v.path for v in body.encoder.trainable_variables] == trainable
+  assert not any("pooled_dense" in path for path in trainable)
+  assert len(head) == 4 and max(float(np.abs(a - b).max()) for a, b in zip(head, drawn)) > 1e-3
+
+  # Execute: full fine-tunes after a probe phase that moved the head, and one that did not
+  unmoved, unmoved_tensors, _ = _train(bert_base, _recipe(steps_per_execution=1, probe_epochs=1,
+                                                          probe_learning_rate=1e-30))
+  probed, probed_tensors, probed_logs = _train(
+      bert_base, _recipe(steps_per_execution=1, probe_epochs=2, probe_learning_rate=1e-2))
+  # Assert: the fine-tune starts from the probe's head: an unmoved one gives the plain run
+  assert unmoved.steps == probed.steps == 4
+  assert _max_diff(unmoved_tensors, one_batch_run) < 1e-6
+  assert _max_diff(probed_tensors, one_batch_run) > 1e-4
+  assert any(line.startswith("probe: ") for line in probed_logs)
+
+
 def test_regression_on_the_roberta_body():
   # Prepare
   base = refs.resolve(im.tiny_roberta_store()).directory
