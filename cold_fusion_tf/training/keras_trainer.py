@@ -111,6 +111,9 @@ class _Inference(keras.layers.Layer):
   def call(self, inputs):
     return self.inner(inputs, training=False)
 
+  def compute_output_spec(self, inputs):
+    return self.inner.compute_output_spec(inputs)  # (JAX cannot trace it with unknown lengths)
+
 
 def task_model(body, num_outputs: int, seed: int, dtype=None, head=None,
                frozen: bool = False) -> keras.Model:
