@@ -38,6 +38,12 @@ def _run_until_checkpoint(cmd, stderr_path, at_least: int) -> tuple[int, str]:
   return proc.returncode, "".join(lines)
 
 
+def _steps(log: str) -> list[int]:
+  """The fine-tune's reported steps (a probe phase's lines, ``probe: ...``, left out)."""
+  return [int(s) for line in log.splitlines() if "probe: " not in line
+          for s in re.findall(rf"step (\d+)/{TOTAL}", line)]
+
+
 def test_killed_contributor_resumes_and_finishes(tmp_path):
   # Prepare
   store = tiny.make_store(str(tmp_path / "store"), layers=2)
@@ -51,7 +57,7 @@ def test_killed_contributor_resumes_and_finishes(tmp_path):
   code, first = _run_until_checkpoint(cmd, tmp_path / "first.err", at_least=10)
   # Assert
   assert code == -signal.SIGKILL, first[-2000:]
-  first_steps = [int(s) for s in re.findall(rf"step (\d+)/{TOTAL}", first)]
+  first_steps = _steps(first)
   assert first_steps and max(first_steps) < TOTAL
   contributions = os.path.join(store, "contributions", "000000")
   assert not os.path.exists(os.path.join(contributions, "trec_coarse", "contribution.json"))
@@ -66,7 +72,7 @@ def test_killed_contributor_resumes_and_finishes(tmp_path):
   assert resumed, second.stdout[-2000:]
   start = int(resumed.group(1))
   assert 10 <= start < TOTAL and start % 5 == 0
-  second_steps = [int(s) for s in re.findall(rf"step (\d+)/{TOTAL}", second.stdout)]
+  second_steps = _steps(second.stdout)
   assert min(second_steps) == start + 1 and max(second_steps) == TOTAL  # continued, not restarted
   assert len(second_steps) == TOTAL - start < TOTAL
 
