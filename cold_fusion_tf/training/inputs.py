@@ -63,6 +63,11 @@ class Encoded:
     return self.types[self.offsets[i]:self.offsets[i + 1]]
 
 
+def token_cache(workdir: str | None) -> str | None:
+  """A fine-tune's token cache folder: ``<workdir>/tokens`` (local or ``gs://``), or None."""
+  return f"{workdir.rstrip('/')}/tokens" if workdir else None
+
+
 def encode(tokenizer, split: Split, max_length: int, cache_dir: str | None = None,
            body_type: str = "transformers_tf") -> Encoded:
   """Tokenizes a split once (pairs are truncated longest-first to ``max_length``).

@@ -180,21 +180,24 @@ def finetune(body, tokenizer, task: TaskData, recipe, *, strategy=None, evaluate
   recipe = Recipe.from_config(recipe)
   head = None
   if recipe.probe_epochs:
-    head = probe_head(body, tokenizer, task, recipe, strategy=strategy, log=log, label=label)
+    head = probe_head(body, tokenizer, task, recipe, strategy=strategy, log=log, label=label,
+                      workdir=workdir)
   return _Run(body, tokenizer, task, recipe, strategy, log, label, workdir, run_key,
               head=head).run(evaluate_test)
 
 
 def probe_head(body, tokenizer, task: TaskData, recipe: Recipe, *, strategy=None,
-               log: Callable[[str], None] = logging.info, label: str = "") -> list:
+               log: Callable[[str], None] = logging.info, label: str = "",
+               workdir: str | None = None) -> list:
   """The head of a fine-tune's probe phase (LP-FT), as
   :func:`cold_fusion_tf.training.trainer.probe_head` makes it: ``recipe.probe_epochs``
   passes that train a fresh head on the frozen body (no dropout) at
-  ``recipe.probe_learning_rate``, its best dev weights."""
+  ``recipe.probe_learning_rate``, its best dev weights. With ``workdir`` it shares the
+  fine-tune's token cache (and writes nothing else there)."""
   probe = recipe.replace(epochs=recipe.probe_epochs, learning_rate=recipe.probe_learning_rate,
                          max_steps=0, probe_epochs=0.0, checkpoint_every_steps=0)
   run = _Run(body, tokenizer, task, probe, strategy, log, f"{label}probe: ", None, "",
-             frozen=True)
+             frozen=True, tokens=inputs.token_cache(workdir))
   with _frozen(body.encoder):
     run.run(False)
   return head_weights(run.model)
@@ -232,7 +235,7 @@ class _Run:
   """One fine-tuning run (see :func:`finetune`)."""
 
   def __init__(self, body, tokenizer, task, recipe, strategy, log, label, workdir, run_key,
-               head=None, frozen=False):
+               head=None, frozen=False, tokens=None):
     self.body, self.task, self.recipe, self.log, self.label = body, task, recipe, log, label
     self.head, self.frozen, self.model = head, frozen, None
     self.jax = keras.backend.backend() == "jax"
@@ -252,7 +255,7 @@ class _Run:
     self.workdir = workdir
 
     max_length = min(recipe.max_length, body.max_positions)
-    cache = checkpointing.join(workdir, "tokens") if workdir else None
+    cache = tokens or inputs.token_cache(workdir)
     self.tokenize = lambda split: inputs.encode(tokenizer, task.splits[split], max_length, cache,
                                                 body_type=body.body_type)
     self.encoded = inputs.start_splits(self.tokenize, task.kind)

@@ -77,18 +77,20 @@ def finetune(body, tokenizer, task: TaskData, recipe: Recipe, *, strategy=None, 
   strategy = strategy or tf.distribute.get_strategy()
   head = None
   if recipe.probe_epochs and body.trainable:
-    head = probe_head(body, tokenizer, task, recipe, strategy, log, label)
+    head = probe_head(body, tokenizer, task, recipe, strategy, log, label, workdir)
   return _Trainer(body, tokenizer, task, recipe, strategy, log, label, workdir, run_key,
                   head).run(evaluate_test)
 
 
 def probe_head(body, tokenizer, task: TaskData, recipe: Recipe, strategy,
-               log: Callable[[str], None] = logging.info, label: str = "") -> list:
+               log: Callable[[str], None] = logging.info, label: str = "",
+               workdir: str | None = None) -> list:
   """The head of a fine-tune's probe phase (LP-FT): ``recipe.probe_epochs`` passes that
   train a fresh head on the frozen body (every dropout rate 0) at
   ``recipe.probe_learning_rate``, its best dev weights; the full fine-tune starts from them
   instead of a random head, so its first steps do not push the body with a random head's
-  gradients."""
+  gradients. With ``workdir`` it shares the fine-tune's token cache (and writes nothing
+  else there)."""
   if isinstance(body, model_cache.BodyWeights):
     assign = body.assign
   else:
@@ -98,7 +100,8 @@ def probe_head(body, tokenizer, task: TaskData, recipe: Recipe, strategy,
   frozen = model_cache.BodyWeights(models.without_dropout(body.config), assign, trainable=False)
   probe = recipe.replace(epochs=recipe.probe_epochs, learning_rate=recipe.probe_learning_rate,
                          max_steps=0, probe_epochs=0.0, checkpoint_every_steps=0)
-  trainer = _Trainer(frozen, tokenizer, task, probe, strategy, log, f"{label}probe: ", None, "")
+  trainer = _Trainer(frozen, tokenizer, task, probe, strategy, log, f"{label}probe: ", None, "",
+                     tokens=inputs.token_cache(workdir))
   trainer.run(False)
   return [w.numpy() for w in trainer.model.head.weights]
 
@@ -150,7 +153,7 @@ class _Trainer:
   """One fine-tuning run (see :func:`finetune`)."""
 
   def __init__(self, body, tokenizer, task, recipe, strategy, log, label, workdir, run_key,
-               head=None):
+               head=None, tokens=None):
     self.head = head  # the head to start from (a probe phase's), else drawn from the seed
     self.timings = timings_lib.Timings()
     self.task, self.recipe, self.strategy = task, recipe, strategy
@@ -169,7 +172,7 @@ class _Trainer:
     self.label_dtype = tf.float32 if task.kind == "regression" else tf.int32
 
     max_length = max_length_for(body, recipe)
-    cache = checkpointing.join(workdir, "tokens") if workdir else None
+    cache = tokens or inputs.token_cache(workdir)
 
     def tokenize(split):
       with self.timings.phase("tokenize"):

@@ -221,6 +221,19 @@ def test_a_probe_phase_trains_a_head_on_the_frozen_body_and_the_fine_tune_starts
   assert any(line.startswith("probe: ") for line in probed.logs)
 
 
+def test_a_probe_phase_fills_the_fine_tunes_token_cache_and_writes_nothing_else(tmp_path):
+  # Prepare
+  workdir = str(tmp_path / "work")
+  fresh = recipe(probe_epochs=1, max_length=29)  # a length no other test tokenizes at
+  # Execute
+  training.probe_head(tiny.tiny_body(seed=0), TOKENIZER, TREC, fresh,
+                      tf.distribute.get_strategy(), log=lambda _: None, workdir=workdir)
+  # Assert: the splits it read are cached where the fine-tune reads them; no checkpoints or
+  # TensorBoard logs of its own
+  assert os.listdir(workdir) == ["tokens"]
+  assert len([f for f in os.listdir(os.path.join(workdir, "tokens")) if f.endswith(".npz")]) == 2
+
+
 def test_a_probe_phase_needs_a_positive_learning_rate():
   # Execute / Assert
   with pytest.raises(UserError, match="probe_learning_rate=0.0 is out of range"):
