@@ -35,6 +35,7 @@ from cold_fusion_tf.store import refs
 from cold_fusion_tf.tensors import safetensors_io
 from cold_fusion_tf.training import inputs
 from cold_fusion_tf.training import keras_trainer
+from cold_fusion_tf.training import keras_task
 from cold_fusion_tf.training import trainer
 from cold_fusion_tf.training.common import linear_schedule_value
 from cold_fusion_tf.training.recipe import Recipe
@@ -187,8 +188,8 @@ def test_the_recipe_decays_and_schedules_like_the_transformers_tf_trainer(bert_b
   # Prepare: zero gradients leave only AdamW's weight decay to move the weights.
   recipe = _recipe(learning_rate=0.1, weight_decay=0.5, warmup_fraction=0.0, clip_norm=0.0)
   keras_body = keras_hub_body.load(bert_base)
-  model = keras_trainer.task_model(keras_body, 3, seed=0)
-  keras_opt = keras_trainer.make_optimizer(recipe, 10, 1, model.trainable_variables)
+  model = keras_task.task_model(keras_body, 3, seed=0)
+  keras_opt = keras_task.make_optimizer(recipe, 10, 1, model.trainable_variables)
   tf_body = models.load_body(bert_base)
   tf_vars = [v for v in tf_body.trainable_variables if "pooler" not in v.name]
   tf_opt = trainer.make_optimizer(recipe, 10)
@@ -204,9 +205,9 @@ def test_the_recipe_decays_and_schedules_like_the_transformers_tf_trainer(bert_b
   assert "embeddings.word_embeddings.weight" in decayed
   assert not any("LayerNorm" in n or n.endswith(".bias") or "pooler" in n for n in decayed)
   for warmup, total in ((0, 10), (3, 10)):
-    schedule = keras_trainer.LinearWarmupDecay(2e-5, warmup, total)
+    schedule = keras_task.LinearWarmupDecay(2e-5, warmup, total)
     # With accumulation Keras counts micro-batches: 2 per optimizer step here.
-    accumulated = keras_trainer.LinearWarmupDecay(2e-5, warmup, total, accumulation=2)
+    accumulated = keras_task.LinearWarmupDecay(2e-5, warmup, total, accumulation=2)
     for step in range(total + 2):
       want = linear_schedule_value(step, 2e-5, warmup, total)
       assert float(schedule(step)) == pytest.approx(want, rel=1e-6, abs=1e-12)
