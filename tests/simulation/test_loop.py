@@ -21,7 +21,8 @@ def finished_store(request, tmp_path_factory):
   family = request.param
   root = tmp_path_factory.mktemp(f"e2e_{family}")
   source = tiny.write_tiny_base(str(root / "source"), family)
-  # The plain mean (the demo's half step toward it is the server optimizer's, tested there).
+  # The plain mean, as the demo fuses (a server step below 1 is the server optimizer's, tested
+  # there).
   overrides = {"fusion.server_optimizer.enabled": False}
   if family == "roberta":
     overrides["eval.enabled"] = False
