@@ -3,7 +3,7 @@
 :func:`task_model` puts a head over the body's first token (the shape of the transformers-TF
 body's head); :func:`make_optimizer` is the paper's AdamW with linear warm-up and decay, no
 weight decay on LayerNorm weights and biases and global-norm gradient clipping, in Keras 3.
-:func:`frozen` and a ``frozen`` task model serve a fine-tune's probe phase (LP-FT).
+:func:`non_trainable` and a ``frozen`` task model serve a fine-tune's probe phase (LP-FT).
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ class _Inference(keras.layers.Layer):
 def task_model(body, num_outputs: int, seed: int, dtype=None, head=None,
                frozen: bool = False) -> keras.Model:
   """The body with a head over the first token (dense-tanh-dropout-linear, the shape of the
-  transformers-TF body's head). The head's weights are ``head`` (:func:`probe_head`'s list)
-  or fresh ones drawn with numpy from ``seed``, the same on every backend and device count.
+  transformers-TF body's head). The head's weights are ``head`` (the list
+  :func:`cold_fusion_tf.training.keras_trainer.probe_head` returns) or fresh ones drawn with
+  numpy from ``seed``, the same on every backend and device count.
   ``frozen``: the body runs without dropout and so does the head (a probe phase's model; the
   caller makes the body's variables non-trainable)."""
   features = {n: keras.Input(shape=(None,), dtype="int32", name=n) for n in body.input_names}
@@ -109,7 +110,7 @@ def head_weights(model: keras.Model) -> list[np.ndarray]:
 
 
 @contextlib.contextmanager
-def frozen(model: keras.Model):
+def non_trainable(model: keras.Model):
   """``model``'s variables non-trainable inside the block; every layer's own setting after."""
   layers = list(model._flatten_layers(include_self=True, recursive=True))  # pylint: disable=protected-access
   trainable = [layer.trainable for layer in layers]

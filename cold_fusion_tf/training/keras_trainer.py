@@ -49,7 +49,8 @@ from cold_fusion_tf.training import checkpoints as checkpointing
 from cold_fusion_tf.training import distribute as strategies
 from cold_fusion_tf.training import inputs
 from cold_fusion_tf.training.keras_distribution import KerasDistribution, batch_split, describe
-from cold_fusion_tf.training.keras_task import frozen, head_weights, make_optimizer, task_model
+from cold_fusion_tf.training.keras_task import (head_weights, make_optimizer, non_trainable,
+                                                task_model)
 from cold_fusion_tf.training import metrics as metrics_lib
 from cold_fusion_tf.training.common import (FinetuneResult, duration_text,
                                             linear_schedule_value, plan_steps)
@@ -94,7 +95,7 @@ def probe_head(body, tokenizer, task: TaskData, recipe: Recipe, *, strategy=None
                          max_steps=0, probe_epochs=0.0, checkpoint_every_steps=0)
   run = _Run(body, tokenizer, task, probe, strategy, log, f"{label}probe: ", None, "",
              frozen=True, tokens=inputs.token_cache(workdir))
-  with frozen(body.encoder):
+  with non_trainable(body.encoder):
     run.run(False)
   return head_weights(run.model)
 

@@ -34,8 +34,8 @@ from cold_fusion_tf.model import tokenizer as tokenizer_lib
 from cold_fusion_tf.store import refs
 from cold_fusion_tf.tensors import safetensors_io
 from cold_fusion_tf.training import inputs
-from cold_fusion_tf.training import keras_trainer
 from cold_fusion_tf.training import keras_task
+from cold_fusion_tf.training import keras_trainer
 from cold_fusion_tf.training import trainer
 from cold_fusion_tf.training.common import linear_schedule_value
 from cold_fusion_tf.training.recipe import Recipe
