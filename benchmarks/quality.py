@@ -203,7 +203,7 @@ def main() -> int:
     parser.error("--seeds must be at least 2 (a standard error needs two)")
   workdir = os.path.abspath(args.workdir)
   results = os.path.join(workdir, "results")
-  if args.against and not _latest(os.path.join(workdir, args.against, "store")):
+  if args.against and not _finished(workdir, args.against):
     parser.error(f"--against={args.against!r}: no fused base of that variant in {workdir} "
                  "(give a variant's directory name, as --compare prints them)")
   if args.compare:
@@ -267,6 +267,16 @@ def _latest(store: str):
     return None
 
 
+def _finished(workdir: str, variant: str) -> bool:
+  """Whether ``variant``'s store has published its last base (a store still fusing, or
+  copied from a variant with fewer iterations to resume from, is left out of comparisons)."""
+  try:
+    iterations = int(knob_values(variant)["it"])
+  except ValueError:
+    return False
+  return _latest(os.path.join(workdir, variant, "store")) == iterations
+
+
 def _models(store: str, which: str = "both") -> list:
   """The original base (base 0) and the variant's last base, as the pipeline's models."""
   from cold_fusion_tf.store import refs  # pylint: disable=g-import-not-at-top
@@ -324,8 +334,7 @@ def compare(workdir: str, seeds: int, variants=None, against: str = "") -> str:
   from cold_fusion_tf.evaluation import summary as summary_lib  # pylint: disable=g-import-not-at-top
   from cold_fusion_tf.evaluation.results import ResultsDir  # pylint: disable=g-import-not-at-top
   records = ResultsDir(os.path.join(workdir, "results")).records()
-  variants = variants or sorted(v for v in os.listdir(workdir)
-                                if _latest(os.path.join(workdir, v, "store")))
+  variants = variants or sorted(v for v in os.listdir(workdir) if _finished(workdir, v))
   base = fusion_config({})
   out = []
   for group, tasks in GROUPS.items():
