@@ -204,7 +204,7 @@ def main() -> int:
   workdir = os.path.abspath(args.workdir)
   results = os.path.join(workdir, "results")
   if args.against and not _finished(workdir, args.against):
-    parser.error(f"--against={args.against!r}: no fused base of that variant in {workdir} "
+    parser.error(f"--against={args.against!r}: no finished variant of that name in {workdir} "
                  "(give a variant's directory name, as --compare prints them)")
   if args.compare:
     print(compare(workdir, args.seeds or fusion_config({}).eval.seeds, against=args.against))
