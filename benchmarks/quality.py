@@ -69,11 +69,14 @@ KNOBS = {
     "server_momentum": ("fusion.server_optimizer.momentum", "smom"),
     "method": ("fusion.method", "m"),
 }
-# Knobs spelled in a variant's name only when set (variants from before they existed keep
-# their names): the contributors' probe phase (LP-FT), in epochs.
+# Knobs spelled in a variant's name only when they differ from the value given here
+# (variants from before they existed keep their names): the contributors' probe phase
+# (LP-FT), in epochs, and its learning rate.
 OPTIONAL_KNOBS = {
     "probe_epochs": ("recipe.probe_epochs", "lp"),
+    "probe_learning_rate": ("recipe.probe_learning_rate", "plr"),
 }
+UNSPELLED = {"probe_epochs": 0.0, "probe_learning_rate": 1e-3}
 
 
 def _get(config, dotted: str):
@@ -120,9 +123,9 @@ def variant_name(config) -> str:
     if field.startswith("fusion.server_optimizer") and not config.fusion.server_optimizer.enabled:
       value = {"fusion.server_optimizer.lr": 1, "fusion.server_optimizer.momentum": 0}[field]
     parts.append(f"{short}{value:g}" if isinstance(value, float) else f"{short}{value}")
-  for field, short in OPTIONAL_KNOBS.values():
+  for flag, (field, short) in OPTIONAL_KNOBS.items():
     value = _get(config, field)
-    if value:
+    if value != UNSPELLED[flag]:
       parts.append(f"{short}{value:g}")
   if tuple(config.pool) != demo_pool():  # (the demo's pool is left out of the names)
     parts.append("p" + "+".join(config.pool))
@@ -173,6 +176,8 @@ def main() -> int:
   parser.add_argument("--probe_epochs", type=float,
                       help="the contributors' head-only epochs on the frozen body before "
                       "their fine-tune (LP-FT; 0: none)")
+  parser.add_argument("--probe_learning_rate", type=float,
+                      help="the probe phase's peak learning rate (default: the demo's, 1e-3)")
   parser.add_argument("--pool", help="the contributors' tasks, comma-separated (default: the "
                       "demo's; others come from --data, capped as the shipped ones)")
   parser.add_argument("--seeds", type=int, help="evaluation seeds (default: the demo's)")
