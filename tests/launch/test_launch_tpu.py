@@ -246,11 +246,11 @@ def test_tpu_run_without_libtpu_fails_before_training(stubs):
 def test_tpu_run_stops_a_training_left_from_a_dropped_connection(stubs, tmp_path):
   # Prepare: a training still running from an earlier attempt, its pid in the pid file.
   leftover = subprocess.Popen([str(stubs.bin / "python"), "-m", "cold_fusion_tf.train", "--old"],
-                              env=stubs.env(STUB_PYTHON_SLEEP="60"))
+                              env=stubs.env(STUB_PYTHON_SLEEP="600"))
   pid_file = tmp_path / "cf-train.pid"
   pid_file.write_text(str(leftover.pid))
   try:
-    deadline = time.time() + 10
+    deadline = time.time() + 120
     while not stubs.records() and time.time() < deadline:
       time.sleep(0.05)
     # Execute
@@ -258,7 +258,7 @@ def test_tpu_run_stops_a_training_left_from_a_dropped_connection(stubs, tmp_path
                         f"--pid-file={pid_file}", "--", "--config.tpu=grpc://10.0.0.2:8470")
     # Assert
     assert result.returncode == 0, result.stderr
-    assert leftover.wait(timeout=20) != 0
+    assert leftover.wait(timeout=60) != 0
     assert f"stopping the training left from an earlier attempt (pid {leftover.pid})" in result.stderr
     new = [r for r in stubs.records() if "--config.tpu=grpc://10.0.0.2:8470" in r["argv"]]
     assert len(new) == 1 and pid_file.read_text().strip() == str(new[0]["pid"])
