@@ -6,3 +6,8 @@ class UserError(Exception):
 
   Entry points print the message alone (no stack trace) and exit with status 2.
   """
+
+
+class LimitError(UserError):
+  """A limit of this process or machine (open files, disk) was reached: the input is not at
+  fault, so nothing is rejected for it."""

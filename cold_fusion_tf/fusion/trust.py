@@ -13,8 +13,9 @@ Applied to the contributions that passed :mod:`.validation` (well-formed, finite
    rejected, or with ``clip_updates`` scaled down onto the bound (as TensorFlow Federated's
    robust aggregators clip updates before averaging).
 3. **Outliers** among 3 or more: robust z-scores of the update norms (:mod:`.robust`).
-4. **Direction**, among 3 or more: an update whose cosine with the mean of the others'
-   is below ``min_cosine`` is rejected.
+4. **Direction**, among 3 or more: the update whose cosine with the mean of the others' is
+   lowest, and below ``min_cosine``, is rejected; then the same among those left, and so on,
+   for at most a minority of the updates.
 5. **Weights** (``weighted``): each claim of training examples counts at most
    ``max_weight_ratio`` times the median claim.
 
@@ -34,6 +35,8 @@ from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.fusion import robust
 from cold_fusion_tf.fusion.validation import Checked, rejection
 
+COSINE_TIE = 1e-6
+"""Cosines closer than this are tied in the direction check (float rounding)."""
 MIN_SPREAD_OF_BOUND = 0.02
 """The MAD of update norms used for z-scores is at least this share of the whole-update bound,
 so that many near-empty updates cannot make honest ones look like outliers."""
@@ -176,13 +179,32 @@ def select(checked: dict, settings, bounds: Limits,
                 f"robust z-score {score:.3g} > {settings.max_update_z:g})", log)
         kept.remove(cid)
   if len(kept) >= 3 and settings.min_cosine > -1:
-    for cid, cos in cosines(*directions(kept, factors), kept).items():
-      if cos < settings.min_cosine:
-        _reject(rejected, checked[cid],
-                f"update points away from the others' (cosine {cos:.3g} with their mean, "
-                f"below config.fusion.min_cosine={settings.min_cosine:g})", log)
-        kept.remove(cid)
+    _direction_check(checked, kept, factors, settings, directions, rejected, log)
   return kept, rejected, scores, {c: f for c, f in factors.items() if c in kept}
+
+
+def _direction_check(checked: dict, kept: list, factors: dict, settings, directions,
+                     rejected: list, log) -> None:
+  """Rejects from ``kept``, one at a time, the update that points furthest from the mean of
+  the others while that is below ``min_cosine``, measuring again among those left after each.
+
+  Judged all at once, an update against the others would drag their mean with it, and the
+  honest updates would look as if they pointed away too. Cosines within
+  :data:`COSINE_TIE` of each other are tied, and the larger update goes first. At most a
+  minority, ``(n - 1) // 2`` of the ``n`` updates, is rejected this way.
+  """
+  for _ in range((len(kept) - 1) // 2):
+    found = cosines(*directions(kept, factors), kept)
+    norms = {c: _clipped_norm(checked[c].scan.tensors, factors.get(c, {})) for c in kept}
+    lowest = min(found.values())
+    worst = min((c for c in kept if found[c] <= lowest + COSINE_TIE),
+                key=lambda c: (-norms[c], c))
+    if found[worst] >= settings.min_cosine:
+      return
+    _reject(rejected, checked[worst],
+            f"update points away from the others' (cosine {found[worst]:.3g} with their mean, "
+            f"below config.fusion.min_cosine={settings.min_cosine:g})", log)
+    kept.remove(worst)
 
 
 def _clipped_norm(squares: dict, factors: dict) -> float:

@@ -10,7 +10,7 @@ import os
 from typing import Optional
 
 from cold_fusion_tf import store as store_lib
-from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.errors import LimitError, UserError
 from cold_fusion_tf.fusion.settings import Settings
 from cold_fusion_tf.store import signing
 from cold_fusion_tf.store.untrusted import printable
@@ -19,6 +19,8 @@ from cold_fusion_tf.tensors import streaming
 
 _MAX_REASON = 600
 _MAX_METRICS = 32
+SPARE_FILES = 64
+"""Open files kept free beside the bodies (libraries loaded later, staging files, clients)."""
 
 
 @dataclasses.dataclass
@@ -70,6 +72,31 @@ def _open_body(store, contribution, workdir, limits: dict) -> safetensors_io.Bod
   return body
 
 
+def make_room_for_files(count: int) -> None:
+  """Lets this process hold ``count`` more files open (a fusion keeps every body it validated
+  open until it ends): raises the soft limit on open files up to the hard one where needed,
+  or raises LimitError, before any body is opened, when even that is too few."""
+  try:
+    import resource  # pylint: disable=g-import-not-at-top  (POSIX only)
+  except ImportError:
+    return
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  try:
+    in_use = len(os.listdir("/proc/self/fd"))
+  except OSError:
+    in_use = SPARE_FILES
+  needed = in_use + count + SPARE_FILES
+  if soft == resource.RLIM_INFINITY or needed <= soft:
+    return
+  if hard != resource.RLIM_INFINITY and needed > hard:
+    raise LimitError(f"{count} contributions to validate keep {count} files open at once "
+                     f"beside {in_use} open already, more than this process may open ({hard}: "
+                     f"ulimit -n); raise the limit to at least {needed} (ulimit -n {needed}) "
+                     "and run again. No contribution was rejected.")
+  resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY
+                                               else hard, hard))
+
+
 def _checked_scan(result, meta: dict) -> streaming.ScanResult:
   """A body's scan result, or the error that rejects it."""
   if isinstance(result, Exception):
@@ -100,9 +127,14 @@ def validate(store, contributions, base, specs, workdir, threads, log,
     rejected.append(entry)
     log(f"rejected {printable(c.contributor_id)}: {printable(entry['reason'], _MAX_REASON)}")
 
+  make_room_for_files(len(contributions))
   for c in contributions:  # downloads in this thread: one storage client, one thread
     try:
       body = _open_body(store, c, workdir, limits)
+    except LimitError:
+      for _, body in opened:
+        body.close()
+      raise
     except Exception as e:  # pylint: disable=broad-except  (one contribution's problem)
       reject(c, e)
       continue

@@ -21,7 +21,7 @@ import os
 import re
 import stat
 
-from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.errors import LimitError, UserError
 
 MAX_DEPTH = 32
 """Deepest nesting of JSON arrays and objects accepted (store files need 4)."""
@@ -115,6 +115,9 @@ def open_regular(path: str, where: str | None = None) -> int:
   except OSError as e:
     if e.errno == errno.ELOOP:
       raise UserError(f"{where}: is a symbolic link, not a regular file.") from None
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+      raise LimitError(f"{where}: cannot be opened: this process has too many files open "
+                       f"({e.strerror}); raise the limit (ulimit -n) and run again.") from None
     raise UserError(f"{where}: cannot be opened as a regular file ({e.strerror}).") from None
   mode = os.fstat(fd).st_mode
   if not stat.S_ISREG(mode):

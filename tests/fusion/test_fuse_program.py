@@ -147,6 +147,34 @@ def test_exit_status_and_message(tmp_path, flags, status, words):
   assert store.latest() == 0
 
 
+@pytest.mark.parametrize("soft,hard,status", [(100, 4096, 0), (200, 200, 2)])
+def test_more_contributions_than_open_files_allowed(tmp_path, soft, hard, status):
+  # Prepare: 150 contributions (each body stays open while the fusion runs), and a fuser
+  # whose limit on open files is below what they need: raisable (soft) or not (hard).
+  import resource  # pylint: disable=g-import-not-at-top
+  store = h.new_store(tmp_path)
+  base = h.base_tensors(store)
+  for i in range(150):
+    h.contribute(store, f"c{i:03d}", h.nudged(base, i))
+  # Execute
+  result = subprocess.run(
+      _command(store), cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
+      timeout=300, check=False,
+      preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
+  # Assert: the soft limit is raised and all are fused; below the hard limit, one error line
+  # that says what to raise, no contribution blamed, nothing published.
+  output = result.stdout + result.stderr
+  assert result.returncode == status, output
+  assert "Traceback" not in output and "rejected c" not in output
+  if status == 0:
+    assert len(store.manifest(1)["fusion"]["contributions"]) == 150
+  else:
+    assert store.latest() == 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "150 contributions to validate" in errors[0]
+    assert "ulimit -n" in errors[0]
+
+
 def test_method_and_parameters_from_the_command_line(tmp_path):
   # Prepare
   store = _store_with_contributions(tmp_path)

@@ -351,6 +351,52 @@ def test_an_update_against_the_others_is_rejected_by_the_direction_check(tmp_pat
   assert "points away from the others'" in _reasons(outcome)["against"]
 
 
+@pytest.mark.parametrize("attack", ["own update x -4", "minus the others' sum"])
+def test_one_update_against_the_others_does_not_get_them_rejected(tmp_path, attack):
+  # Prepare: 3 honest updates, and one against them that drags the mean of any three:
+  # either its own fine-tune (sharing their direction) times -4, or minus the sum of the
+  # honest updates (random, so nearly orthogonal: every update is then minus the sum of the
+  # others, and its larger norm tells it apart).
+  store = h.new_store(tmp_path)
+  base = h.base_tensors(store)
+  shared = h.nudged(base, 99, scale=0.02) if attack == "own update x -4" else base
+  honest = [h.nudged(shared, i, scale=0.01) for i in range(3)]
+  for i, body in enumerate(honest):
+    h.contribute(store, f"honest{i}", body)
+  if attack == "own update x -4":
+    own = h.nudged(shared, 7, scale=0.01)
+    against = {n: base[n] - 4 * (own[n] - base[n]) for n in base}
+  else:
+    against = {n: base[n] - sum(b[n] - base[n] for b in honest) for n in base}
+  h.contribute(store, "against", {n: v.astype(np.float32) for n, v in against.items()})
+  # Execute: with the outlier check off (a store whose updates are small against the base's
+  # norm lets an update several times the median through it)
+  outcome = fusion.fuse(store, log=lambda m: None, settings=_settings(max_update_z=0))
+  # Assert: only the update against the others is rejected; the base is the honest mean.
+  assert [e["id"] for e in outcome.fused] == ["honest0", "honest1", "honest2"]
+  assert list(_reasons(outcome)) == ["against"]
+  assert "points away from the others'" in _reasons(outcome)["against"]
+  fused = h.base_tensors(store)
+  for n in base:
+    np.testing.assert_allclose(fused[n], np.mean([b[n] for b in honest], axis=0), atol=1e-6)
+
+
+def test_a_majority_of_ids_is_never_rejected_by_the_direction_check(tmp_path):
+  # Prepare: 2 updates that share a direction, 3 that point nowhere in particular.
+  store = h.new_store(tmp_path)
+  base = h.base_tensors(store)
+  shared = h.nudged(base, 99, scale=0.02)
+  for i in range(2):
+    h.contribute(store, f"pair{i}", h.nudged(shared, i, scale=0.005))
+  for i in range(3):
+    h.contribute(store, f"other{i}", h.nudged(base, 10 + i, scale=0.02))
+  # Execute: a direction check that would reject any update below cosine 0.99
+  outcome = fusion.fuse(store, log=lambda m: None, settings=_settings(min_cosine=0.99))
+  # Assert: two of the five are rejected, no more.
+  assert len(outcome.fused) == 3 and len(outcome.rejected) == 2
+  assert all("points away" in r["reason"] for r in outcome.rejected)
+
+
 def test_weighted_caps_an_inflated_claim_of_examples(tmp_path):
   # Prepare: one id claims 10**15 examples, two honest ones 100 each.
   store = h.new_store(tmp_path)
