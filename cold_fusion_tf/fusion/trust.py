@@ -3,9 +3,10 @@
 Applied to the contributions that passed :mod:`.validation` (well-formed, finite, fresh):
 
 1. **Repeated bodies**: identical bodies (same sha256) under several ids count once, for
-   the earliest upload (the storage's creation time of ``body.safetensors``, which no
-   contributor writes: a copy can only be uploaded after the original); when the earliest
-   are tied, none of them counts.
+   the earliest upload (GCS: the object's creation time, set by the service, so a copy can
+   only be uploaded after the original; a local store: the inode's change time, which only
+   whoever may write or hard-link the file can move); when the earliest are tied, none of
+   them counts.
 2. **Norm bounds**, relative to the base's own norms: each tensor's update
    ``||body_t - base_t||`` against ``max_tensor_update_ratio`` times ``||base_t||`` (for
    tensors of small norm, at least their share of the whole base's norm), and the whole

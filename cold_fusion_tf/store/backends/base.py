@@ -12,7 +12,9 @@ class ObjectInfo:
   """What the storage itself (not the object's writer) says about an object."""
 
   size: int
-  created_ns: int  # when it was created (GCS: time_created; local: the inode's change time)
+  # When it was created (GCS: time_created; local: the inode's change time, which writes,
+  # renames and hard links move).
+  created_ns: int
   version: int     # GCS: its generation; local: the inode number (tells replacements apart)
 
 
