@@ -108,6 +108,9 @@ def test_a_file_where_a_folder_is_expected(program, place):
     ("export", ["--sequence_length=-5"], "--sequence_length=-5"),
     ("evaluate", ["--seeds=-1"], "--seeds=-1"),
     ("train", ["--config.contributor_id=../../etc"], "Contributor id '../../etc' is not a safe"),
+    ("run", ["--config.eval.max_train_examples=-1"],
+     "config.eval.max_train_examples=-1: expected an integer in 0.."),
+    ("run", ["--config.eval.tasks=bogus"], "config.eval.tasks='bogus': bogus is not in"),
 ])
 def test_bad_values_are_refused_before_any_work(program, args, fragment, place):
   # Prepare
@@ -126,6 +129,12 @@ def test_bad_values_are_refused_before_any_work(program, args, fragment, place):
     ("def get_config(:\n", "fails to load: SyntaxError"),
     ("x = 1\n", "has no attribute 'get_config'"),
     ("def get_config():\n  return 5\n", "get_config() returned int"),
+    ("def get_config():\n  return {'model': {'source': 1}}\n", "get_config() returned dict"),
+    ("import ml_collections\ndef get_config():\n  return ml_collections.ConfigDict()\n",
+     "--config lacks config.contributor_id, config.contributors_per_iteration, "),
+    ("from cold_fusion_tf.configs import demo\ndef get_config():\n  c = demo.get_config()\n"
+     "  del c.fusion\n  del c.eval['seeds']\n  return c\n",
+     "--config lacks config.eval.seeds, config.fusion: a config starts from"),
 ])
 def test_config_files_that_fail(body, fragment, place, tmp_path):
   # Prepare

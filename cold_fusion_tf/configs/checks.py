@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import ml_collections
+
 from cold_fusion_tf import data
 from cold_fusion_tf.data import folder
 from cold_fusion_tf.errors import UserError
@@ -20,10 +22,18 @@ _MAX_SEED = 2**31 - 1  # numpy and TensorFlow take 32-bit seeds; evaluation adds
 
 
 def check(config) -> None:
-  """Raises a UserError for the first value of ``config`` that is not valid."""
-  if not hasattr(config, "keys") or not hasattr(config, "get"):
+  """Raises a UserError for the first value of ``config`` that is not valid, or when it lacks
+  a field of :func:`cold_fusion_tf.configs.defaults.get_config` (a program reads them all)."""
+  if not isinstance(config, ml_collections.ConfigDict):
     raise UserError(f"--config: get_config() returned {type(config).__name__}; a config file's "
                     "get_config() returns an ml_collections.ConfigDict (see configs/demo.py).")
+  from cold_fusion_tf.configs import defaults  # pylint: disable=g-import-not-at-top
+  missing = _missing(config, defaults.get_config(), "config")
+  if missing:
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    raise UserError(f"--config lacks {', '.join(missing[:5])}{more}: a config starts from "
+                    "cold_fusion_tf.configs.defaults.get_config() and changes its fields (see "
+                    "configs/demo.py).")
   if "model" in config:
     _string(config.model, "source", "config.model", empty=False)
   if "data" in config:
@@ -48,6 +58,18 @@ def check(config) -> None:
     fusion.Settings.from_config(config.fusion)
 
 
+def _missing(config, default, where: str) -> list[str]:
+  """The fields of ``default`` (and of its sections) that ``config`` does not have."""
+  out = []
+  for name in default.keys():
+    if name not in config:
+      out.append(f"{where}.{name}")
+    elif isinstance(default[name], ml_collections.ConfigDict) and \
+        isinstance(config[name], ml_collections.ConfigDict):
+      out += _missing(config[name], default[name], f"{where}.{name}")
+  return out
+
+
 def _check_data(section) -> None:
   if "dirs" in section:
     _names(section.dirs, "config.data.dirs", what="a folder")
@@ -62,6 +84,8 @@ def _check_eval(section) -> None:
     _recipe(section.recipe, "config.eval.recipe")
   if "seeds" in section:
     _integer(section.seeds, "config.eval.seeds", 1)
+  if "max_train_examples" in section:
+    _integer(section.max_train_examples, "config.eval.max_train_examples", 0)
   if "enabled" in section and not isinstance(section.enabled, bool):
     raise UserError(f"config.eval.enabled={section.enabled!r}: expected True or False.")
   if "probe_learning_rate" in section:

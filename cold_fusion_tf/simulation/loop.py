@@ -63,8 +63,8 @@ def run(config, store_uri: str, log: Callable[[str], None] = logging.info,
   tasks = {name: contributor.load_task(config, name)
            for name in list(config.pool) + list(config.heldout)}
   store = store_lib.Store(store_uri)
+  evaluator = _Evaluator(store, config, tasks)  # checks config.eval before the store is made
   ensure_store(store, config, log)
-  evaluator = _Evaluator(store, config, tasks)
   run_scalars = scalars.open_for(store.uri, logdir)
 
   iteration = store.require_latest()
