@@ -26,13 +26,18 @@ def _text(value, limit: int = 200) -> str:
 
 def _chain(store: store_lib.Store, latest: int) -> list[int]:
   """The bases of LATEST's lineage, oldest first (after a rollback, withdrawn bases are left
-  out); a base whose parent cannot be read is followed by the one numbered before it."""
+  out); a base whose parent cannot be read is followed by the highest-numbered base folder
+  below it (base 0 when there is none), so a LATEST far beyond the bases costs one line."""
+  folders = None
   chain = [latest]
   while chain[-1] > 0:
     try:
       parent = rollbacks.parent_of(store, chain[-1])
     except UserError:
-      parent = chain[-1] - 1
+      if folders is None:
+        folders = sorted(int(n) for n in store.storage.list_children("bases")
+                         if n.isascii() and n.isdigit())
+      parent = max([n for n in folders if n < chain[-1]], default=0)
     chain.append(parent)
   return chain[::-1]
 
@@ -104,7 +109,11 @@ def lineage(store: store_lib.Store) -> dict:
     bases.append(row)
     previous_sha, previous = row["sha256"], iteration
   found, unreadable = store.contributions(latest)
-  target = store.next_iteration(latest)
+  try:
+    target = store.next_iteration(latest)
+    plan, manifest = layout.plan_name(target), f"{store.base_prefix(target)}/{store_lib.MANIFEST}"
+  except UserError:  # LATEST is the last iteration a store can number
+    target = plan = manifest = None
   pending = {"iteration": latest,
              "contributions": [{"id": c.contributor_id, "dataset": c.meta["dataset"],
                                 "num_examples": c.meta["num_examples"],
@@ -112,10 +121,9 @@ def lineage(store: store_lib.Store) -> dict:
                                 "stale": c.meta["base_sha256"] != bases[-1].get("sha256")}
                                for c in found],
              "unreadable": unreadable,
-             "planned": store.storage.exists(layout.plan_name(target)),
+             "planned": plan is not None and store.storage.exists(plan),
              "next": target,
-             "unpublished_manifest": store.storage.exists(
-                 f"{store.base_prefix(target)}/{store_lib.MANIFEST}")}
+             "unpublished_manifest": manifest is not None and store.storage.exists(manifest)}
   return {"uri": store.uri, "model_type": _text(info.get("model_type")),
           "rollbacks": [{k: (v if isinstance(v, (int, list)) else _text(v, 300))
                          for k, v in r.items()} for r in rollbacks.records(store)],

@@ -70,6 +70,19 @@ def test_lineage_reports_a_broken_store_instead_of_failing(tmp_path):
   assert "base 2\n  PROBLEM: " in text and "missing; base 2 is not complete" in text
 
 
+def test_a_latest_far_beyond_the_bases_costs_one_line(tmp_path):
+  # Prepare: LATEST names a base nearly a million past the last one.
+  store = _store_with_history(tmp_path)
+  store.storage.write_bytes("LATEST", b"999999\n")
+  # Execute
+  data = inspect_store.lineage(store)
+  text = inspect_store.format_lineage(data)
+  # Assert: the bases that exist, then the missing one with its problem; nothing in between.
+  assert [row["iteration"] for row in data["bases"]] == [0, 1, 999999]
+  assert data["bases"][-1]["problems"] and not data["bases"][1]["problems"]
+  assert len(text.splitlines()) < 60
+
+
 def test_the_program_prints_text_and_json(tmp_path):
   # Prepare
   store = _store_with_history(tmp_path)
