@@ -22,6 +22,7 @@ from cold_fusion_tf import quiet  # pylint: disable=g-import-not-at-top
 from cold_fusion_tf.tensors import safetensors_io as weights  # pylint: disable=g-import-not-at-top
 from cold_fusion_tf.model import hf_config
 from cold_fusion_tf.model import hf_names
+from cold_fusion_tf.model import sources
 
 from cold_fusion_tf.errors import UserError  # pylint: disable=g-import-not-at-top
 
@@ -74,15 +75,17 @@ def load_source_model(source: str):
   A hub name (``roberta-base``) downloads on a machine with internet, like
   ``TFAutoModel.from_pretrained`` itself.
   """
+  local = sources.local_files_only(source)
   try:
-    config = transformers.AutoConfig.from_pretrained(source)
+    config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
   except (OSError, ValueError) as e:
     raise UserError(f"Cannot load model {source!r}: {e}") from e
   config_from_dict(config.to_dict(), source)  # checks the model type and sizes
   with quiet.transformers_tf():
-    body = transformers.TFAutoModel.from_pretrained(source, config=config)
+    body = transformers.TFAutoModel.from_pretrained(source, config=config,
+                                                    local_files_only=local)
   body(body.dummy_inputs, training=False)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local)
   return body, tokenizer
 
 
@@ -179,7 +182,8 @@ _ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta":
 def minimal_config(config: transformers.PretrainedConfig, source: str | None = None) -> dict:
   """The ``config.json`` of a base: see :func:`write_base_dir`."""
   if source:
-    fields, _ = transformers.PretrainedConfig.get_config_dict(source)
+    fields, _ = transformers.PretrainedConfig.get_config_dict(
+        source, local_files_only=sources.local_files_only(source))
   else:
     fields = config.to_diff_dict()
     fields.pop("transformers_version", None)
