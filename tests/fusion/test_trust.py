@@ -97,6 +97,16 @@ def _fuse_in_thread(store, settings, timeout=120):
   return result["outcome"], logged
 
 
+def _sharing_a_direction(store, base, ids: list, spread: float):
+  """Contributions of ``ids`` whose updates share one direction, each with noise of
+  ``spread``: (the shared body, the contributed bodies)."""
+  shared = h.nudged(base, 99, scale=0.02)
+  bodies = [h.nudged(shared, i, scale=spread) for i in range(len(ids))]
+  for cid, body in zip(ids, bodies):
+    h.contribute(store, cid, body)
+  return shared, bodies
+
+
 def _reasons(outcome) -> dict:
   return {r["id"]: r["reason"] for r in outcome.rejected}
 
@@ -339,9 +349,7 @@ def test_an_update_against_the_others_is_rejected_by_the_direction_check(tmp_pat
   # the norm bounds).
   store = h.new_store(tmp_path)
   base = h.base_tensors(store)
-  shared = h.nudged(base, 99, scale=0.02)
-  for i in range(3):
-    h.contribute(store, f"honest{i}", h.nudged(shared, i, scale=0.01))
+  shared, _ = _sharing_a_direction(store, base, ["honest0", "honest1", "honest2"], 0.01)
   h.contribute(store, "against", {n: (base[n] - 2 * (shared[n] - base[n])).astype(np.float32)
                                   for n in base})
   # Execute
@@ -385,9 +393,7 @@ def test_a_majority_of_ids_is_never_rejected_by_the_direction_check(tmp_path):
   # Prepare: 2 updates that share a direction, 3 that point nowhere in particular.
   store = h.new_store(tmp_path)
   base = h.base_tensors(store)
-  shared = h.nudged(base, 99, scale=0.02)
-  for i in range(2):
-    h.contribute(store, f"pair{i}", h.nudged(shared, i, scale=0.005))
+  _sharing_a_direction(store, base, ["pair0", "pair1"], 0.005)
   for i in range(3):
     h.contribute(store, f"other{i}", h.nudged(base, 10 + i, scale=0.02))
   # Execute: a direction check that would reject any update below cosine 0.99
