@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import re
@@ -188,31 +189,76 @@ def _jsonl_rows(file: str, text: str) -> list[tuple[dict, int]]:
 
 
 def _json(raw: bytes, where: str, max_depth: int):
-  """Parsed JSON, refused when nested deeper than ``max_depth`` (a dataset file is flat)."""
+  """Parsed JSON, refused when nested deeper than ``max_depth`` (a dataset file is flat) or
+  when an object names a key twice (JSON readers keep the last value, silently)."""
   nesting = untrusted.depth(raw.decode("utf-8", "replace"))
   if nesting > max_depth:
     raise UserError(f"{where}: JSON nested {nesting} deep; at most {max_depth} levels are "
                     "expected here.")
-  return untrusted.loads(raw, where, max_depth=max_depth)
+  value = untrusted.loads(raw, where, max_depth=max_depth)  # its limits and messages first
+  json.loads(raw, object_pairs_hook=lambda pairs: _unique_keys(pairs, where))
+  return value
+
+
+def _unique_keys(pairs: list[tuple[str, object]], where: str) -> dict:
+  """The object of ``pairs`` (a ``json`` object_pairs_hook); a UserError if a key repeats."""
+  obj = {}
+  for key, value in pairs:
+    if key in obj:
+      raise UserError(f"{where}: key {untrusted.printable(key, 60)!r} appears twice in one "
+                      "object; keep one of them.")
+    obj[key] = value
+  return obj
 
 
 def _csv_rows(file: str, text: str, names: Mapping[str, str]) -> list[tuple[dict, int]]:
+  """(fields by column, line number) per row of a CSV/TSV file; the first row is the header,
+  blank lines are skipped, every other row has one field per column."""
   kind = "TSV" if file.endswith(".tsv") else "CSV"
-  reader = csv.DictReader(io.StringIO(text), delimiter="\t" if kind == "TSV" else ",")
+  delimiter, separator = ("\t", "tab") if kind == "TSV" else (",", "comma")
+  reader = csv.reader(io.StringIO(text), delimiter=delimiter)
   rows = []
+  end = 0  # the last line read without an error
   try:
-    header = reader.fieldnames or []
+    header = next(reader, [])
     for key in ("text", "label"):
       if names[key] not in header:
         raise UserError(f"{file}:1: no column {names[key]!r} in the header "
                         f"{untrusted.printable(header, 200)}; name the column or map it with "
                         f"--config.data.columns.{key}=<column>.")
-    for row in reader:
-      rows.append((row, reader.line_num))
+    twice = [c for c in dict.fromkeys(header) if c in names.values() and header.count(c) > 1]
+    if twice:
+      raise UserError(f"{file}:1: the header {untrusted.printable(header, 200)} has the column "
+                      f"{untrusted.printable(twice[0], 60)!r} twice; rename or remove one.")
+    end = reader.line_num
+    for fields in reader:
+      start, end = end + 1, reader.line_num  # a quoted field may hold line breaks
+      if not fields:
+        continue  # a blank line
+      if len(fields) != len(header):
+        raise _field_count_error(f"{file}:{end}", f"{file}:{start}", fields, header, separator)
+      rows.append((dict(zip(header, fields)), end))
   except csv.Error as e:
-    raise UserError(f"{file}:{reader.line_num + 1}: not valid {kind} ({e}); a text may have at "
+    raise UserError(f"{file}:{end + 1}: not valid {kind} ({e}); a text may have at "
                     f"most {MAX_TEXT_CHARS} characters.") from None
   return rows
+
+
+def _field_count_error(where: str, first_line: str, fields: list[str], header: list[str],
+                       separator: str) -> UserError:
+  """The error for a CSV/TSV row without one field per column (``where`` the row ends, on
+  ``first_line`` it starts)."""
+  if len(fields) > len(header):
+    return UserError(f"{where}: {len(fields)} fields, but the header has {len(header)} columns; "
+                     f"put a text that contains a {separator} in double quotes.")
+  missing = untrusted.printable(header[len(fields)], 60)
+  if fields[-1].endswith(("\n", "\r")):  # a quoted field that runs to the end of the file
+    return UserError(f"{first_line}: missing field {missing!r}: a double quote opened on this "
+                     'line is not closed; close it (a quote inside a quoted text is written "").')
+  return UserError(f"{where}: missing field {missing!r} ({len(fields)} "
+                   f"field{'s' if len(fields) != 1 else ''}, but the header has {len(header)} "
+                   f"columns); give every column a field (an empty one is nothing between two "
+                   f"{separator}s).")
 
 
 def _check_text(value, what: str) -> None:
@@ -279,19 +325,21 @@ def _infer_label_names(raw, files) -> list[str]:
   """Label names of a classification task without ``label_names``: ``0..max id`` when every
   label is a class id, else the sorted distinct labels."""
   labels = [(r[2], files[split], r[3]) for split, records in raw.items() for r in records]
-  ids = [(_class_id(label), file, line) for label, file, line in labels]
-  if all(i is not None for i, _, _ in ids):
+  ids = [(_class_id(label), label, file, line) for label, file, line in labels]
+  if all(i is not None for i, _, _, _ in ids):
     low = min(ids, key=lambda x: x[0])
     if low[0] < 0:
-      raise UserError(f"{low[1]}:{low[2]}: label {low[0]} is negative; class ids start at 0.")
+      raise UserError(f"{low[2]}:{low[3]}: label {untrusted.printable(low[1], 60)} is negative; "
+                      "class ids start at 0.")
     high = max(ids, key=lambda x: x[0])
-    if high[0] >= MAX_CLASSES:
-      raise UserError(f"{high[1]}:{high[2]}: label {high[0]} is too large: class ids are 0.."
-                      f"{MAX_CLASSES - 1}. Number the classes from 0, or name them in info.json "
-                      '("label_names": [...]) and use the names as labels.')
+    if high[0] >= MAX_CLASSES:  # shown as written: 1e300 is a class id of 301 digits
+      raise UserError(f"{high[2]}:{high[3]}: label {untrusted.printable(high[1], 60)} is too "
+                      f"large: class ids are 0..{MAX_CLASSES - 1}. Number the classes from 0, "
+                      'or name them in info.json ("label_names": [...]) and use the names as '
+                      "labels.")
     names = [str(i) for i in range(high[0] + 1)]
-  elif any(i is not None for i, _, _ in ids):
-    label, file, line = next(x for x, (i, _, _) in zip(labels, ids) if i is None)
+  elif any(i is not None for i, _, _, _ in ids):
+    _, label, file, line = next(x for x in ids if x[0] is None)
     raise UserError(f"{file}:{line}: label {untrusted.printable(label, 60)!r} is not a class id "
                     "like the other labels (0, 1, ...); write every label as a class id, or "
                     'name the classes in info.json ("label_names": [...]).')

@@ -7,10 +7,18 @@ min(1000, 10%) of train (seed 0); the rest of train is trained on.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import logging as py_logging
+import urllib.parse
+
+from absl import logging
 import numpy as np
 
 from cold_fusion_tf.data.tasks import Split, TaskData
-from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.errors import LimitError, UserError
+from cold_fusion_tf.store import untrusted
 
 # Which features hold the first and second text; anything not listed falls back to the
 # string features in declaration order.
@@ -26,6 +34,10 @@ TEXT_FIELDS = {
     "anli": ("context", "hypothesis"), "esnli": ("premise", "hypothesis"),
 }
 VALIDATION_SPLIT = {"glue/mnli": "validation_matched", "anli": "validation_r1"}
+DOWNLOAD_RETRIES = 4
+"""Retries of a download request that fails: tfds's own 10, with pauses that double, give up
+after 3.5 minutes on a machine without internet; 4 give up after about 3 seconds."""
+_CATALOG = "https://www.tensorflow.org/datasets/catalog"
 
 
 def load(name: str, data_dir: str | None = None) -> TaskData:
@@ -34,10 +46,11 @@ def load(name: str, data_dir: str | None = None) -> TaskData:
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises several types for unknown names
-    first = str(e).split(". ")[0]  # tfds goes on to list every dataset it has
-    raise UserError(f"tfds:{name}: not a TensorFlow Datasets name ({first[:200]}); see "
-                    "https://www.tensorflow.org/datasets/catalog/overview.") from e
-  builder.download_and_prepare()
+    first = (str(e).strip().splitlines() or [""])[0]  # tfds goes on to list every dataset
+    first = untrusted.printable(first.split(". ")[0].rstrip("."), 200)
+    raise UserError(f"tfds:{name}: not a TensorFlow Datasets name ({first}); see "
+                    f"{_CATALOG}/overview.") from e
+  _prepare(builder, name)
   features = builder.info.features
   if "label" not in features:
     raise UserError(f"tfds:{name}: has no 'label' feature; only classification and "
@@ -66,6 +79,74 @@ def load(name: str, data_dir: str | None = None) -> TaskData:
       raise UserError(f"tfds:{name}: the {split_name} split has no labelled examples.")
   return TaskData(name.replace("/", "."), kind, label_names,
                   {"train": train, "dev": dev, "test": test}, f"tfds:{name}")
+
+
+def _prepare(builder, name: str) -> None:
+  """Downloads and prepares a dataset unless that was done before. What tfds prints (a note
+  before and after) becomes INFO log records, off stdout; its progress bars stay on stderr.
+  Any failure (no network, no disk space, files to download by hand) is one UserError."""
+  from tensorflow_datasets.core.download import downloader  # pylint: disable=g-import-not-at-top
+  retries = getattr(downloader, "MAX_RETRIES", None)
+  pool = py_logging.getLogger("urllib3.connectionpool")  # its retry notes: the error says it
+  try:
+    if isinstance(retries, int):
+      downloader.MAX_RETRIES = min(retries, DOWNLOAD_RETRIES)
+    pool.addFilter(_not_a_retry_note)
+    with contextlib.redirect_stdout(_LogLines()):
+      builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _prepare_error(builder, name, e) from e
+  finally:
+    pool.removeFilter(_not_a_retry_note)
+    if isinstance(retries, int):
+      downloader.MAX_RETRIES = retries
+
+
+def _prepare_error(builder, name: str, error: Exception) -> UserError:
+  """The error for a dataset that could not be downloaded and prepared: its cause in short,
+  and what to do."""
+  import requests  # pylint: disable=g-import-not-at-top
+  root = str(getattr(builder, "data_dir_root", "~/tensorflow_datasets"))
+  request = getattr(error, "request", None)
+  if isinstance(error, requests.exceptions.ConnectionError) and request is not None:
+    cause = f"cannot connect to {urllib.parse.urlsplit(request.url).hostname}"
+  else:
+    first = (str(error).strip().splitlines() or [""])[0]
+    cause = f"{type(error).__name__}: {first}" if first else type(error).__name__
+  cause = untrusted.printable(cause, 200)
+  where = f"tfds:{name}: cannot download and prepare it ({cause})"
+  if "disk space" in str(error) or getattr(error, "errno", None) == errno.ENOSPC:
+    return LimitError(f"{where}; free space in {root}, or set TFDS_DATA_DIR to a folder on a "
+                      "larger disk.")
+  if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+    return UserError(f"{where}; its files are downloaded by hand: follow {_CATALOG}/"
+                     f"{name.split('/')[0].split(':')[0]}.")
+  return UserError(f"{where}; on a machine without internet, prepare it elsewhere and copy "
+                   f"{root} here, or give a folder dataset.")
+
+
+def _not_a_retry_note(record: py_logging.LogRecord) -> bool:
+  """Whether a urllib3 record is something else than a note that a request is retried."""
+  return not str(record.msg).startswith("Retrying")
+
+
+class _LogLines(io.TextIOBase):
+  """A text stream whose lines become INFO log records (for what a library prints)."""
+
+  def __init__(self):
+    super().__init__()
+    self._partial = ""
+
+  def writable(self) -> bool:
+    return True
+
+  def write(self, text: str) -> int:
+    lines = (self._partial + text).split("\n")
+    self._partial = lines.pop()
+    for line in lines:
+      if line.strip():
+        logging.info("%s", line.rstrip())
+    return len(text)
 
 
 def _text_fields(name, features):

@@ -164,3 +164,63 @@ def test_max_examples_samples_both_classes_of_a_label_sorted_file(tmp_path):
   positions = [full.texts.index(t) for t in capped.texts[:50]]
   assert positions == sorted(positions)
   assert 150 < int((capped.labels == 0).sum()) < 250
+
+
+@pytest.mark.parametrize("files,message", [
+    ({"train.csv": "text,label\na,1\nb,0\nc,1,extra,more\n"},
+     r"train.csv:4: 4 fields, but the header has 2 columns; put a text that contains a comma in "
+     r"double quotes\.$"),
+    ({"train.tsv": "text\tlabel\na\t1\nb\tx\t0\n"},
+     r"train.tsv:3: 3 fields, but the header has 2 columns; put a text that contains a tab in "
+     r"double quotes\.$"),
+    ({"train.csv": "text,label,source\na,1,web\nb,0\n"},
+     r"train.csv:3: missing field 'source' \(2 fields, but the header has 3 columns\); give every "
+     r"column a field \(an empty one is nothing between two commas\)\.$"),
+    ({"train.csv": "text,label\na,1\nonlytext\n"},
+     r"train.csv:3: missing field 'label' \(1 field, but the header has 2 columns\)"),
+    ({"train.csv": 'text,label\na,1\n"b,0\nc,1\n'},
+     r"train.csv:3: missing field 'label': a double quote opened on this line is not closed; "
+     r'close it \(a quote inside a quoted text is written ""\)\.$'),
+    ({"train.csv": "text,text,label\na,b,1\nc,d,0\n"},
+     r"train.csv:1: the header \['text', 'text', 'label'\] has the column 'text' twice; rename or "
+     r"remove one\.$"),
+    ({"train.jsonl": GOOD + '{"text": "x", "label": 1, "label": 0}\n'},
+     r"train.jsonl:3: key 'label' appears twice in one object; keep one of them\.$"),
+    ({"train.jsonl": GOOD, "info.json": '{"task": "classification", "task": "regression"}'},
+     r"info.json: key 'task' appears twice in one object"),
+])
+def test_ragged_rows_and_repeated_columns_or_keys_are_refused(tmp_path, files, message):
+  # Prepare: the dev and test splits are fine; the file under test would otherwise load with
+  # fields dropped or filled in, or with the last of two values.
+  folder = _write(str(tmp_path / "task"), {"dev.jsonl": GOOD, "test.jsonl": GOOD, **files})
+  # Execute / Assert
+  with pytest.raises(UserError, match=message):
+    data.load_task(folder)
+
+
+def test_blank_lines_and_quoted_commas_in_csv_still_load(tmp_path):
+  # Prepare
+  csv_text = 'text,text_pair,label\n"a, b",x,1\n\n"multi\nline",y,0\n'
+  folder = _write(str(tmp_path / "task"), {f"{s}.csv": csv_text for s in data.SPLITS})
+  # Execute
+  task = data.load_task(folder)
+  # Assert
+  assert task.splits["train"].texts == ["a, b", "multi\nline"]
+  assert task.splits["train"].pairs == ["x", "y"]
+  assert task.splits["train"].labels.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("label,message", [
+    ("1e300", r"train.jsonl:3: label 1e\+300 is too large: class ids are 0..999\."),
+    ("-1e300", r"train.jsonl:3: label -1e\+300 is negative; class ids start at 0\."),
+])
+def test_huge_float_label_is_shown_as_written(tmp_path, label, message):
+  # Prepare: class ids without label_names; 1e300 is an integral float of 301 digits.
+  train = GOOD + '{"text": "x", "label": %s}\n' % label
+  folder = _write(str(tmp_path / "task"), {"train.jsonl": train, "dev.jsonl": GOOD,
+                                            "test.jsonl": GOOD})
+  # Execute
+  with pytest.raises(UserError, match=message) as error:
+    data.load_task(folder)
+  # Assert
+  assert "000000" not in str(error.value) and len(str(error.value)) < 300
