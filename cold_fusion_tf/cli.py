@@ -25,6 +25,9 @@ DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "demo.py")
 _NOT_CONFIGS = ("defaults.py", "checks.py")
 PATH_FLAGS = ("store", "workdir", "out", "results", "logdir")
 """Flags naming a folder: a local one must not be (or be inside) a file."""
+UTF8_FLAGS = PATH_FLAGS + ("base", "reference")
+"""Flags naming stores, folders or models: their names go into the files written (run.json,
+results, model cards), so they must be valid UTF-8."""
 _default_config: str | None = None
 _HELP_FLAGS = {"--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml"}
 
@@ -75,6 +78,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     if config is not None:
       from cold_fusion_tf.configs import checks  # pylint: disable=g-import-not-at-top
       checks.check(config)
+    for name in UTF8_FLAGS:
+      if name in flags.FLAGS and isinstance(flags.FLAGS[name].value, str):
+        check_utf8(flags.FLAGS[name].value, f"--{name}")
     for name in PATH_FLAGS:
       if name in flags.FLAGS and flags.FLAGS[name].value:
         check_folder(flags.FLAGS[name].value, f"--{name}")
@@ -136,8 +142,21 @@ def _load_config(value: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
+def check_utf8(value: str, flag: str) -> None:
+  """A path flag must be valid UTF-8 (a name with other bytes reaches Python as surrogates,
+  which no file of the store or results can hold)."""
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError:
+    from cold_fusion_tf.store.store import printable_path  # pylint: disable=g-import-not-at-top
+    raise UserError(f"{flag}={printable_path(value)}: not valid UTF-8; give a path whose every "
+                    "name is valid UTF-8 (rename it, or use another).") from None
+
+
 def check_folder(value: str, flag: str) -> None:
-  """A local folder flag must not be a file or lie inside one (``--store=/etc/passwd``)."""
+  """A local folder flag must be valid UTF-8 (:func:`check_utf8`) and must not be a file or
+  lie inside one (``--store=/etc/passwd``)."""
+  check_utf8(value, flag)
   if "://" in value:
     return
   path = os.path.abspath(os.path.expanduser(value))

@@ -6,6 +6,7 @@
 
 
 from cold_fusion_tf import cli
+from cold_fusion_tf import quiet
 
 cli.define_flags()
 
@@ -14,13 +15,17 @@ def main(argv):
   del argv
 
   def body():
-    from cold_fusion_tf.model import base_zero  # pylint: disable=g-import-not-at-top
     from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top
     store = store_lib.Store(cli.require_store())
-    base_zero.ensure_store(store, cli.require_config(), log=cli.say)
+    config = cli.require_config()
+    if store.latest() is None:  # base 0 is to be published: is the store's folder writable?
+      store.check_writable()  # before TensorFlow and the model are loaded
+    quiet.init_devices()
+    from cold_fusion_tf.model import base_zero  # pylint: disable=g-import-not-at-top
+    base_zero.ensure_store(store, config, log=cli.say)
     cli.say(f"store {store.uri}: LATEST = {store.require_latest()}")
 
-  cli.run_main(body, tensorflow=True)
+  cli.run_main(body)
 
 
 if __name__ == "__main__":

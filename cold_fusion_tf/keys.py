@@ -28,6 +28,8 @@ def main(argv):
     from cold_fusion_tf.errors import UserError  # pylint: disable=g-import-not-at-top
     from cold_fusion_tf.store import signing  # pylint: disable=g-import-not-at-top
     from cold_fusion_tf.store import paths  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.id:
+      raise UserError("--id is required: the contributor id the key is for (e.g. --id=alice).")
     cid = paths.check_path_part(flags.FLAGS.id, "--id")
     if flags.FLAGS.public_key:
       from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top

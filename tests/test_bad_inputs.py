@@ -104,6 +104,7 @@ def test_a_file_where_a_folder_is_expected(program, place):
     ("fuse", ["--bogus_flag=1"], "Unknown command line flag 'bogus_flag'"),
     ("inspect", ["stray"], "unexpected argument(s) stray"),
     ("keys", ["stray"], "unexpected argument(s) stray"),
+    ("keys", ["--private_key=k.key"], "--id is required"),
     ("export", ["--license=MIT License"], "--license"),
     ("export", ["--sequence_length=-5"], "--sequence_length=-5"),
     ("evaluate", ["--seeds=-1"], "--seeds=-1"),
@@ -311,3 +312,92 @@ def test_train_stops_on_a_bad_dataset_before_writing(case, tiny_store, tmp_path)
   line = _assert_one_error(result)
   assert __import__("re").search(message.replace("train.", "mydata/train."), line), line
   assert _files(tiny_store) == before and not os.path.exists(tmp_path / "work")
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    ("truncated model", "model.safetensors: 100 bytes, not "),
+    ("corrupt manifest", "manifest.json"),
+    ("LATEST past the bases", "bases/000003/manifest.json: missing; base 3 is not complete"),
+])
+def test_init_refuses_a_damaged_store(tmp_path, damage, fragment):
+  # Prepare: a store with base 0, then damaged.
+  import synthetic  # pylint: disable=g-import-not-at-top
+  store = synthetic.new_store(tmp_path)
+  base0 = store.storage.local_path("bases/000000")
+  if damage == "truncated model":
+    os.truncate(os.path.join(base0, "model.safetensors"), 100)
+  elif damage == "corrupt manifest":
+    with open(os.path.join(base0, "manifest.json"), "w") as f:
+      f.write("{not json")
+  else:
+    store.storage.write_bytes("LATEST", b"3\n")
+  before = _files(tmp_path)
+  # Execute
+  result = _run("init", "--config=demo", f"--store={store.uri}")
+  # Assert: one error line naming what is damaged; nothing written.
+  _assert_one_error(result, fragment)
+  assert _files(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------------
+# Paths that cannot be written or named: found before any model is loaded or trained
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("program,args,fragment", [
+    ("init", ["--store=/proc/nope/store"], "--store=/proc/nope/store: cannot create files "
+     "there (No such file or directory: /proc/nope); give a folder you may write to"),
+    ("init", ["--store=/sys/kernel/store"], "--store=/sys/kernel/store: cannot create files "
+     "there ("),
+    ("export", ["--store={place}/store", "--out=/proc/nope/x"], "--out=/proc/nope/x: cannot "
+     "create files there (No such file or directory: /proc/nope)"),
+    ("evaluate", ["--base={place}/store", "--out=/proc/nope/r"], "--out=/proc/nope/r: cannot "
+     "create files there (No such file or directory: /proc/nope)"),
+])
+def test_unwritable_folders_are_found_before_any_work(program, args, fragment, place):
+  # Prepare
+  args = [a.format(place=place) for a in args]
+  # Execute
+  result = _run(program, *args)
+  # Assert: one error line, no model loaded, nothing written
+  _assert_one_error(result, fragment)
+  assert "creating store" not in result.stdout and os.listdir(place) == []
+
+
+def test_train_finds_an_unwritable_workdir_before_training(tiny_store, tmp_path):
+  # Prepare
+  folder = _folder(tmp_path, _jsonl(GOOD * 4), others=_jsonl(GOOD * 2))
+  before = _files(tiny_store)
+  # Execute
+  result = _run("train", f"--store={tiny_store}", f"--config.task={folder}",
+                "--workdir=/proc/nope/wd", "--config.contributor_id=c2")
+  # Assert: one error line before the first step; the store is unchanged
+  _assert_one_error(result, "--workdir=/proc/nope/wd: cannot create files there (No such file "
+                    "or directory: /proc/nope)")
+  assert "step" not in result.stdout and _files(tiny_store) == before
+
+
+@pytest.mark.parametrize("program,flag", [
+    ("inspect", "store"), ("init", "store"), ("train", "workdir"), ("export", "out"),
+    ("evaluate", "out"), ("evaluate", "base"), ("evaluate", "reference"),
+    ("inspect", "results"),
+])
+def test_paths_that_are_not_utf8_are_refused(program, flag, place):
+  # Prepare: a name with bytes that are not UTF-8 (Python keeps them as surrogates)
+  value = os.fsdecode(os.fsencode(str(place)) + b"/\xff\xfe")
+  # Execute
+  result = _run(program, f"--{flag}={value}")
+  # Assert
+  _assert_one_error(result, f"--{flag}={place}/\\xff\\xfe: not valid UTF-8; give a path")
+  assert os.listdir(place) == []
+
+
+def test_evaluate_says_what_is_wrong_with_the_base(place):
+  # Prepare: a folder standing for a store
+  (place / "store").mkdir()
+  # Execute
+  result = _run("evaluate", f"--base={place}/store@-1", f"--out={place}/out")
+  # Assert: not "--reference is required"
+  _assert_one_error(result, f"--base={place}/store@-1: '-1' is not a base number; STORE@N "
+                    "takes N, a whole number from 0 to 999999")
+  assert os.listdir(place) == ["store"]

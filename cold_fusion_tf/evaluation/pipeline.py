@@ -235,13 +235,19 @@ def evaluate(config, bases: Sequence[str], reference: str | None = None, tasks: 
              log: Callable[[str], None] = logging.info) -> dict:
   """Evaluates ``bases`` against ``reference`` on ``tasks`` into the results directory ``out``.
 
-  Models, tasks and the results directory are all checked before any training; runs already
-  in ``out`` are reused. Writes the summary files and returns the summary.
+  Models, tasks and the results directory are all checked before any training (the results
+  directory by creating a file in it); runs already in ``out`` are reused. Writes the summary
+  files and returns the summary.
   """
   results = ResultsDir(out)
+  results.check_writable()
   bases = [b.strip() for b in bases if b.strip()]
   if not bases:
     raise UserError("--base is required: STORE, STORE@N, or a Hugging Face model directory.")
+  for base in bases:  # what is wrong with a --base, before asking for a --reference
+    refs.check(base)
+  if reference:
+    refs.check(reference, what="--reference")
   reference = reference or refs.default_reference(bases[0])
   if not reference:
     raise UserError(f"--reference is required when --base={bases[0]} is not a store: the "

@@ -27,6 +27,7 @@ import numpy as np
 
 from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.store import layout
+from cold_fusion_tf.store.backends import local
 
 RESULTS = "results.jsonl"
 SUMMARIES = ("summary.md", "summary_probe.md")
@@ -47,10 +48,20 @@ class ResultsDir:
       raise UserError(f"--out={path}: results go to a local directory.")
     if os.path.exists(path) and not os.path.isdir(path):
       raise UserError(f"--out={path} is a file, not a directory.")
+    self.given = path
     self.path = os.path.abspath(path)
+
+  def check_writable(self) -> None:
+    """Raises UserError unless files can be created in the directory (made for the test if
+    missing; nothing is left behind): the evaluate program calls it before any training."""
+    local.check_writable_folder(self.path, f"--out={self.given}")
 
   def file(self, name: str) -> str:
     return os.path.join(self.path, name)
+
+  def _cannot_write(self, name: str, error: OSError) -> UserError:
+    return UserError(f"{self.file(name)}: cannot write it ({local.os_reason(error)}); give an "
+                     "--out you may write to, on a disk with free space.")
 
   def records(self, log: Callable[[str], None] = lambda message: None) -> list[dict]:
     """The valid lines of results.jsonl (the first of duplicates); bad lines are skipped."""
@@ -76,19 +87,29 @@ class ResultsDir:
     """Adds one finished run (one write of one line, synced: a crash loses at most it)."""
     if parse_record(json.dumps(record)) is None:
       raise ValueError(f"not a valid result record: {record!r}")
-    os.makedirs(self.path, exist_ok=True)
-    with open(self.file(RESULTS), "a", encoding="utf-8") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
+    try:
+      os.makedirs(self.path, exist_ok=True)
+      with open(self.file(RESULTS), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:
+      raise self._cannot_write(RESULTS, e) from None
 
   def write_text(self, name: str, text: str) -> None:
     """Replaces ``name`` atomically."""
-    os.makedirs(self.path, exist_ok=True)
     tmp = self.file(f".{name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, self.file(name))
+    try:
+      os.makedirs(self.path, exist_ok=True)
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+      os.replace(tmp, self.file(name))
+    except OSError as e:
+      try:
+        os.remove(tmp)
+      except OSError:
+        pass
+      raise self._cannot_write(name, e) from None
 
 
 def parse_record(line: str) -> dict | None:

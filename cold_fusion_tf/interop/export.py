@@ -18,6 +18,7 @@ import tempfile
 from typing import Callable, Optional
 
 from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.store.backends import local
 
 FORMATS = ("hf", "keras_hub")
 CARD = "README.md"
@@ -30,8 +31,9 @@ def export_model(store_uri: str, out_dir: str, iteration: Optional[int] = None,
                  log: Callable[[str], None] = print) -> str:
   """Writes base ``iteration`` (default: latest) of a store to ``out_dir``; returns it.
 
-  ``out_dir`` must be a local path that does not exist or is an empty directory. The
-  directory is assembled beside it and renamed into place, so it is complete or absent.
+  ``out_dir`` must be a local path that does not exist or is an empty directory, in a folder
+  where files can be created (checked before the base is read). The directory is assembled
+  beside it and renamed into place, so it is complete or absent.
   """
   from cold_fusion_tf.interop import model_card  # pylint: disable=g-import-not-at-top
   from cold_fusion_tf.store import refs  # pylint: disable=g-import-not-at-top
@@ -42,6 +44,8 @@ def export_model(store_uri: str, out_dir: str, iteration: Optional[int] = None,
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise UserError(f"--out={out_dir}: exists and is not an empty directory; choose a new one.")
+  parent = os.path.dirname(out_dir)
+  local.check_writable_folder(parent, f"--out={out_dir}")
   ref = refs.resolve(store_uri, iteration, what="--store")
   if ref.store is None:
     raise UserError(f"--store={store_uri}: a model directory, not a store; export reads a "
@@ -49,9 +53,11 @@ def export_model(store_uri: str, out_dir: str, iteration: Optional[int] = None,
   store, iteration, base_dir = ref.store, ref.iteration, ref.directory
   manifest = store.manifest(iteration)
   lineage = model_card.lineage(store, iteration)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+  except OSError as e:
+    raise _cannot_write(out_dir, e) from None
   try:
     if fmt == "hf":
       for name in sorted(manifest["files"]):
@@ -68,8 +74,16 @@ def export_model(store_uri: str, out_dir: str, iteration: Optional[int] = None,
     if os.path.isdir(out_dir):
       os.rmdir(out_dir)
     os.replace(staging, out_dir)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(staging, ignore_errors=True)
+    if isinstance(e, OSError):
+      raise _cannot_write(out_dir, e) from None
     raise
   log(f"exported base {iteration} of {store.uri} ({fmt}) to {out_dir}")
   return out_dir
+
+
+def _cannot_write(out_dir: str, error: OSError) -> UserError:
+  return UserError(f"--out={out_dir}: cannot write the model directory "
+                   f"({local.os_reason(error)}); nothing was left behind. Give an --out you "
+                   "may write to, on a disk with free space.")

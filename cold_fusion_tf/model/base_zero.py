@@ -12,8 +12,10 @@ from cold_fusion_tf.model import sources
 
 
 def ensure_store(store: store_lib.Store, config, log: Callable[[str], None]) -> None:
-  """Creates the store from ``config.model.source`` if needed (publishing base 0)."""
+  """Creates the store from ``config.model.source`` if needed (publishing base 0); an existing
+  store's latest base must be complete (:meth:`Store.check_complete`)."""
   if store.exists() and store.latest() is not None:
+    store.check_complete(store.require_latest())
     info = store.run_info()
     source = config.model.source
     if info.get("source_model") and info["source_model"] != source:

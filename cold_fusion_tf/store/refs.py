@@ -43,15 +43,39 @@ def is_store(location: str) -> bool:
   return location.startswith("gs://") or os.path.isfile(os.path.join(location, RUN_FILE))
 
 
+def check(spec: str, what: str = "--base") -> None:
+  """Raises UserError when ``spec`` can name no base, found without reading a store: a local
+  location that does not exist or is a file, or an ``@`` not followed by a base number
+  (:func:`resolve` finds the rest: a base that is not published, a folder that is neither a
+  store nor a model directory)."""
+  location, _ = split(spec)
+  if not location:
+    raise UserError(f"{what} is empty: give a store (STORE or STORE@N) or a model directory.")
+  if "://" in location or location.startswith(PACKAGE_PREFIX) or os.path.isdir(location):
+    return
+  head, at, number = location.rpartition("@")
+  if at and head and os.path.exists(head) and not os.path.exists(location):
+    if os.path.isdir(head):
+      raise UserError(f"{what}={spec}: {number!r} is not a base number; STORE@N takes N, a "
+                      "whole number from 0 to 999999 (base N of the store; STORE alone is "
+                      "its latest base).")
+    location = head
+  if os.path.exists(location):
+    raise UserError(f"{what}={spec}: {location} is a file (expected a store or a model "
+                    "directory).")
+  raise UserError(f"{what}={spec}: {location} does not exist (expected a store or a model "
+                  "directory).")
+
+
 def resolve(spec: str, iteration: Optional[int] = None, what: str = "--base") -> BaseRef:
   """The base ``spec`` names; ``iteration`` (or ``@N`` in ``spec``) picks a store's base.
 
   A store's bases are fetched (remote stores) and checked against their manifests; a model
   directory must hold ``config.json`` and ``model.safetensors``.
   """
-  location, at = split(os.fspath(spec) if not isinstance(spec, str) else spec)
-  if not location:
-    raise UserError(f"{what} is empty: give a store (STORE or STORE@N) or a model directory.")
+  spec = os.fspath(spec) if not isinstance(spec, str) else spec
+  check(spec, what)
+  location, at = split(spec)
   if at is not None and iteration is not None and at != iteration:
     raise UserError(f"{what}={spec}: names base {at}, but iteration={iteration} was asked for.")
   iteration = at if at is not None else iteration
@@ -69,7 +93,7 @@ def resolve(spec: str, iteration: Optional[int] = None, what: str = "--base") ->
                    store.base_sha256(iteration), store, iteration)
   if not os.path.isdir(location):
     raise UserError(f"{what}={spec}: {location} does not exist (expected a store or a model "
-                    "directory).")
+                    "directory).")  # a package's model folder (checked above otherwise)
   if iteration is not None:
     raise UserError(f"{what}={spec}: {location} is a model directory, not a store; drop the "
                     "iteration.")

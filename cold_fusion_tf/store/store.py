@@ -49,11 +49,24 @@ class Store:
   """A ColD Fusion store at a URI (local directory or gs://bucket/prefix)."""
 
   def __init__(self, uri: str, cache_dir: Optional[str] = None):
+    try:
+      uri.encode("utf-8")
+    except UnicodeEncodeError:
+      raise UserError(f"{printable_path(uri)}: the store's path is not valid UTF-8; give a path "
+                      "whose every name is valid UTF-8 (rename it, or use another).") from None
     self.uri = uri
     self.storage = backends.open_storage(uri)
     self.cache_dir = cache_dir or os.path.join(
         os.environ.get("COLD_FUSION_CACHE", os.path.expanduser("~/.cache/cold_fusion_tf")),
         hashlib.sha256(uri.encode()).hexdigest()[:16])
+
+  def check_writable(self, what: str = "--store") -> None:
+    """For a local store: raises UserError unless files can be created in its folder (made
+    for the test if missing; nothing is left behind), so a program that writes finds out
+    before any long work. ``what`` names the store in the message. A remote store's
+    permissions show at its first write."""
+    if isinstance(self.storage, backends.LocalStorage):
+      self.storage.check_writable(f"{what}={self.uri}")
 
   # ------------------------------------------------------------------ run.json
   def exists(self) -> bool:
@@ -145,6 +158,18 @@ class Store:
 
   def base_sha256(self, iteration: int) -> str:
     return self.manifest(iteration)["files"][MODEL]["sha256"]
+
+  def check_complete(self, iteration: int) -> None:
+    """Raises UserError unless base ``iteration`` has a valid manifest and every file it lists,
+    of the listed size (a cheap check: no file is read or downloaded)."""
+    manifest, prefix = self.manifest(iteration), self.base_prefix(iteration)
+    for name, info in sorted(manifest["files"].items()):
+      found = self.storage.stat(f"{prefix}/{name}")
+      if found is None or found.size != info["size"]:
+        state = "missing" if found is None else f"{found.size} bytes, not {info['size']}"
+        raise UserError(f"{self.uri}/{prefix}/{name}: {state} as its manifest says; base "
+                        f"{iteration} is damaged: restore it, or withdraw it with "
+                        "`python -m cold_fusion_tf.rollback`.")
 
   def base_dir(self, iteration: int) -> str:
     """A local directory holding base ``iteration``, every file checked against the manifest."""
@@ -428,6 +453,15 @@ class Store:
 
   def write_file(self, name: str, local_path: str) -> None:
     self.storage.upload(local_path, name)
+
+
+def printable_path(path: str) -> str:
+  """``path`` as printable text: bytes that are not UTF-8 (kept by Python as surrogates) as
+  ``\\xff``."""
+  try:
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+  except UnicodeEncodeError:
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def staging_dir(prefix: str) -> tempfile.TemporaryDirectory:

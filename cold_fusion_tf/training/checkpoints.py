@@ -21,12 +21,16 @@ import tensorflow as tf
 
 from cold_fusion_tf.training import distribute as strategies
 from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.store.backends import local
 
 
 def check_workdir(workdir: str) -> None:
-  """For a remote workdir (``gs://``): writes, reads and deletes a probe file, so a missing
-  filesystem or permission fails before training rather than at the first checkpoint."""
+  """Writes and deletes a probe file in the workdir (reads it back too for ``gs://``), so a
+  folder that cannot be created, a missing filesystem or permission fails before training
+  rather than at the first checkpoint or log. A local workdir made for the test is removed
+  again."""
   if "://" not in workdir:
+    local.check_writable_folder(workdir, f"--workdir={workdir}")
     return
   probe = join(workdir, ".cold_fusion_probe")
   try:

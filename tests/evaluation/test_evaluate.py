@@ -215,6 +215,59 @@ def test_results_file_skips_damaged_lines_and_duplicates(tmp_path):
     results_dir.ResultsDir("gs://bucket/results")
 
 
+def test_a_results_directory_that_cannot_be_written_is_one_user_error(tmp_path):
+  # Prepare
+  job = _job(tmp_path)
+  good = _record(job, job.models[0], "t1", 0, 0.5)
+  (tmp_path / "file").write_text("a regular file\n")
+  # Execute / Assert: found up front, nothing left behind
+  with pytest.raises(UserError, match=r"^--out=/proc/nope/r: cannot create files there \(No "
+                     r"such file or directory: /proc/nope\)"):
+    results_dir.ResultsDir("/proc/nope/r").check_writable()
+  with pytest.raises(UserError, match=r"cannot create files there \(Not a directory"):
+    results_dir.ResultsDir(str(tmp_path / "file" / "r")).check_writable()
+  results_dir.ResultsDir(str(tmp_path / "new" / "r")).check_writable()
+  assert not os.path.exists(tmp_path / "new")
+  # Execute / Assert: writes the system refuses (results.jsonl, a summary, are folders)
+  results = results_dir.ResultsDir(str(tmp_path / "out"))
+  os.makedirs(results.file("results.jsonl"))
+  os.makedirs(results.file("summary.md"))
+  with pytest.raises(UserError, match=r"results.jsonl: cannot write it \(Is a directory"):
+    results.append(good)
+  with pytest.raises(UserError, match=r"summary.md: cannot write it \(Is a directory"):
+    results.write_text("summary.md", "# summary\n")
+  assert sorted(os.listdir(results.path)) == ["results.jsonl", "summary.md"]
+
+
+@pytest.mark.parametrize("base,fragment", [
+    ("{tmp}/store@abc", "--base={tmp}/store@abc: 'abc' is not a base number; STORE@N takes N, "
+     "a whole number from 0 to 999999"),
+    ("{tmp}/store@-1", "--base={tmp}/store@-1: '-1' is not a base number"),
+    ("{tmp}/store@1234567", "'1234567' is not a base number"),
+    ("{tmp}/nothere", "--base={tmp}/nothere: {tmp}/nothere does not exist (expected a store "
+     "or a model directory)"),
+    ("{tmp}/file", "--base={tmp}/file: {tmp}/file is a file (expected a store or a model "
+     "directory)"),
+    ("{tmp}/file@3", "--base={tmp}/file@3: {tmp}/file is a file"),
+])
+def test_a_bad_base_is_named_before_a_reference_is_asked_for(base, fragment, tmp_path):
+  # Prepare: a store's folder (its contents are read only later) and a file
+  (tmp_path / "store").mkdir()
+  (tmp_path / "file").write_text("a regular file\n")
+  base, fragment = base.format(tmp=tmp_path), fragment.format(tmp=tmp_path)
+  # Execute
+  with pytest.raises(UserError) as raised:
+    recycling.evaluate(_demo_config(), [base], out=str(tmp_path / "out"), log=lambda _: None)
+  # Assert
+  assert fragment in str(raised.value) and "--reference" not in str(raised.value)
+  assert not os.path.exists(tmp_path / "out")
+  # Execute / Assert: the same mistake in --reference
+  with pytest.raises(UserError) as raised:
+    recycling.evaluate(_demo_config(), [str(tmp_path / "store")], base,
+                       out=str(tmp_path / "out"), log=lambda _: None)
+  assert fragment.replace("--base=", "--reference=") in str(raised.value)
+
+
 def test_model_references_resolve_or_fail_clearly(tiny_store, tmp_path):
   # Prepare
   store, source, _ = tiny_store

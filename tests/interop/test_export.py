@@ -117,3 +117,22 @@ def test_keras_hub_export_carries_the_card(fused_store, tmp_path):
           "cold_fusion_lineage.json"} <= set(os.listdir(out))
   backbone = keras_hub.models.Backbone.from_preset(out)
   assert type(backbone).__name__ == "BertBackbone" and backbone.num_layers == 2
+
+
+def test_an_out_that_cannot_be_written_is_one_user_error(fused_store, tmp_path, monkeypatch):
+  # Execute / Assert: a folder that cannot be made is found before the store is read
+  with pytest.raises(UserError, match=r"^--out=/proc/nope/x: cannot create files there \(No "
+                     r"such file or directory: /proc/nope\)"):
+    export.export_model(str(tmp_path / "no_store"), "/proc/nope/x", log=lambda _: None)
+  # Prepare: the disk fills up while the model directory is written
+  def full(src, dst):
+    raise OSError(28, "No space left on device", dst)
+
+  monkeypatch.setattr(export.shutil, "copyfile", full)
+  out = tmp_path / "exported"
+  # Execute / Assert
+  with pytest.raises(UserError, match=rf"^--out={out}: cannot write the model directory \(No "
+                     r"space left on device: .*\); nothing was left behind"):
+    export.export_model(fused_store, str(out), log=lambda _: None)
+  # Assert: nothing half-written
+  assert os.listdir(tmp_path) == []

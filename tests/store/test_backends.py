@@ -573,3 +573,62 @@ def test_gcs_retried_conditional_write_that_landed_counts_as_won(gcs_emulator, m
   # Execute / Assert: with a new write id, the object is someone else's
   monkeypatch.undo()
   assert s.create_exclusive("LATEST", b"000000") is False  # Someone else's object.
+
+
+# --- local only: writes the system refuses -------------------------------------------
+
+
+@pytest.mark.parametrize("root,reason", [
+    ("/proc/nope/store", "No such file or directory: /proc/nope"),
+    ("{file}/store", "Not a directory"),
+])
+def test_local_writes_the_system_refuses_are_user_errors(root, reason, tmp_path):
+  # Prepare: a store folder that cannot be created
+  (tmp_path / "file").write_text("a regular file\n")
+  s = LocalStorage(root.format(file=tmp_path / "file"))
+  (tmp_path / "body.bin").write_bytes(b"body")
+  writes = [lambda: s.write_bytes("run.json", b"{}"),
+            lambda: s.create_exclusive("LATEST", b"0\n"),
+            lambda: s.compare_and_swap("LATEST", b"0\n", None),
+            lambda: s.upload(str(tmp_path / "body.bin"), "bases/000000/model.safetensors"),
+            lambda: s.upload(str(tmp_path / "body.bin"), "bases/000000/x.bin", move=True),
+            lambda: s.upload_exclusive(str(tmp_path / "body.bin"), "contributions/a/b")]
+  for write in writes:
+    # Execute / Assert: one UserError naming the store, the object and the system's reason
+    with pytest.raises(UserError, match="cannot write it into the store") as raised:
+      write()
+    assert str(raised.value).startswith(s.uri + "/") and reason in str(raised.value)
+  # Execute / Assert: the up-front check says the same without writing anything
+  with pytest.raises(UserError, match=f"--store=x: cannot create files there .*{reason}"):
+    s.check_writable("--store=x")
+  assert sorted(os.listdir(tmp_path)) == ["body.bin", "file"]
+
+
+def test_a_full_disk_is_a_limit_error_and_leaves_no_staged_file(tmp_path, monkeypatch):
+  # Prepare: a store whose disk fills up while an object is written
+  from cold_fusion_tf.errors import LimitError  # pylint: disable=g-import-not-at-top
+  s = LocalStorage(str(tmp_path / "store"))
+  s.write_bytes("run.json", b"{}")
+
+  def full(fd):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(os, "fsync", full)
+  # Execute / Assert
+  with pytest.raises(LimitError, match=r"store/LATEST: cannot write it into the store \(No "
+                     "space left on device\\)"):
+    s.write_bytes("LATEST", b"0\n")
+  # Assert: nothing half-written
+  assert sorted(os.listdir(tmp_path / "store")) == ["run.json"]
+
+
+def test_check_writable_leaves_nothing_behind(tmp_path):
+  # Prepare: a store two folders below an existing one, and one in an existing folder
+  new = LocalStorage(str(tmp_path / "a" / "b" / "store"))
+  (tmp_path / "old").mkdir()
+  old = LocalStorage(str(tmp_path / "old"))
+  # Execute
+  new.check_writable("--store=new")
+  old.check_writable("--store=old")
+  # Assert: the folders made for the test, and the probe files, are gone
+  assert sorted(os.listdir(tmp_path)) == ["old"] and os.listdir(tmp_path / "old") == []

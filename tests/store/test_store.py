@@ -120,6 +120,29 @@ def test_not_a_store(store_uri, tmp_path):
   assert not store.storage.exists("run.json") and not store.storage.exists("bases")
 
 
+def test_a_store_path_that_is_not_utf8_is_a_user_error(tmp_path):
+  # Prepare: a folder name with bytes that are not UTF-8, as Python gets it from argv
+  uri = os.fsdecode(os.fsencode(str(tmp_path)) + b"/\xff\xfe")
+  # Execute / Assert
+  with pytest.raises(UserError, match=r"/\\xff\\xfe: the store's path is not valid UTF-8"):
+    store_lib.Store(uri)
+  assert os.listdir(tmp_path) == []
+
+
+def test_check_writable_finds_a_store_folder_that_cannot_be_made(tmp_path):
+  # Prepare
+  (tmp_path / "file").write_text("a regular file\n")
+  # Execute / Assert: no such parent, a parent that is a file
+  with pytest.raises(UserError, match=r"^--store=/proc/nope/store: cannot create files there "
+                     r"\(No such file or directory: /proc/nope\)"):
+    store_lib.Store("/proc/nope/store").check_writable()
+  with pytest.raises(UserError, match="Not a directory"):
+    store_lib.Store(str(tmp_path / "file" / "store")).check_writable()
+  # Execute / Assert: a new store's folder can be made, and is not left behind
+  store_lib.Store(str(tmp_path / "new" / "store")).check_writable()
+  assert os.listdir(tmp_path) == ["file"]
+
+
 def test_corrupt_or_missing_base_file_is_named(created, tmp_path):
   # Prepare: one byte of the published model changed
   store, _ = created

@@ -182,6 +182,21 @@ def test_checkpoints_resume_tensorboard_and_refuse_another_run(tmp_path):
           workdir=workdir)
 
 
+def test_a_local_workdir_that_cannot_be_made_is_found_before_training(tmp_path):
+  # Prepare
+  from cold_fusion_tf.training import checkpoints  # pylint: disable=g-import-not-at-top
+  (tmp_path / "file").write_text("a regular file\n")
+  # Execute / Assert: no such parent, a parent that is a file
+  with pytest.raises(UserError, match=r"^--workdir=/proc/nope/wd: cannot create files there "
+                     r"\(No such file or directory: /proc/nope\)"):
+    checkpoints.check_workdir("/proc/nope/wd")
+  with pytest.raises(UserError, match=r"cannot create files there \(Not a directory"):
+    checkpoints.check_workdir(str(tmp_path / "file" / "wd"))
+  # Execute / Assert: a workdir that can be made passes, and is not left behind
+  checkpoints.check_workdir(str(tmp_path / "new" / "wd"))
+  assert os.listdir(tmp_path) == ["file"]
+
+
 def test_a_dataset_smaller_than_one_batch_trains_on_smaller_batches():
   # Execute
   result, _ = train(recipe(batch_size=128, epochs=2))

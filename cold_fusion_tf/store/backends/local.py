@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import shutil
 import tempfile
 import uuid
-from typing import Optional
+from typing import Iterator, Optional
 
-from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.errors import LimitError, UserError
 from cold_fusion_tf.store import untrusted
 from cold_fusion_tf.store.backends.base import ObjectInfo, Storage
 from cold_fusion_tf.store.paths import check_object_name
@@ -24,11 +25,31 @@ class LocalStorage(Storage):
   (``flock`` on a hidden lock file beside the object) while it checks and renames: the lock
   ends with the process that holds it, so a killed process never leaves a lock behind.
   Reads take regular files only, never through a symbolic link that leads out of the store.
+  A write the system refuses (no such folder, no permission, a full disk) is a UserError
+  naming the object and the system's reason.
   """
 
   def __init__(self, root: str):
     self.root = os.path.abspath(root)
     self.uri = self.root
+
+  def check_writable(self, what: str) -> None:
+    """Raises UserError unless files can be created in the store's folder (see
+    :func:`check_writable_folder`; nothing is left behind). ``what`` names the store in the
+    message (``--store=...``)."""
+    check_writable_folder(self.root, what)
+
+  @contextlib.contextmanager
+  def _writing(self, name: str) -> Iterator[None]:
+    """Turns an OSError of the writes inside into a UserError naming object ``name``."""
+    try:
+      yield
+    except OSError as e:
+      where = f"{self.uri}/{name}" if name else self.uri
+      error = LimitError if e.errno in _LIMITS else UserError
+      raise error(f"{where}: cannot write it into the store ({os_reason(e)}); check that "
+                  f"{self.root} is a folder you may write to, on a disk with free space."
+                  ) from None
 
   def _path(self, name: str) -> str:
     check_object_name(name)
@@ -59,21 +80,28 @@ class LocalStorage(Storage):
 
   def _staged(self, path: str, fill) -> str:
     """A complete, synced temporary file beside ``path`` filled by ``fill(f)``."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        fill(f)
-        f.flush()
-        os.fsync(f.fileno())
-    except BaseException:
-      _remove_quietly(tmp)
-      raise
+    with self._writing(self._name(path)):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+      try:
+        with os.fdopen(fd, "wb") as f:
+          fill(f)
+          f.flush()
+          os.fsync(f.fileno())
+      except BaseException:
+        _remove_quietly(tmp)
+        raise
     return tmp
+
+  def _name(self, path: str) -> str:
+    """The object name of a path inside the store (for messages)."""
+    return os.path.relpath(path, self.root).replace(os.sep, "/")
 
   def write_bytes(self, name: str, data: bytes) -> None:
     path = self._path(name)
-    os.replace(self._staged(path, lambda f: f.write(data)), path)
+    tmp = self._staged(path, lambda f: f.write(data))
+    with self._writing(name):
+      _replace(tmp, path)
 
   def exists(self, name: str) -> bool:
     return os.path.exists(self._path(name))
@@ -111,29 +139,32 @@ class LocalStorage(Storage):
       with open(local_path, "rb") as src:
         shutil.copyfileobj(src, f, 8 << 20)
 
-    os.replace(self._staged(path, copy), path)
+    tmp = self._staged(path, copy)
+    with self._writing(name):
+      _replace(tmp, path)
 
   def _link_into_place(self, local_path: str, path: str) -> bool:
     """Syncs ``local_path`` and hard-links it to ``path`` (atomically, through a temporary
     name); False when the two are on different filesystems (or links are not supported)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
-    try:
-      os.link(local_path, tmp)
-    except OSError as e:
-      if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-        return False  # the caller copies instead
-      raise
-    try:
-      fd = os.open(tmp, os.O_RDONLY)
+    with self._writing(self._name(path)):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
       try:
-        os.fsync(fd)  # the data is on disk before the name is
-      finally:
-        os.close(fd)
-      os.replace(tmp, path)
-    except BaseException:
-      _remove_quietly(tmp)
-      raise
+        os.link(local_path, tmp)
+      except OSError as e:
+        if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+          return False  # the caller copies instead
+        raise
+      try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+          os.fsync(fd)  # the data is on disk before the name is
+        finally:
+          os.close(fd)
+        os.replace(tmp, path)
+      except BaseException:
+        _remove_quietly(tmp)
+        raise
     return True
 
   def create_exclusive(self, name: str, data: bytes) -> bool:
@@ -151,10 +182,12 @@ class LocalStorage(Storage):
     # name exists, so exactly one of several racing creators wins, with full content.
     tmp = self._staged(path, fill)
     try:
-      os.link(tmp, path)
-      return True
-    except FileExistsError:
-      return False
+      with self._writing(self._name(path)):
+        try:
+          os.link(tmp, path)
+          return True
+        except FileExistsError:
+          return False
     finally:
       _remove_quietly(tmp)
 
@@ -167,11 +200,12 @@ class LocalStorage(Storage):
 
   def compare_and_swap(self, name: str, data: bytes, token: object) -> bool:
     path = self._path(name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # An OS lock, held only while this process runs: waiting for it is waiting for another
-    # compare-and-swap to finish (a few milliseconds), and a killed holder frees it.
-    fd = os.open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock"),
-                 os.O_CREAT | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o644)
+    with self._writing(name):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      # An OS lock, held only while this process runs: waiting for it is waiting for another
+      # compare-and-swap to finish (a few milliseconds), and a killed holder frees it.
+      fd = os.open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock"),
+                   os.O_CREAT | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX)
       current, _ = self.read_versioned(name)
@@ -184,13 +218,64 @@ class LocalStorage(Storage):
 
   def delete_prefix(self, prefix: str) -> None:
     path = self._path(prefix)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    elif os.path.exists(path):
-      os.remove(path)
+    with self._writing(prefix):
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
 
 
 _UNBOUNDED = 1 << 62
+# A full disk or quota, too many open files: limits of the machine, not faults of the input.
+_LIMITS = (errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE)
+
+
+def os_reason(error: OSError) -> str:
+  """What the system said, for a message: ``No such file or directory: /proc/nope``."""
+  reason = error.strerror or str(error)
+  return f"{reason}: {error.filename}" if error.filename else reason
+
+
+def check_writable_folder(folder: str, what: str) -> None:
+  """Raises UserError unless files can be created in the local ``folder``, found by doing it:
+  the missing folders are made, a file is created and removed in it, and the folders made for
+  the test are removed again, so nothing is left behind. ``what`` names the folder in the
+  message (``--out=results``)."""
+  folder = os.path.abspath(folder)
+  missing, path = [], folder
+  while not os.path.isdir(path) and os.path.dirname(path) != path:
+    missing.append(path)
+    path = os.path.dirname(path)
+  made = []
+  try:
+    for path in reversed(missing):
+      try:
+        os.mkdir(path)
+        made.append(path)
+      except FileExistsError:
+        pass  # made meanwhile by another process (a file there fails below)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp-probe-")
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    error = LimitError if e.errno in _LIMITS else UserError
+    raise error(f"{what}: cannot create files there ({os_reason(e)}); give a folder you may "
+                "write to (a new one is created).") from None
+  finally:
+    for path in reversed(made):
+      try:
+        os.rmdir(path)
+      except OSError:
+        pass  # another process put something in it meanwhile: it is theirs
+
+
+def _replace(tmp: str, path: str) -> None:
+  """Renames the staged ``tmp`` to ``path``; removes it when that fails."""
+  try:
+    os.replace(tmp, path)
+  except BaseException:
+    _remove_quietly(tmp)
+    raise
 
 
 def _remove_quietly(path: str) -> None:
