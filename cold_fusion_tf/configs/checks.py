@@ -36,6 +36,8 @@ def check(config) -> None:
                     "configs/demo.py).")
   if "model" in config:
     _string(config.model, "source", "config.model", empty=False)
+    from cold_fusion_tf.model import body  # pylint: disable=g-import-not-at-top  (light)
+    body.settings(config)
   if "data" in config:
     _check_data(config.data)
   for name in ("task", "contributor_id", "strategy", "tpu"):

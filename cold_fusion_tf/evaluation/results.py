@@ -126,8 +126,9 @@ def describe(results) -> str:
   runs per model, mode and recipe, each task's mean score and number of seeds, summaries."""
   if not os.path.isfile(results.file(RESULTS)):
     raise UserError(f"{results.path}: no {RESULTS}; not a results directory of evaluate (yet).")
-  records = results.records()
-  lines = [f"results {results.path}: {len(records)} finished run(s)"]
+  notes: list[str] = []
+  records = results.records(notes.append)
+  lines = [f"results {results.path}: {len(records)} finished run(s)", *notes]
   sets: dict[tuple, dict] = {}
   for r in records:
     entry = sets.setdefault((r["mode"], r["recipe_key"], r["model"]), {"names": set(), "tasks": {}})

@@ -87,6 +87,9 @@ def export_preset(base_dir: str, out_dir: str, sequence_length: int | None = Non
   backbone = load_backbone(base_dir)
   tokenizer = load_tokenizer(base_dir)
   longest = int(backbone.max_sequence_length)
+  if sequence_length is not None and sequence_length > longest:
+    raise UserError(f"--sequence_length={sequence_length}: above the {longest} positions this "
+                    f"model takes; give at most {longest}, or leave it out ({min(512, longest)}).")
   length = min(sequence_length or 512, longest)
   cls = (keras_hub.models.BertTextClassifierPreprocessor if family == "bert"
          else keras_hub.models.RobertaTextClassifierPreprocessor)

@@ -210,6 +210,9 @@ def test_results_file_skips_damaged_lines_and_duplicates(tmp_path):
   notes = []
   assert results.records(notes.append) == [good]
   assert "skipped 2 unreadable line(s)" in notes[0]
+  # Execute / Assert: inspect --results says so too
+  shown = results_dir.describe(results).splitlines()
+  assert "1 finished run(s)" in shown[0] and "skipped 2 unreadable line(s)" in shown[1]
   # Execute / Assert: a remote location is refused
   with pytest.raises(UserError, match="results go to a local directory"):
     results_dir.ResultsDir("gs://bucket/results")

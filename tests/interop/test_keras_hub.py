@@ -121,6 +121,10 @@ def test_exported_bert_preset_matches_the_direct_load(tmp_path):
   assert type(classifier).__name__ == "BertTextClassifier"
   assert classifier.preprocessor.sequence_length == 32
   # (tests/test_readme_snippets.py fine-tunes a BERT preset with fit.)
+  # Execute / Assert: a length beyond the model's positions is refused, nothing written.
+  with pytest.raises(UserError, match=r"--sequence_length=100000: above the \d+ positions"):
+    keras_hub_export.export_preset(base, str(tmp_path / "long"), 100000)
+  assert not os.path.exists(tmp_path / "long")
 
 
 def _short_fit(preset):
