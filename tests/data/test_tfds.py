@@ -4,6 +4,7 @@ import logging
 import socket
 import time
 
+from absl import logging as absl_logging
 import pytest
 
 from cold_fusion_tf.data import tfds as tfds_source
@@ -40,11 +41,16 @@ def test_what_tfds_prints_while_preparing_goes_to_the_log_not_stdout(monkeypatch
     builder._log_download_done()  # pylint: disable=protected-access
 
   caplog.set_level(logging.INFO)
-  with tfds.testing.mock_data(num_examples=20):
-    monkeypatch.setattr(dataset_builder.DatasetBuilder, "download_and_prepare",
-                        download_and_prepare)
-    # Execute
-    task = tfds_source.load("glue/rte")
+  verbosity = absl_logging.get_verbosity()  # programs run in this process may have lowered it
+  absl_logging.set_verbosity(absl_logging.INFO)
+  try:
+    with tfds.testing.mock_data(num_examples=20):
+      monkeypatch.setattr(dataset_builder.DatasetBuilder, "download_and_prepare",
+                          download_and_prepare)
+      # Execute
+      task = tfds_source.load("glue/rte")
+  finally:
+    absl_logging.set_verbosity(verbosity)
   # Assert
   assert len(task.splits["test"]) == 20
   assert capsys.readouterr().out == ""
