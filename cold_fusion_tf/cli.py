@@ -78,9 +78,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     if config is not None:
       from cold_fusion_tf.configs import checks  # pylint: disable=g-import-not-at-top
       checks.check(config)
+    from cold_fusion_tf.store import untrusted  # pylint: disable=g-import-not-at-top
     for name in UTF8_FLAGS:
       if name in flags.FLAGS and isinstance(flags.FLAGS[name].value, str):
-        check_utf8(flags.FLAGS[name].value, f"--{name}")
+        untrusted.check_utf8(flags.FLAGS[name].value, prefix=f"--{name}=")
     for name in PATH_FLAGS:
       if name in flags.FLAGS and flags.FLAGS[name].value:
         check_folder(flags.FLAGS[name].value, f"--{name}")
@@ -142,21 +143,8 @@ def _load_config(value: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
-def check_utf8(value: str, flag: str) -> None:
-  """A path flag must be valid UTF-8 (a name with other bytes reaches Python as surrogates,
-  which no file of the store or results can hold)."""
-  try:
-    value.encode("utf-8")
-  except UnicodeEncodeError:
-    from cold_fusion_tf.store.store import printable_path  # pylint: disable=g-import-not-at-top
-    raise UserError(f"{flag}={printable_path(value)}: not valid UTF-8; give a path whose every "
-                    "name is valid UTF-8 (rename it, or use another).") from None
-
-
 def check_folder(value: str, flag: str) -> None:
-  """A local folder flag must be valid UTF-8 (:func:`check_utf8`) and must not be a file or
-  lie inside one (``--store=/etc/passwd``)."""
-  check_utf8(value, flag)
+  """A local folder flag must not be a file or lie inside one (``--store=/etc/passwd``)."""
   if "://" in value:
     return
   path = os.path.abspath(os.path.expanduser(value))

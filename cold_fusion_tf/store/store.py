@@ -49,11 +49,7 @@ class Store:
   """A ColD Fusion store at a URI (local directory or gs://bucket/prefix)."""
 
   def __init__(self, uri: str, cache_dir: Optional[str] = None):
-    try:
-      uri.encode("utf-8")
-    except UnicodeEncodeError:
-      raise UserError(f"{printable_path(uri)}: the store's path is not valid UTF-8; give a path "
-                      "whose every name is valid UTF-8 (rename it, or use another).") from None
+    untrusted.check_utf8(uri, subject="the store's path is ")
     self.uri = uri
     self.storage = backends.open_storage(uri)
     self.cache_dir = cache_dir or os.path.join(
@@ -453,15 +449,6 @@ class Store:
 
   def write_file(self, name: str, local_path: str) -> None:
     self.storage.upload(local_path, name)
-
-
-def printable_path(path: str) -> str:
-  """``path`` as printable text: bytes that are not UTF-8 (kept by Python as surrogates) as
-  ``\\xff``."""
-  try:
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-  except UnicodeEncodeError:
-    return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def staging_dir(prefix: str) -> tempfile.TemporaryDirectory:

@@ -137,3 +137,23 @@ def printable(value, limit: int = 200) -> str:
   text = value if isinstance(value, str) else ("?" if value is None else str(value))
   text = "".join(c if c.isprintable() else "?" for c in text)
   return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def printable_path(path: str) -> str:
+  """``path`` as printable text: bytes that are not UTF-8 (kept by Python as surrogates) as
+  ``\\xff``."""
+  try:
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+  except UnicodeEncodeError:
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_utf8(path: str, prefix: str = "", subject: str = "") -> None:
+  """Raises UserError when ``path`` is not valid UTF-8 (a name with other bytes reaches Python
+  as surrogates, which no file of a store or of results can hold): ``<prefix><path>:
+  <subject>not valid UTF-8; ...``."""
+  try:
+    path.encode("utf-8")
+  except UnicodeEncodeError:
+    raise UserError(f"{prefix}{printable_path(path)}: {subject}not valid UTF-8; give a path "
+                    "whose every name is valid UTF-8 (rename it, or use another).") from None

@@ -46,10 +46,9 @@ class LocalStorage(Storage):
       yield
     except OSError as e:
       where = f"{self.uri}/{name}" if name else self.uri
-      error = LimitError if e.errno in _LIMITS else UserError
-      raise error(f"{where}: cannot write it into the store ({os_reason(e)}); check that "
-                  f"{self.root} is a folder you may write to, on a disk with free space."
-                  ) from None
+      raise _os_error(e, f"{where}: cannot write it into the store ({os_reason(e)}); check "
+                      f"that {self.root} is a folder you may write to, on a disk with free "
+                      "space.") from None
 
   def _path(self, name: str) -> str:
     check_object_name(name)
@@ -230,6 +229,11 @@ _UNBOUNDED = 1 << 62
 _LIMITS = (errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE)
 
 
+def _os_error(error: OSError, message: str) -> UserError:
+  """``message`` as a LimitError when ``error`` is a limit of the machine, else a UserError."""
+  return (LimitError if error.errno in _LIMITS else UserError)(message)
+
+
 def os_reason(error: OSError) -> str:
   """What the system said, for a message: ``No such file or directory: /proc/nope``."""
   reason = error.strerror or str(error)
@@ -258,9 +262,8 @@ def check_writable_folder(folder: str, what: str) -> None:
     os.close(fd)
     os.remove(probe)
   except OSError as e:
-    error = LimitError if e.errno in _LIMITS else UserError
-    raise error(f"{what}: cannot create files there ({os_reason(e)}); give a folder you may "
-                "write to (a new one is created).") from None
+    raise _os_error(e, f"{what}: cannot create files there ({os_reason(e)}); give a folder "
+                    "you may write to (a new one is created).") from None
   finally:
     for path in reversed(made):
       try:
