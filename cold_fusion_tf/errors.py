@@ -9,5 +9,6 @@ class UserError(Exception):
 
 
 class LimitError(UserError):
-  """A limit of this process or machine (open files, disk) was reached: the input is not at
-  fault, so nothing is rejected for it."""
+  """A limit of this process or machine (open files, disk) was reached, or the storage service
+  failed (unreachable, credentials, permissions): the input is not at fault, so nothing is
+  rejected for it."""

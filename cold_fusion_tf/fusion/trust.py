@@ -6,7 +6,7 @@ Applied to the contributions that passed :mod:`.validation` (well-formed, finite
    the earliest upload (GCS: the object's creation time, set by the service, so a copy can
    only be uploaded after the original; a local store: the inode's change time, which only
    whoever may write or hard-link the file can move); when the earliest are tied, none of
-   them counts.
+   them counts. A body equal to the base (no update at all) does not count either.
 2. **Norm bounds**, relative to the base's own norms: each tensor's update
    ``||body_t - base_t||`` against ``max_tensor_update_ratio`` times ``||base_t||`` (for
    tensors of small norm, at least their share of the whole base's norm), and the whole
@@ -152,6 +152,10 @@ def select(checked: dict, settings, bounds: Limits,
     squares = checked[cid].scan.tensors
     if not math.isfinite(sum(squares.values())):
       _reject(rejected, checked[cid], "the update's norm overflows (values far too large)", log)
+      continue
+    if not any(squares.values()):
+      _reject(rejected, checked[cid], "the body is the base itself (every value unchanged): "
+              "no update to fuse; fine-tune it before contributing", log)
       continue
     if settings.clip_updates:
       found = clip_factors(squares, bounds)

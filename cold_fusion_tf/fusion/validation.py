@@ -13,6 +13,7 @@ from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.errors import LimitError, UserError
 from cold_fusion_tf.fusion.settings import Settings
 from cold_fusion_tf.store import signing
+from cold_fusion_tf.store import untrusted
 from cold_fusion_tf.store.untrusted import printable
 from cold_fusion_tf.tensors import safetensors_io
 from cold_fusion_tf.tensors import streaming
@@ -57,14 +58,25 @@ def specs_difference(got: dict, want: dict) -> Optional[str]:
 
 def _open_body(store, contribution, workdir, limits: dict) -> safetensors_io.BodyFile:
   """Fetches (remote stores: only when its size is within ``limits``) and opens a
-  contribution's body, checking its size and header against the base's layout."""
+  contribution's body, checking its size and header against the base's layout.
+
+  A body in a local store that others than this user may write is copied first: whoever can
+  write it could change it in place between its validation and its fusion (the open file
+  would show the change). ``contribution.created_ns`` becomes the creation time of the
+  object read (a body replaced since the listing is judged as the new object it is)."""
   meta = contribution.meta
   size = meta.get("body_size")
   if isinstance(size, int) and size > limits["max_bytes"]:
     raise UserError(f"contribution.json says body.safetensors has {size} bytes, more than the "
                     f"{limits['max_bytes']} a body of the base's layout can have")
-  path = store.fetch_body(contribution, workdir, limits["max_bytes"])
-  body = safetensors_io.BodyFile(path, source=f"{store.uri}/{contribution.body_name}", **limits)
+  source = f"{store.uri}/{contribution.body_name}"
+  path, created = store.fetch_body(contribution, workdir, limits["max_bytes"])
+  body = safetensors_io.BodyFile(path, source=source, **limits)
+  if created is None and not untrusted.only_ours(os.fstat(body.fd)):
+    body.close()
+    path, created = store.fetch_body(contribution, workdir, limits["max_bytes"], copy=True)
+    body = safetensors_io.BodyFile(path, source=source, **limits)
+  contribution.created_ns = os.fstat(body.fd).st_ctime_ns if created is None else created
   if isinstance(size, int) and body.size != size:
     body.close()
     raise UserError(f"body.safetensors has {body.size} bytes, contribution.json says {size} "

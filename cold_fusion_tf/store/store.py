@@ -13,7 +13,7 @@ import tempfile
 from typing import Callable, Optional
 
 from cold_fusion_tf import __version__
-from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.errors import LimitError, UserError
 from cold_fusion_tf.store import backends
 from cold_fusion_tf.store import layout
 from cold_fusion_tf.store import paths
@@ -352,6 +352,8 @@ class Store:
     found, rejected = [], []
     try:
       children = self.storage.list_children(folder)
+    except LimitError:  # the storage failed (or this machine's limits): no one's fault
+      raise
     except UserError as e:  # e.g. a folder that is a link out of the store: nothing counts
       return [], [{"id": folder, "reason": str(e)}]
     for cid in children:
@@ -373,11 +375,15 @@ class Store:
                           f"does not match its folder {cid!r}.")
       except FileNotFoundError:
         continue  # removed while being listed: invisible
+      except LimitError:
+        raise
       except UserError as e:
         rejected.append({"id": cid, "reason": str(e)})
         continue
       try:
         body = self.storage.stat(f"{prefix}/{BODY}")
+      except LimitError:
+        raise
       except UserError:
         body = None  # validation rejects it, with the reason
       created = body.created_ns if body is not None else info.created_ns
@@ -385,20 +391,23 @@ class Store:
     return found, rejected
 
   def fetch_body(self, contribution: Contribution, workdir: str,
-                 max_bytes: Optional[int] = None) -> str:
-    """A local path of a contribution's body (downloaded for remote stores, when it is at
-    most ``max_bytes``: checked before the download)."""
+                 max_bytes: Optional[int] = None, copy: bool = False) -> tuple[str, Optional[int]]:
+    """A local path of a contribution's body, and when the storage created the object that
+    path holds (None: the store's own file, read in place; its open file tells). A local
+    store gives its own file unless ``copy``; otherwise the body is copied into ``workdir``
+    (downloaded from remote stores) when it is at most ``max_bytes``, checked before any byte
+    is copied."""
     local = self.storage.local_path(contribution.body_name)
-    if local is not None:
+    if local is not None and not copy:
       if not os.path.lexists(local):
         raise UserError(f"{self.uri}/{contribution.body_name}: missing.")
-      return local
+      return local, None
     path = os.path.join(workdir, f"{contribution.contributor_id}.safetensors")
     try:
-      self.storage.download(contribution.body_name, path, max_bytes)
+      info = self.storage.download(contribution.body_name, path, max_bytes)
     except FileNotFoundError:
       raise UserError(f"{self.uri}/{contribution.body_name}: missing.") from None
-    return path
+    return path, info.created_ns
 
   # ------------------------------------------------------------------ fusion bookkeeping
   def has_plan(self, target: int) -> bool:

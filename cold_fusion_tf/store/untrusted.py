@@ -29,7 +29,10 @@ MAX_INT_DIGITS = 32
 """Most digits of a JSON integer (counts, offsets and sizes need fewer than 20)."""
 MAX_FLOAT_CHARS = 64
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+# A JSON string, or an unterminated one up to the end: a match never fails once started, so
+# one pass skips every string (a pattern that must find the closing quote retries from each
+# later quote: quadratic time on a quote followed by many escaped quotes).
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.S)
 _BRACKETS = re.compile(r"[\[\]{}]")
 
 
@@ -128,6 +131,14 @@ def open_regular(path: str, where: str | None = None) -> int:
   if hasattr(os, "set_blocking"):
     os.set_blocking(fd, True)
   return fd
+
+
+def only_ours(info: os.stat_result) -> bool:
+  """Whether only this process's user (and the system's administrator) may write the file
+  ``info`` describes: owned by this user, no write permission for its group or others
+  (where a file has an access control list, the group bits are its mask)."""
+  geteuid = getattr(os, "geteuid", None)
+  return geteuid is None or info.st_uid == geteuid() and not info.st_mode & 0o022
 
 
 def printable(value, limit: int = 200) -> str:

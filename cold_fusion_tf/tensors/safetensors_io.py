@@ -5,8 +5,9 @@
   shapes, dtypes, offsets, bounded by what the caller expects), kept open through one file
   descriptor and read with ``pread`` into numpy arrays, a chunk of a tensor at a time. A
   reader sees exactly the bytes it checked: a file replaced in the store afterwards (every
-  store write is a rename) is not seen. No memory maps, so the resident memory is what was
-  asked for.
+  store write is a rename) is not seen, and a file others may write in place is copied first
+  (see the fusion's validation). No memory maps, so the resident memory is what was asked
+  for.
 :class:`ChunkWriter`
   The writer: chunk by chunk in sorted name order, one byte layout for the same tensors, the
   sha256 computed on the way, written to a ``.partial`` file renamed into place.

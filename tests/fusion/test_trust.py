@@ -4,6 +4,7 @@ the base; the fused base is checked before it is published. Tiny synthetic store
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -18,6 +19,7 @@ from cold_fusion_tf import fusion
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.fusion import methods as fm
+from cold_fusion_tf.fusion import validation
 from cold_fusion_tf.store import layout
 from cold_fusion_tf.tensors import safetensors_io as weights
 
@@ -555,3 +557,150 @@ def test_cosines_with_the_others_mean_match_a_direct_computation(tmp_path):
     assert got[f"c{i}"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
   for f in files:
     f.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# What was validated is what is fused.
+
+
+def _overwrite_in_place(path: str, tensors: dict) -> None:
+  """Writes ``tensors`` over the data of the safetensors file ``path``: the same file (an open
+  descriptor sees the change), the same size."""
+  header = weights.read_header(path)
+  with open(path, "r+b") as f:
+    start = 8 + struct.unpack("<Q", f.read(8))[0]
+    for name, (_, _, (begin, _)) in header.items():
+      f.seek(start + begin)
+      f.write(np.ascontiguousarray(tensors[name], np.float32).tobytes())
+
+
+def test_a_body_others_may_write_is_fused_as_validated_whatever_is_written_into_it_later(
+    tmp_path):
+  # Prepare: a waiting fuser validated 4 contributions; then the owner of one, which others
+  # than the fuser's user may write (here: anyone), writes into it an update 150x the others'.
+  store = h.new_store(tmp_path)
+  base, bodies = _honest(store, 3)
+  sneaky = h.nudged(base, 5)
+  h.contribute(store, "sneaky", sneaky)
+  os.chmod(h.body_path(store, "sneaky"), 0o666)
+  validations = fusion.Validations(store, _settings(), lambda m: None)
+  assert validations.refresh() == 4
+  _overwrite_in_place(h.body_path(store, "sneaky"),
+                      {n: (v + 1.5).astype(np.float32) for n, v in base.items()})
+  # Execute
+  try:
+    outcome = fusion.fuse(store, log=lambda m: None, settings=_settings(),
+                          validations=validations)
+  finally:
+    validations.close()
+  # Assert: the base is the mean of the 4 bodies as they were validated.
+  assert outcome.published == 1 and len(outcome.fused) == 4
+  fused = h.base_tensors(store)
+  for n in base:
+    np.testing.assert_allclose(fused[n], np.mean([b[n] for b in bodies + [sneaky]], axis=0),
+                               atol=1e-6)
+
+
+def _replaced_after_listing(store, alice: dict, base: dict, settings) -> dict:
+  """mallory's body (junk, uploaded before alice's) is replaced by a copy of alice's after
+  the fuser listed the contributions, before it read them: the rejections of the fusion."""
+  alice_path = os.path.join(str(store.cache_dir), "alice.safetensors")
+  os.makedirs(store.cache_dir, exist_ok=True)
+  weights.save_safetensors(alice, alice_path)
+  with open(alice_path, "rb") as f:
+    alice_bytes = f.read()
+  sha = hashlib.sha256(alice_bytes).hexdigest()
+  prefix = f"{FOLDER}/0-mallory"
+  store.storage.write_bytes(f"{prefix}/{store_lib.BODY}", b"junk")
+  store.storage.write_bytes(f"{prefix}/{store_lib.CONTRIBUTION}", json.dumps(
+      _meta_text(store, "0-mallory", body_sha256=sha, body_size=len(alice_bytes))).encode())
+  time.sleep(0.05)  # past the storage's clock tick
+  h.contribute(store, "alice", alice)
+  h.contribute(store, "bob", h.nudged(base, 2))
+  validations = fusion.Validations(store, settings, lambda m: None)
+  try:
+    found, _ = validation.candidates(store, 0, store.base_sha256(0), lambda m: None)
+    time.sleep(0.05)
+    store.storage.write_bytes(f"{prefix}/{store_lib.BODY}", alice_bytes)
+    validations.check(found)
+    outcome = fusion.fuse(store, log=lambda m: None, settings=settings,
+                          validations=validations)
+  finally:
+    validations.close()
+  assert [e["id"] for e in outcome.fused] == ["alice", "bob"]
+  return _reasons(outcome)
+
+
+def test_a_body_replaced_after_the_listing_counts_as_uploaded_when_it_was_replaced(tmp_path):
+  # Prepare
+  store = h.new_store(tmp_path)
+  base = h.base_tensors(store)
+  # Execute
+  reasons = _replaced_after_listing(store, h.nudged(base, 1), base, _settings())
+  # Assert: mallory's copy is the later upload, not alice's body.
+  assert "as contributor alice, uploaded earlier" in reasons["0-mallory"]
+
+
+def test_a_gcs_body_replaced_after_the_listing_counts_as_uploaded_when_it_was_replaced(
+    tmp_path, gcs_emulator):
+  # Prepare
+  local = h.new_store(tmp_path, name="local")
+  base = h.base_tensors(local)
+  store = store_lib.Store(f"gs://{gcs_emulator.make_bucket()}/run",
+                          cache_dir=str(tmp_path / "gcs-cache"))
+  store.create(local.base_dir(0), {"source_model": "synthetic"})
+  # Execute
+  reasons = _replaced_after_listing(store, h.nudged(base, 1), base, _settings())
+  # Assert
+  assert "as contributor alice, uploaded earlier" in reasons["0-mallory"]
+
+
+def test_a_copy_of_the_base_does_not_count(tmp_path):
+  # Prepare: 2 honest contributors and a free rider that uploads the base unchanged (its
+  # file is byte for byte the base's).
+  store = h.new_store(tmp_path)
+  base, bodies = _honest(store)
+  h.contribute(store, "free-rider", base)
+  with open(h.body_path(store, "free-rider"), "rb") as f:
+    assert hashlib.sha256(f.read()).hexdigest() == store.base_sha256(0)
+  # Execute
+  outcome = fusion.fuse(store, log=lambda m: None, settings=_settings())
+  # Assert: the base moves by the mean of the honest updates, not 2/3 of it.
+  assert [e["id"] for e in outcome.fused] == ["honest0", "honest1"]
+  assert "the body is the base itself" in _reasons(outcome)["free-rider"]
+  fused = h.base_tensors(store)
+  for n in base:
+    np.testing.assert_allclose(fused[n], (bodies[0][n] + bodies[1][n]) / 2, atol=1e-6)
+
+
+def test_a_gcs_outage_while_validating_rejects_no_one_and_publishes_nothing(
+    tmp_path, monkeypatch):
+  # Prepare: 3 contributions listed, then Cloud Storage stops answering before their bodies
+  # are downloaded.
+  from gcs_emulator import GCSEmulator, loopback_no_proxy  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.store.backends.gcs import GCSError  # pylint: disable=g-import-not-at-top
+  with GCSEmulator() as emulator:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
+    monkeypatch.setenv("NO_PROXY", loopback_no_proxy())
+    monkeypatch.setenv("COLD_FUSION_GCS_RETRY_DEADLINE", "2")
+    local = h.new_store(tmp_path, name="local")
+    store = store_lib.Store(f"gs://{emulator.make_bucket('outage')}/run",
+                            cache_dir=str(tmp_path / "gcs-cache"))
+    store.create(local.base_dir(0), {"source_model": "synthetic"})
+    _honest(store, 3)
+    validations = fusion.Validations(store, _settings(), lambda m: None)
+    try:
+      found, _ = validation.candidates(store, 0, store.base_sha256(0), lambda m: None)
+      emulator.stop()
+      # Execute
+      with pytest.raises(GCSError, match="did not answer|Could not reach") as raised:
+        validations.check(found)
+      emulator.restart()
+      outcome = fusion.fuse(store, log=lambda m: None, settings=_settings(),
+                            validations=validations)
+    finally:
+      validations.close()
+  # Assert: one error, no contribution blamed; once the service is back all 3 are fused.
+  assert "\n" not in str(raised.value)
+  assert [e["id"] for e in outcome.fused] == ["honest0", "honest1", "honest2"]
+  assert outcome.rejected == []

@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.errors import LimitError, UserError
 from cold_fusion_tf.store.backends import LocalStorage
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -158,6 +158,41 @@ def test_upload_with_move_links_or_copies(storage_backend, tmp_path, monkeypatch
     copied = storage_backend.local_path("bases/000002/model.safetensors")
     assert os.stat(copied).st_ino != os.stat(src).st_ino
     assert storage_backend.read_bytes("bases/000002/model.safetensors") == b"fused bytes"
+
+
+def test_download_this_machine_cannot_save_is_a_limit_error(storage_backend, tmp_path):
+  # Prepare: an object, and a download target under a file (this machine's side fails)
+  s = storage_backend
+  s.write_bytes("contributions/000001/alice/body.safetensors", b"x" * 1000)
+  blocker = tmp_path / "not_a_folder"
+  blocker.write_bytes(b"")
+  # Execute
+  with pytest.raises(LimitError) as error:
+    s.download("contributions/000001/alice/body.safetensors", str(blocker / "body.safetensors"))
+  # Assert: the object is not blamed (a LimitError), the message names the target
+  assert "cannot" in str(error.value) and "not_a_folder" in str(error.value)
+  assert sorted(os.listdir(tmp_path)) == sorted(["not_a_folder"] + (["store"] if
+                                                 isinstance(s, LocalStorage) else []))
+
+
+def test_a_local_folder_that_cannot_be_listed_is_a_limit_error(tmp_path, monkeypatch):
+  # Prepare: a folder the system refuses to list (simulated: the tests run as root, whom
+  # permissions do not stop)
+  s = LocalStorage(str(tmp_path / "store"))
+  s.write_bytes("contributions/000001/alice/contribution.json", b"{}")
+  real_listdir = os.listdir
+
+  def listdir(path):
+    if path.endswith("000001"):
+      raise PermissionError(13, "Permission denied", path)
+    return real_listdir(path)
+
+  monkeypatch.setattr(os, "listdir", listdir)
+  # Execute
+  with pytest.raises(LimitError) as error:
+    s.list_children("contributions/000001")
+  # Assert: the store's fault, said in one line that names the folder
+  assert "contributions/000001: cannot list it (Permission denied" in str(error.value)
 
 
 def test_create_exclusive(storage_backend):

@@ -270,7 +270,7 @@ def test_contributions_protocol(created, tmp_path):
   assert store.contributions(1) == ([], [])
   # Execute
   # The fuser's copy of the body is byte for byte what was uploaded.
-  fetched = store.fetch_body(found[0], str(tmp_path / "work"))
+  fetched, _ = store.fetch_body(found[0], str(tmp_path / "work"))
   # Assert
   assert _sha256(fetched) == meta["body_sha256"]
 

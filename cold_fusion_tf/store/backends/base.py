@@ -45,9 +45,10 @@ class Storage(abc.ABC):
     """Sorted names of the immediate children (objects or folders) under ``prefix``."""
 
   @abc.abstractmethod
-  def download(self, name: str, local_path: str, max_bytes: Optional[int] = None) -> None:
+  def download(self, name: str, local_path: str, max_bytes: Optional[int] = None) -> ObjectInfo:
     """Streams an object into a local file (written atomically); UserError if it is larger
-    than ``max_bytes`` (checked before any byte is transferred)."""
+    than ``max_bytes`` (checked before any byte is transferred). Returns what the storage
+    says of the very object copied (replaced since a :meth:`stat`, it is the new one)."""
 
   @abc.abstractmethod
   def upload(self, local_path: str, name: str, move: bool = False) -> None:

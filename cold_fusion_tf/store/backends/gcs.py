@@ -42,9 +42,10 @@ from google.auth import exceptions as auth_exceptions
 from google.cloud import storage
 from google.cloud.storage import retry as storage_retry
 
-from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.errors import LimitError, UserError
 from cold_fusion_tf.store.paths import check_object_name
 from cold_fusion_tf.store.backends.base import ObjectInfo, Storage
+from cold_fusion_tf.store.backends.local import os_reason, remove_quietly
 
 RETRY_DEADLINE_ENV = "COLD_FUSION_GCS_RETRY_DEADLINE"
 """Environment variable: seconds to keep retrying one GCS operation on transient errors."""
@@ -61,9 +62,10 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$")
 Timeout = Union[float, tuple[float, float]]
 
 
-class GCSError(UserError):
+class GCSError(LimitError):
   """A GCS failure the person running the program has to act on (credentials, bucket,
-  permissions, network); the message says what to do."""
+  permissions, network); the message says what to do. Not the fault of the object asked for:
+  the fuser rejects no contribution for it, it stops."""
 
 
 def parse_gcs_uri(uri: str) -> tuple[str, str]:
@@ -272,7 +274,7 @@ class GCSStorage(Storage):
         except api_exceptions.PreconditionFailed:
           continue  # replaced between the size check and the read: look again
       else:
-        raise GCSError(f"{self._where(name)} kept changing while reading it.")
+        raise UserError(f"{self._where(name)} kept changing while reading it.")
     if blob.generation is None:  # GCS (and fake-gcs-server) always send x-goog-generation.
       raise GCSError(f"Reading {self._where(name)}: the response carried no object generation.")
     generation = int(blob.generation)
@@ -292,11 +294,7 @@ class GCSStorage(Storage):
     key = self._object_key(name)
     with self._errors("read", name):
       blob = self._bucket.get_blob(key, retry=self._retry, timeout=self._timeout)
-    if blob is None:
-      return None
-    created = blob.time_created
-    created_ns = int(round(created.timestamp() * 1e6)) * 1000 if created is not None else 0
-    return ObjectInfo(int(blob.size or 0), created_ns, int(blob.generation or 0))
+    return None if blob is None else _info(blob)
 
   def exists(self, name: str) -> bool:
     key = self._key(name)
@@ -330,19 +328,20 @@ class GCSStorage(Storage):
     except FileNotFoundError:
       return None, 0
 
-  def download(self, name: str, local_path: str, max_bytes: Optional[int] = None) -> None:
+  def download(self, name: str, local_path: str, max_bytes: Optional[int] = None) -> ObjectInfo:
     key = self._object_key(name)
     local_path = os.path.abspath(local_path)
-    os.makedirs(os.path.dirname(local_path), exist_ok=True)
-    # A temporary name of this call's own: processes sharing a cache directory (two
-    # contributors or fusers on one machine) may download the same object at once. It ends
-    # in ".partial" so directory listings can skip it.
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(local_path),
-                               prefix=f".{os.path.basename(local_path)}.", suffix=".partial")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a download is an ordinary file.
+    tmp = None
     deadline = time.monotonic() + self.retry_deadline
     try:
+      os.makedirs(os.path.dirname(local_path), exist_ok=True)
+      # A temporary name of this call's own: processes sharing a cache directory (two
+      # contributors or fusers on one machine) may download the same object at once. It ends
+      # in ".partial" so directory listings can skip it.
+      fd, tmp = tempfile.mkstemp(dir=os.path.dirname(local_path),
+                                 prefix=f".{os.path.basename(local_path)}.", suffix=".partial")
+      os.close(fd)
+      os.chmod(tmp, 0o644)  # mkstemp makes it private; a download is an ordinary file.
       while True:
         with self._errors("download", name):
           blob = self._sized_blob(name, key, max_bytes)
@@ -355,7 +354,7 @@ class GCSStorage(Storage):
           except (api_exceptions.PreconditionFailed, api_exceptions.NotFound):
             # Replaced or deleted while downloading: look it up again.
             if time.monotonic() > deadline:
-              raise GCSError(f"{self._where(name)} kept changing while downloading it.") from None
+              raise UserError(f"{self._where(name)} kept changing while downloading it.") from None
             continue
         got = os.path.getsize(tmp)
         if got != blob.size:
@@ -363,9 +362,16 @@ class GCSStorage(Storage):
               f"Download of {self._where(name)} is truncated: got {got} of {blob.size} bytes. "
               "Try again; if it persists, check the network connection.")
         os.replace(tmp, local_path)
-        return
+        return _info(blob)
+    except OSError as e:
+      if e.errno is None:  # a network library's error, not this machine's files
+        raise
+      # This machine's side (a full disk, its own folder): not the object's fault.
+      raise LimitError(f"{self._where(name)}: cannot save it to {local_path} "
+                       f"({os_reason(e)}).") from None
     finally:
-      _remove_quietly(tmp)
+      if tmp is not None:
+        remove_quietly(tmp)
 
   # --- writes -----------------------------------------------------------------------
 
@@ -480,6 +486,13 @@ class GCSStorage(Storage):
           pass
 
 
+def _info(blob: storage.Blob) -> ObjectInfo:
+  """What GCS says of an object (its creation time in microseconds, as the service keeps it)."""
+  created = blob.time_created
+  created_ns = int(round(created.timestamp() * 1e6)) * 1000 if created is not None else 0
+  return ObjectInfo(int(blob.size or 0), created_ns, int(blob.generation or 0))
+
+
 def _emulator_hint() -> str:
   host = os.environ.get(EMULATOR_ENV)
   return f" and {EMULATOR_ENV}={host} (is the emulator running?)" if host else ""
@@ -488,10 +501,3 @@ def _emulator_hint() -> str:
 def _short(exc: BaseException) -> str:
   text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
   return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _remove_quietly(path: str) -> None:
-  try:
-    os.remove(path)
-  except FileNotFoundError:
-    pass

@@ -88,7 +88,7 @@ class LocalStorage(Storage):
           f.flush()
           os.fsync(f.fileno())
       except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
     return tmp
 
@@ -109,23 +109,35 @@ class LocalStorage(Storage):
     path = self._path(prefix)
     if not os.path.isdir(path):
       return []
+    try:
+      names = os.listdir(path)
+    except OSError as e:  # the store's folder, not any one object in it
+      raise LimitError(f"{self.uri}/{prefix}: cannot list it ({os_reason(e)}); check the "
+                       "store's permissions.") from None
     # Names starting with "." are this backend's own (staged writes, locks): never objects.
-    return sorted(n for n in os.listdir(path) if not n.startswith("."))
+    return sorted(n for n in names if not n.startswith("."))
 
-  def download(self, name: str, local_path: str, max_bytes: Optional[int] = None) -> None:
+  def download(self, name: str, local_path: str, max_bytes: Optional[int] = None) -> ObjectInfo:
     src = self._path(name)
     fd = untrusted.open_regular(src, f"{self.uri}/{name}")
     try:
-      size = os.fstat(fd).st_size
-      if max_bytes is not None and size > max_bytes:
-        raise UserError(f"{self.uri}/{name}: {size} bytes, more than the {max_bytes} allowed.")
-      os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+      info = os.fstat(fd)
+      if max_bytes is not None and info.st_size > max_bytes:
+        raise UserError(f"{self.uri}/{name}: {info.st_size} bytes, more than the {max_bytes} "
+                        "allowed.")
       tmp = local_path + ".partial"
-      with os.fdopen(os.dup(fd), "rb") as source, open(tmp, "wb") as target:
-        shutil.copyfileobj(source, target, 8 << 20)
-      os.replace(tmp, local_path)
+      try:
+        os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+        with os.fdopen(os.dup(fd), "rb") as source, open(tmp, "wb") as target:
+          shutil.copyfileobj(source, target, 8 << 20)
+        os.replace(tmp, local_path)
+      except OSError as e:  # this machine's side (or the store's disk), not the object
+        remove_quietly(tmp)
+        raise LimitError(f"{self.uri}/{name}: cannot copy it to {local_path} "
+                         f"({os_reason(e)}).") from None
     finally:
       os.close(fd)
+    return ObjectInfo(info.st_size, info.st_ctime_ns, info.st_ino)
 
   def upload(self, local_path: str, name: str, move: bool = False) -> None:
     path = self._path(name)
@@ -162,7 +174,7 @@ class LocalStorage(Storage):
           os.close(fd)
         os.replace(tmp, path)
       except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
     return True
 
@@ -188,7 +200,7 @@ class LocalStorage(Storage):
         except FileExistsError:
           return False
     finally:
-      _remove_quietly(tmp)
+      remove_quietly(tmp)
 
   def read_versioned(self, name: str) -> tuple[Optional[bytes], object]:
     try:
@@ -277,12 +289,13 @@ def _replace(tmp: str, path: str) -> None:
   try:
     os.replace(tmp, path)
   except BaseException:
-    _remove_quietly(tmp)
+    remove_quietly(tmp)
     raise
 
 
-def _remove_quietly(path: str) -> None:
+def remove_quietly(path: str) -> None:
+  """Removes the file at ``path`` if there is one (none, or no folder: nothing to do)."""
   try:
     os.remove(path)
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):
     pass
