@@ -58,11 +58,18 @@ def parse_flags(argv: list[str]) -> list[str]:
   (:mod:`cold_fusion_tf.configs.checks`) and every problem one ``error:`` line (exit status
   2) instead of a traceback."""
   argv = _config_argv(list(argv))
+  config_arg = next((a for a in argv if a.startswith("--config=")), "")
   try:
     rest = flags.FLAGS(argv)
     config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
-  except SystemExit:  # absl printed the help asked for, and exits 1 after it
-    sys.exit(0 if set(argv) & _HELP_FLAGS else 2)
+  except SystemExit as e:  # absl printed the help asked for, and exits 1 after it
+    if set(argv) & _HELP_FLAGS or not config_arg:
+      sys.exit(0 if set(argv) & _HELP_FLAGS else 2)
+    _fail(f"{config_arg}: the config file ended the program (sys.exit({e.code!r})) while "
+          "loading; its get_config() should return the config.")
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)
   except flags.Error as e:
     if str(e).startswith("flag --config=") and "Traceback" in str(e):
       _fail(_explain_config_error(argv, e))  # its get_config() failed
@@ -74,6 +81,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   if len(rest) > 1:
     _fail(f"unexpected argument(s) {' '.join(rest[1:])}: settings are --flags "
           "(see --helpshort).")
+  if config is None and config_arg:
+    _fail(f"{config_arg}: get_config() returned None; it returns an ml_collections.ConfigDict "
+          "(see configs/demo.py).")
   try:
     if config is not None:
       from cold_fusion_tf.configs import checks  # pylint: disable=g-import-not-at-top

@@ -4,8 +4,9 @@ and errors still show.
 * :func:`before_tensorflow` (called by every program before TensorFlow is imported):
   TensorFlow's C++ INFO lines (oneDNN and CPU-instruction notes, the CUDA stub's "GPU will not
   be used") are off unless ``TF_CPP_MIN_LOG_LEVEL`` is set; its warnings and errors stay. The
-  checkpoint saver's "Sharding callback duration" INFO record is dropped. (Python logging
-  shows warnings and errors; ``--verbosity=0`` adds INFO records.)
+  checkpoint saver's "Sharding callback duration" INFO record is dropped, and so is
+  ml_collections' note that a config's get_config() returned None (the error line says it).
+  (Python logging shows warnings and errors; ``--verbosity=0`` adds INFO records.)
 * :func:`init_devices`: TensorFlow's devices, found once. On a machine without an NVIDIA
   driver there is no GPU to find, and the CUDA plugin's "failed call to cuInit" error line
   says only that; it is dropped there (and only there).
@@ -31,6 +32,7 @@ _LOADED_ALL = ("Some weights of the PyTorch model were not used",
                "All PyTorch model weights were used",
                "All the weights of ")
 _SHARDING = "Sharding callback duration"
+_CONFIG_NONE = "%s:get_config() returned None"  # ml_collections' note; the error says it
 _CUINIT = "failed call to cuInit"
 _devices = None
 
@@ -50,7 +52,7 @@ def before_tensorflow() -> None:
   """Quiet defaults for a program; call before TensorFlow is imported."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   for name in ("absl", "tensorflow"):
-    logging.getLogger(name).addFilter(_Drop(_SHARDING))
+    logging.getLogger(name).addFilter(_Drop(_SHARDING, _CONFIG_NONE))
 
 
 def nvidia_driver() -> bool:

@@ -115,6 +115,14 @@ def test_a_file_where_a_folder_is_expected(program, place):
     ("run", ["--config.eval.max_train_examples=-1"],
      "config.eval.max_train_examples=-1: expected an integer in 0.."),
     ("run", ["--config.eval.tasks=bogus"], "config.eval.tasks='bogus': bogus is not in"),
+    ("evaluate", ["--config.eval.recipe.learning_rate=0"],
+     "config.eval.recipe.learning_rate=0.0 is out of range: expected > 0.0"),
+    ("train", ["--config.recipe.learning_rate=0"],
+     "config.recipe.learning_rate=0.0 is out of range: expected > 0.0"),
+    ("run", ["--config.contributors_per_iteration=5"],
+     "config.contributors_per_iteration=5 exceeds the pool of 4 datasets"),
+    ("run", ["--config.heldout=('rte',)"],
+     "dataset(s) rte both in config.pool and in config.heldout"),
 ])
 def test_bad_values_are_refused_before_any_work(program, args, fragment, place):
   # Prepare
@@ -125,6 +133,28 @@ def test_bad_values_are_refused_before_any_work(program, args, fragment, place):
   result = _run(program, f"--store={place / 'store'}", *paths, *args)
   # Assert
   _assert_one_error(result, fragment)
+  assert os.listdir(place) == []
+
+
+@pytest.mark.parametrize("body,status,line", [
+    ("def get_config():\n  return\n", 2, "error: --config={config}: get_config() returned None; "
+     "it returns an ml_collections.ConfigDict (see configs/demo.py)."),
+    ("import sys\ndef get_config():\n  sys.exit(3)\n", 2, "error: --config={config}: the "
+     "config file ended the program (sys.exit(3)) while loading; its get_config() should "
+     "return the config."),
+    ("def get_config():\n  raise KeyboardInterrupt\n", 130, "interrupted"),
+])
+def test_config_files_that_return_nothing_exit_or_are_interrupted(body, status, line, place,
+                                                                   tmp_path):
+  # Prepare
+  config = tmp_path / "my_config.py"
+  config.write_text(body)
+  # Execute
+  result = _run("evaluate", f"--config={config}", f"--store={place / 'store'}",
+                f"--out={place / 'out'}")
+  # Assert: that one line and nothing else (no library note, no traceback)
+  assert result.returncode == status
+  assert result.stderr.splitlines() == [line.format(config=config)]
   assert os.listdir(place) == []
 
 

@@ -21,10 +21,10 @@ from cold_fusion_tf.data import folder
 from cold_fusion_tf.data import tasks
 from cold_fusion_tf.data.folder import load_folder, resolve_dir
 from cold_fusion_tf.data.tasks import (DEMO_DATA_DIR, SPLITS, Split, TaskData, check_caps,
-                                       dataset_id, sample_split)
+                                       check_labels, dataset_id, sample_split)
 
-__all__ = ["DEMO_DATA_DIR", "SPLITS", "Split", "TaskData", "check_caps", "dataset_id",
-           "load_folder", "load_task", "resolve_dir", "sample_split"]
+__all__ = ["DEMO_DATA_DIR", "SPLITS", "Split", "TaskData", "check_caps", "check_labels",
+           "dataset_id", "load_folder", "load_task", "resolve_dir", "sample_split"]
 
 
 def load_task(name: str, dirs: Sequence[str] = (), columns: Mapping[str, str] | None = None,
@@ -37,6 +37,7 @@ def load_task(name: str, dirs: Sequence[str] = (), columns: Mapping[str, str] | 
     task = tfds.load(name[len("tfds:"):])
   else:
     task = folder.load_folder(folder.resolve_dir(name, dirs), columns or {})
+  tasks.check_labels(task)  # the data as given, before any cap samples it
   if max_examples:
     for split, cap in max_examples.items():
       task.splits[split] = tasks.sample_split(task.splits[split], cap, split)

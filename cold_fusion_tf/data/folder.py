@@ -9,6 +9,7 @@ import math
 import os
 import re
 import stat
+import unicodedata
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -164,13 +165,20 @@ def _read_records(file: str, names: Mapping[str, str]) -> list[tuple[str, Option
   for obj, number in rows:
     where = f"{file}:{number}"
     for key in ("text", "label"):
-      if obj.get(names[key]) in (None, ""):
+      if obj.get(names[key]) is None:
         raise UserError(f"{where}: missing field {names[key]!r}.")
+      if obj[names[key]] == "":
+        raise UserError(f"{where}: field {names[key]!r} is empty; give the example its "
+                        f"{key}, or remove the line.")
     text_value = obj[names["text"]]
     pair = obj.get(names["text_pair"])
     for key, value in (("text", text_value), ("text_pair", pair)):
       if value is not None:
         _check_text(value, f"{where}: field {names[key]!r}")
+        if value and _blank(value):
+          raise UserError(f"{where}: field {names[key]!r} holds only spaces or invisible "
+                          "characters, nothing to read; give the example its text, or remove "
+                          "the line.")
     records.append((text_value, pair if pair != "" else None,
                     _checked_raw_label(obj[names["label"]], where), number))
   return records
@@ -271,6 +279,12 @@ def _check_text(value, what: str) -> None:
   except UnicodeEncodeError as e:
     raise UserError(f"{what} holds {value[e.start]!r} at character {e.start}, which is not "
                     "Unicode text (an unpaired surrogate).") from None
+
+
+def _blank(text: str) -> bool:
+  """Whether a text has nothing a tokenizer keeps: only whitespace, control and format
+  characters (such as zero-width spaces)."""
+  return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
 
 
 def _checked_raw_label(label, where: str):

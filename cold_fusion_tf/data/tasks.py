@@ -10,6 +10,7 @@ from typing import Optional
 import numpy as np
 
 from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.store import untrusted
 from cold_fusion_tf.store.paths import check_path_part
 
 SPLITS = ("train", "dev", "test")
@@ -43,6 +44,24 @@ class TaskData:
   @property
   def is_pair(self) -> bool:
     return self.splits["train"].pairs is not None
+
+
+def check_labels(task: TaskData) -> None:
+  """Refuses a task a fine-tune cannot learn from: a classification task whose train split
+  holds a single class, a regression task whose train scores are all equal. (A class only dev
+  or test holds is allowed: it is scored, and no fine-tune gets it right.)"""
+  train = task.splits["train"]
+  if task.kind == "regression":
+    if len(train) and np.all(train.labels == train.labels[0]):
+      raise UserError(f"{task.source}: every score in the train split is "
+                      f"{float(train.labels[0]):g}; a regression task needs different scores to "
+                      "learn from.")
+    return
+  seen = set(np.unique(train.labels).tolist())
+  if len(seen) < 2:
+    name = untrusted.printable(task.label_names[min(seen)], 60) if seen else "none"
+    raise UserError(f"{task.source}: the train split holds a single class ({name!r}); a "
+                    "classifier needs training examples of at least 2 classes.")
 
 
 def dataset_id(name: str) -> str:

@@ -44,6 +44,12 @@ def resolve_tasks(config, spec: str) -> tuple[list[str], dict[str, list[str]]]:
   """Dataset references from ``--tasks`` (names; ``pool``, ``pool:N`` for the pool's first N,
   ``heldout`` or ``all`` from the config) and their groups by dataset id: held-in
   (config.pool), held-out, other."""
+  pool = {data_lib.dataset_id(n) for n in config.pool}
+  heldout = {data_lib.dataset_id(n) for n in config.heldout}
+  if pool & heldout:
+    raise UserError(f"dataset(s) {', '.join(sorted(pool & heldout))} both in config.pool and in "
+                    "config.heldout: a task is either trained on (held-in) or held out; remove "
+                    "it from one of them.")
   names: list[str] = []
   for item in (s.strip() for s in (spec or "all").split(",")):
     if not item:
@@ -63,8 +69,6 @@ def resolve_tasks(config, spec: str) -> tuple[list[str], dict[str, list[str]]]:
   ids = [data_lib.dataset_id(n) for n in names]
   if len(set(ids)) != len(ids):
     raise UserError(f"--tasks={spec!r}: two datasets share a name ({', '.join(ids)}).")
-  pool = {data_lib.dataset_id(n) for n in config.pool}
-  heldout = {data_lib.dataset_id(n) for n in config.heldout}
   groups = {"held-in": [i for i in ids if i in pool],
             "held-out": [i for i in ids if i in heldout],
             "other": [i for i in ids if i not in pool and i not in heldout]}

@@ -15,7 +15,7 @@ with ``model.save("x.keras")`` or ``model.save("dir", save_format="tf")``, it re
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Mapping, Optional
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
@@ -189,7 +189,7 @@ def compile_classifier(model, num_labels: int, train_steps: Optional[int] = None
   With ``train_steps`` the learning rate warms up linearly over ``warmup_fraction`` of them
   and decays linearly to 0 at ``train_steps``; without, it stays at the peak.
   """
-  settings = Recipe.from_config({**Recipe().to_dict(), **dict(recipe or {})}, "recipe")
+  settings = _settings(recipe)
   _check_steps(train_steps)
   if train_steps is not None:
     # The recipe lives in training.make_optimizer; RecipeAdamW keeps its no-decay list
@@ -207,6 +207,14 @@ def compile_classifier(model, num_labels: int, train_steps: Optional[int] = None
     model.compile(optimizer=optimizer,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+
+
+def _settings(recipe) -> Recipe:
+  """:class:`Recipe`'s defaults updated by ``recipe`` (a mapping of its fields), checked."""
+  if recipe is not None and not isinstance(recipe, Mapping):
+    raise UserError(f"recipe={recipe!r}: expected a mapping of recipe fields, e.g. "
+                    '{"learning_rate": 2e-5}.')
+  return Recipe.from_config({**Recipe().to_dict(), **dict(recipe or {})}, "recipe")
 
 
 def _check_steps(train_steps) -> None:
@@ -230,7 +238,7 @@ def keras_classifier(store_or_dir: str, num_labels: int, *, iteration: Optional[
       dict of int32 token-id tensors as the tokenizer returns them (``input_ids``,
       ``attention_mask``, and ``token_type_ids`` for BERT), any model.
     text_pair: with ``inputs="text"``, take sentence pairs.
-    max_length: tokens per example for ``inputs="text"`` (default: the recipe's 128).
+    max_length: tokens per example for ``inputs="text"`` (default: the recipe's, 128).
     train_steps: optimizer steps the learning-rate schedule spans (epochs x batches per
       epoch); None keeps the learning rate constant at its peak.
     recipe: overrides of :class:`cold_fusion_tf.training.recipe.Recipe`'s fields (``learning_rate``,
@@ -245,18 +253,21 @@ def keras_classifier(store_or_dir: str, num_labels: int, *, iteration: Optional[
   if inputs not in ("text", "ids"):
     raise UserError(f"inputs={inputs!r}: expected 'text' or 'ids'.")
   _check_steps(train_steps)
+  settings = _settings(recipe)
+  if max_length is not None:  # checked as the recipe's field is
+    settings = Recipe.from_config({**settings.to_dict(), "max_length": max_length},
+                                  "keras_classifier")
   if seed is not None:
     models.set_seed(seed)
   body, tokenizer = load_base(store_or_dir, iteration)
   config = body.config
   names = models.body_input_names(body)
   if inputs == "text":
-    settings = wordpiece_settings(tokenizer)
-    length = min(max_length or Recipe().max_length, hf_config.max_positions(config))
+    length = min(settings.max_length, hf_config.max_positions(config))
     if length < 4:
-      raise UserError(f"max_length={max_length}: needs room for the special tokens.")
+      raise UserError(f"max_length={length}: needs room for the special tokens (at least 4).")
     encoder = WordPieceEncoder(max_length=length, output_names=names, name="tokenize",
-                               **settings)
+                               **wordpiece_settings(tokenizer))
     if text_pair:
       model_inputs = {"text": keras.Input(shape=(), dtype=tf.string, name="text"),
                       "text_pair": keras.Input(shape=(), dtype=tf.string, name="text_pair")}

@@ -42,11 +42,11 @@ def check_config(config) -> None:
     raise UserError("iterations must be >= 0 and contributors_per_iteration >= 1.")
   if not config.pool:
     raise UserError("config.pool is empty: list the datasets contributors are drawn from.")
-  overlap = set(config.pool) & set(config.heldout)
-  if overlap:
-    raise UserError(f"datasets {sorted(overlap)} are both in the pool and held out.")
-  for name in list(config.pool) + list(config.heldout):
-    data_lib.dataset_id(name)
+  if config.contributors_per_iteration > len(config.pool):
+    raise UserError(f"config.contributors_per_iteration={config.contributors_per_iteration} "
+                    f"exceeds the pool of {len(config.pool)} datasets (config.pool); sample at "
+                    "most that many, or add datasets to the pool.")
+  pipeline.resolve_tasks(config, "all")  # dataset names, and none both held in and held out
   if config.eval.every < 0 or config.eval.seeds < 1:
     raise UserError(f"config.eval.every={config.eval.every} must be >= 0 (0: only base 0 and "
                     f"the last) and config.eval.seeds={config.eval.seeds} >= 1.")

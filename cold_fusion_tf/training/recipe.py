@@ -80,7 +80,7 @@ class Recipe:
 
 
 _RANGES = {  # field: (lowest valid value, whether the lowest is excluded)
-    "learning_rate": (0.0, False), "warmup_fraction": (0.0, False), "weight_decay": (0.0, False),
+    "learning_rate": (0.0, True), "warmup_fraction": (0.0, False), "weight_decay": (0.0, False),
     "adam_epsilon": (0.0, True), "clip_norm": (0.0, False), "batch_size": (1, False),
     "grad_accum_steps": (1, False), "max_replica_batch": (0, False),
     "eval_batch_size": (1, False), "epochs": (0.0, True), "probe_epochs": (0.0, False),

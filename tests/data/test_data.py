@@ -224,3 +224,40 @@ def test_huge_float_label_is_shown_as_written(tmp_path, label, message):
     data.load_task(folder)
   # Assert
   assert "000000" not in str(error.value) and len(str(error.value)) < 300
+
+
+_PAIRS = _jsonl([{"text": "a", "text_pair": "b", "label": 1},
+                 {"text": "c", "text_pair": "d", "label": 0}])
+
+
+@pytest.mark.parametrize("files,info,message", [
+    ({"train.jsonl": _jsonl([{"text": "a", "label": 1}, {"text": "b", "label": 1}])}, INFO,
+     r"task: the train split holds a single class \('pos'\); a classifier needs training "
+     r"examples of at least 2 classes"),
+    ({"train.jsonl": _jsonl([{"text": "a", "label": 2.5}, {"text": "b", "label": 2.5}])},
+     {"task": "regression"}, r"every score in the train split is 2.5; a regression task needs "
+     r"different scores"),
+    ({"train.jsonl": GOOD + _jsonl([{"text": " \t ", "label": 0}])}, INFO,
+     r"train.jsonl:3: field 'text' holds only spaces or invisible characters"),
+    ({"train.jsonl": _PAIRS + _jsonl([{"text": "a", "text_pair": "\u200b\n", "label": 0}]),
+      "dev.jsonl": _PAIRS, "test.jsonl": _PAIRS}, INFO,
+     r"train.jsonl:3: field 'text_pair' holds only spaces or invisible characters"),
+    ({"train.jsonl": GOOD + _jsonl([{"text": "", "label": 0}])}, INFO,
+     r"train.jsonl:3: field 'text' is empty; give the example its text, or remove the line"),
+])
+def test_data_a_fine_tune_cannot_learn_from_is_refused(tmp_path, files, info, message):
+  # Prepare: good splits, one replaced by a bad one
+  folder = _write(str(tmp_path / "task"), {**{f"{s}.jsonl": GOOD for s in data.SPLITS},
+                                           **files}, info)
+  # Execute / Assert
+  with pytest.raises(UserError, match=message):
+    data.load_task(folder)
+
+
+def test_a_class_only_a_cap_leaves_out_of_train_still_loads(tmp_path):
+  # Prepare: each class once in train; a cap of one example keeps a single class
+  folder = _write(str(tmp_path / "task"), {f"{s}.jsonl": GOOD for s in data.SPLITS}, INFO)
+  # Execute: the data is checked as given, before the cap samples it
+  task = data.load_task(folder, max_examples={"train": 1})
+  # Assert
+  assert len(task.splits["train"]) == 1 and task.splits["test"].labels.tolist() == [1, 0]

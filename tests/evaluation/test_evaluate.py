@@ -382,3 +382,13 @@ def test_a_recipe_key_changes_with_a_probe_phase_only_when_there_is_one():
   # Assert: the runs of recipes without a probe phase keep their keys
   assert plain == unused
   assert len({plain, probed, faster}) == 3
+
+
+def test_a_dataset_both_held_in_and_held_out_is_refused():
+  # Prepare: the pool's first dataset also held out, named by its folder
+  config = _demo_config()
+  config.heldout = (*config.heldout, os.path.join(tiny.DATA, config.pool[0]))
+  # Execute / Assert: its runs would count in both groups
+  with pytest.raises(UserError, match=rf"dataset\(s\) {config.pool[0]} both in config.pool and "
+                                      "in config.heldout"):
+    recycling.resolve_tasks(config, "heldout")

@@ -273,3 +273,22 @@ def test_load_base_from_a_gcs_store(gcs_emulator, tmp_path, monkeypatch):
     np.testing.assert_array_equal(value, published[name], err_msg=name)
   assert tokenizer("a b")["input_ids"] == [101, 1037, 1038, 102]
   assert refs.resolve(uri, 0).directory.startswith(str(tmp_path / "cache"))
+
+
+def test_max_length_is_checked_and_defaults_to_the_recipe_s(tiny_bert_store):
+  # Execute: the recipe's max_length is the default; max_length overrides it
+  from_recipe = cold_fusion_tf.keras_classifier(tiny_bert_store, 2, recipe={"max_length": 24})
+  given = cold_fusion_tf.keras_classifier(tiny_bert_store, 2, max_length=12,
+                                          recipe={"max_length": 24})
+  # Assert
+  assert from_recipe.get_layer("tokenize").max_length == 24
+  assert given.get_layer("tokenize").max_length == 12
+  assert from_recipe(tf.constant([" ".join(["word"] * 100)])).shape == (1, 2)
+  # Execute / Assert: a length that is not one is refused, not replaced by the default
+  for kwargs, message in (({"max_length": 0}, r"max_length=0 is out of range"),
+                          ({"max_length": "64"}, r"max_length='64' is invalid"),
+                          ({"max_length": 3}, r"max_length=3: needs room for the special"),
+                          ({"recipe": {"learning_rate": 0}}, r"learning_rate=0 is out of range"),
+                          ({"recipe": [("learning_rate", 1e-5)]}, r"expected a mapping")):
+    with pytest.raises(UserError, match=message):
+      cold_fusion_tf.keras_classifier(tiny_bert_store, 2, **kwargs)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.simulation import loop
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.tensors import safetensors_io as weights
@@ -219,3 +220,18 @@ def test_tensorboard_scalars_of_every_base(finished_store):
     assert all(0 <= v <= 100 for v in points["eval/held-out"].values())
   else:
     assert not [tag for tag in points if tag.startswith("eval/")]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"contributors_per_iteration": 3}, r"contributors_per_iteration=3 exceeds the pool of 2 "
+                                        r"datasets"),
+    ({"heldout": ("rte", os.path.join(tiny.DATA, "sst2"))},
+     r"dataset\(s\) sst2 both in config.pool and in config.heldout"),
+])
+def test_a_loop_it_cannot_run_is_refused_before_any_work(tmp_path, overrides, message):
+  # Prepare: a source that is never read (the config is refused first)
+  config = tiny.demo_config(str(tmp_path / "no_source"), **overrides)
+  # Execute / Assert
+  with pytest.raises(UserError, match=message):
+    loop.run(config, str(tmp_path / "store"), log=lambda _: None)
+  assert os.listdir(tmp_path) == []
