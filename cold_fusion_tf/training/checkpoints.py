@@ -14,8 +14,11 @@ all workers restore from the chief's folder (so ``--workdir`` must be shared, e.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
-from typing import Any
+import os
+from typing import Any, Iterator
 
 import tensorflow as tf
 
@@ -52,6 +55,29 @@ def check_workdir(workdir: str) -> None:
     raise UserError(f"--workdir={workdir}: cannot write and read a probe file there ({e}).") from e
 
 
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Holds an OS lock (``flock`` on ``<workdir>/.lock``) while one process trains in a local
+  workdir, so a second process of the same contributor (the same id: the same default
+  workdir) fails at once instead of mixing its checkpoints in or losing them when the first
+  one finishes and deletes them. The lock ends with the process. A ``gs://`` workdir has
+  none: one process per contributor id there."""
+  if "://" in workdir:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  fd = os.open(os.path.join(workdir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      raise UserError(f"--workdir={workdir}: another process is training in it (the same "
+                      "contributor id?); wait for it to end, or give another --workdir.") from e
+    yield
+  finally:
+    os.close(fd)
+
+
 def join(*parts: str) -> str:
   """Joins path parts for local folders and ``gs://`` alike."""
   return "/".join([parts[0].rstrip("/")] + [p.strip("/") for p in parts[1:]])
@@ -82,10 +108,14 @@ class Checkpoints:
       return None
     try:
       self.checkpoint.restore(path).assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
+      state = json.loads(self.state.numpy().decode("utf-8"))
+      if not isinstance(state, dict):
+        raise ValueError("its training record is not a JSON object")
+    # A truncated or damaged file: TensorFlow's reader raises IndexError ("Read less bytes
+    # than requested") or DataLossError; a damaged record fails to decode or parse.
+    except (AssertionError, ValueError, IndexError, KeyError, tf.errors.OpError) as e:
       raise UserError(f"{path}: cannot restore this checkpoint ({e}); delete "
                       f"{self.directory} or use another --workdir.") from e
-    state = json.loads(self.state.numpy().decode("utf-8"))
     saved = state.get("fingerprint")
     if saved != self.fingerprint:
       diff = sorted(k for k in set(saved or {}) | set(self.fingerprint)
@@ -97,7 +127,13 @@ class Checkpoints:
   def save(self, step: int, state: dict) -> str:
     """Writes a checkpoint at ``step`` (every worker must call this at the same step)."""
     self.state.assign(json.dumps({**state, "fingerprint": self.fingerprint}))
-    path = self.manager.save(checkpoint_number=step)
+    try:
+      path = self.manager.save(checkpoint_number=step)
+    except tf.errors.OpError as e:  # e.g. the disk is full, or the bucket refuses the write
+      reason = e.message.split(";")[-1].split("[Op:")[0].strip() or str(e)
+      raise UserError(f"{self.own_directory}: cannot write the checkpoint of step {step} "
+                      f"({reason}); free space there or use another --workdir (the last "
+                      "complete checkpoint is kept).") from e
     if not self.chief:
       tf.io.gfile.rmtree(self.own_directory)
     return path

@@ -12,6 +12,7 @@ contribution.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -100,8 +101,18 @@ def contribute(store: store_lib.Store, config, task_name: str, contributor_id: s
   if strategies.tpu_hosts(strategy) > 1 and not workdir.startswith("gs://"):
     raise UserError(f"--workdir={workdir!r}: a multi-host TPU slice needs a gs:// workdir "
                     "(checkpoints are written by the hosts that hold the variables).")
-  if strategies.is_chief(strategy):
+  chief = strategies.is_chief(strategy)
+  if chief:
     checkpointing.check_workdir(workdir)
+  # One process per workdir: a second one of the same contributor stops here.
+  with checkpointing.workdir_lock(workdir) if chief else contextlib.nullcontext():
+    return _train_and_upload(store, iteration, contributor_id, task, dataset, recipe, strategy,
+                             body_type, backend, sign, log, workdir)
+
+
+def _train_and_upload(store, iteration, contributor_id, task, dataset, recipe, strategy,
+                      body_type, backend, sign, log, workdir) -> dict:
+  """The part of :func:`contribute` after its checks: fine-tune, upload, read back."""
   base_dir = store.base_dir(iteration)
   base_sha = store.base_sha256(iteration)
   body_lib.set_seed(recipe.seed, body_type)
@@ -128,4 +139,9 @@ def contribute(store: store_lib.Store, config, task_name: str, contributor_id: s
     tf.io.gfile.rmtree(checkpoints)  # the contribution is safe in the store now
   log(f"[{contributor_id}] contributed to iteration {iteration}: dev score "
       f"{result.dev['score']:.4f} after {result.steps} steps")
+  latest = store.latest()
+  if latest != iteration:  # a base was published (or LATEST rolled back) while it trained
+    log(f"[{contributor_id}] note: LATEST is now base {latest}, not base {iteration} this "
+        "contribution was trained from and is filed under; the next fusion of base "
+        f"{latest} does not use it: run again to contribute to base {latest}.")
   return meta

@@ -24,6 +24,7 @@ import json
 import os
 from typing import Callable, Optional, Sequence
 import weakref
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -184,8 +185,8 @@ def _read_cache(path: str) -> Encoded | None:
       data = np.load(io.BytesIO(f.read()), allow_pickle=False)
       types = data["types"] if data["has_types"] else None
       return Encoded(data["ids"], types, data["lengths"], data["labels"], int(data["pad_id"]))
-  except (tf.errors.OpError, OSError, ValueError, KeyError):
-    return None  # a damaged cache is rebuilt
+  except (tf.errors.OpError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    return None  # a damaged cache (e.g. truncated: not a zip file) is rebuilt
 
 
 def _write_cache(path: str, encoded: Encoded) -> None:

@@ -10,6 +10,8 @@ optimizer are :mod:`cold_fusion_tf.training.keras_task`'s). Keras 3 gives the re
   (one ``fit`` step is one micro-batch; the optimizer steps every ``accumulation`` of them);
 * ``BackupAndRestore``: the training state (weights, optimizer, epoch) at every ``fit``
   epoch end, in ``<workdir>/checkpoints/keras_hub``. Running the same command again resumes;
+  it is kept after ``fit`` (the contributor deletes it once its upload is read back), so a
+  run stopped before or during its upload does not train again;
 * ``EarlyStopping(restore_best_weights=True)`` on the dev score, its state (best score and
   weights, evaluations without gain) kept beside the backup so a resumed run still knows
   the best weights;
@@ -298,7 +300,10 @@ class _Run:
       callbacks.append(keras.callbacks.TensorBoard(
           checkpointing.join(self.workdir, "tensorboard"), write_graph=False, profile_batch=0))
     if directory:
-      callbacks.append(keras.callbacks.BackupAndRestore(checkpointing.join(directory, "backup")))
+      # Kept after fit: the contributor deletes <workdir>/checkpoints only once its upload
+      # is read back, so a run stopped before (or during) the upload resumes from here.
+      callbacks.append(keras.callbacks.BackupAndRestore(checkpointing.join(directory, "backup"),
+                                                        delete_checkpoint=False))
 
     self.log(f"{label}training {task.name}: {len(self.encoded['train'])} examples, "
         f"{self.total_steps} steps of {self.global_batch} "
@@ -312,8 +317,6 @@ class _Run:
     steps = int(to_numpy(model.optimizer.iterations))
     with self.strategy.scope() if self.jax else contextlib.nullcontext():
       test = self.evaluate(model, "test") if evaluate_test else None
-    if directory and tf.io.gfile.exists(directory):
-      tf.io.gfile.rmtree(directory)
     best = stopping.best_record()
     return FinetuneResult(
         dev={k[len("dev_"):]: v for k, v in best.items() if k.startswith("dev_")}, test=test,
@@ -473,14 +476,6 @@ class _DevEarlyStopping(keras.callbacks.EarlyStopping):
           "history": self.history,
           "seconds": self.seconds + time.time() - self.progress.start}).encode())
     self.progress.other_seconds += time.time() - start
-
-  def on_train_end(self, logs=None):
-    super().on_train_end(logs)  # restores the best weights
-    if self.directory and self.run.chief:  # the run is over: its state goes with the backup
-      for name in (_STATE, _BEST):
-        path = checkpointing.join(self.directory, name)
-        if tf.io.gfile.exists(path):
-          tf.io.gfile.remove(path)
 
   def best_record(self) -> dict:
     """The history entry of the best dev score (the first of equals, as early stopping keeps)."""

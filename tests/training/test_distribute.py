@@ -200,5 +200,6 @@ def test_multi_worker_two_processes_write_one_contribution(tmp_path):
                          "contribution.json"), encoding="utf-8") as f:
     meta = json.load(f)
   assert meta["steps"] == 10 and meta["examples_seen"] == 160
-  # The chief's checkpoints are gone once the contribution is written; the worker kept none.
-  assert sorted(os.listdir(tmp_path / "workdir")) == ["tensorboard", "tokens"]
+  # The chief's checkpoints are gone once the contribution is written; the worker kept none
+  # (.lock: the chief's hold on the workdir, which ended with it).
+  assert sorted(os.listdir(tmp_path / "workdir")) == [".lock", "tensorboard", "tokens"]

@@ -50,6 +50,21 @@ def test_encode_matches_the_tokenizer_and_caches(tmp_path):
   assert len(os.listdir(tmp_path)) == 2
 
 
+
+def test_a_truncated_cache_file_is_rebuilt(tmp_path):
+  # Prepare: a cache file cut short, as a process killed or a disk full while writing leaves it
+  split = SST2.splits["dev"]
+  encoded = inputs.encode(TOKENIZER, split, 24, cache_dir=str(tmp_path))
+  (name,) = os.listdir(tmp_path)
+  with open(tmp_path / name, "r+b") as f:
+    f.truncate(50)
+  inputs._KEPT.clear()  # pylint: disable=protected-access  # as a new process: read the file
+  # Execute
+  again = inputs.encode(TOKENIZER, split, 24, cache_dir=str(tmp_path))
+  # Assert: tokenized again (not a zipfile.BadZipFile), and the cache holds a whole file again
+  assert np.array_equal(again.ids, encoded.ids) and np.array_equal(again.labels, encoded.labels)
+  assert os.path.getsize(tmp_path / name) > 50
+
 def test_bucket_lengths():
   # Execute / Assert
   assert inputs.bucket_lengths(40) == [8, 16, 24, 32, 40]
