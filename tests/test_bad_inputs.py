@@ -434,3 +434,31 @@ def test_evaluate_says_what_is_wrong_with_the_base(place):
   _assert_one_error(result, f"--base={place}/store@-1: '-1' is not a base number; STORE@N "
                     "takes N, a whole number from 0 to 999999")
   assert os.listdir(place) == ["store"]
+
+
+@pytest.mark.parametrize("kind", ["link to a local secret", "fifo"])
+def test_export_refuses_a_base_file_that_is_no_regular_file(tmp_path, kind):
+  # Prepare: a store whose manifest lists, with the right size and sha256, a link to a local
+  # secret (it was copied into the export) or a FIFO (the export hung on it)
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import synthetic  # pylint: disable=g-import-not-at-top
+  store = synthetic.new_store(tmp_path)
+  folder = store.storage.local_path("bases/000000")
+  secret = tmp_path / "secret.txt"
+  secret.write_text("TOP SECRET\n")
+  if kind == "fifo":
+    os.mkfifo(os.path.join(folder, "notes.txt"))
+    listed = {"sha256": hashlib.sha256(b"").hexdigest(), "size": 0}
+  else:
+    os.symlink(secret, os.path.join(folder, "notes.txt"))
+    listed = {"sha256": hashlib.sha256(secret.read_bytes()).hexdigest(), "size": 11}
+  manifest = store.manifest(0)
+  manifest["files"]["notes.txt"] = listed
+  store.storage.write_bytes("bases/000000/manifest.json", json.dumps(manifest).encode())
+  # Execute
+  result = _run("export", f"--store={store.uri}", f"--out={tmp_path / 'out'}", timeout=60)
+  # Assert: one error line naming the file; no export
+  what = "a FIFO" if kind == "fifo" else "a symbolic link"
+  _assert_one_error(result, f"{folder}/notes.txt: is {what}, not a regular file. The base is "
+                    "damaged or tampered with")
+  assert not os.path.exists(tmp_path / "out")

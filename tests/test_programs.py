@@ -1,6 +1,7 @@
 """The absl programs: bad input ends with one clear `error:` line, exit status 2, and nothing
 written; an interrupted contributor leaves nothing a reader would take as complete."""
 
+import fcntl
 import json
 import os
 import subprocess
@@ -115,6 +116,22 @@ def test_unsafe_contributor_id_and_unknown_dataset(tiny_store):
   _assert_clean_error(_run("train", f"--store={store}", "--config.task=no_such_task", *SMALL),
                       "Unknown dataset 'no_such_task'", "Known datasets:")
 
+
+
+def test_a_second_trainer_in_the_same_workdir_stops_at_once(tiny_store, tmp_path):
+  # Prepare: a running contributor holds its workdir (what the train program takes: flock)
+  store, _ = tiny_store
+  workdir = tmp_path / "work"
+  workdir.mkdir()
+  with open(workdir / ".lock", "w", encoding="utf-8") as held:
+    fcntl.flock(held, fcntl.LOCK_EX)
+    # Execute: the same contributor again, e.g. a restarted job while the old one still runs
+    result = _run("train", f"--store={store}", "--config.task=sst2",
+                  "--config.contributor_id=twice", f"--workdir={workdir}", *SMALL)
+  # Assert: stopped before training, nothing written to its checkpoints or to the store
+  _assert_clean_error(result, f"--workdir={workdir}: another process is training in it")
+  assert sorted(os.listdir(workdir)) == [".lock"]
+  assert not os.path.exists(os.path.join(store, "contributions", "000000", "twice"))
 
 def test_a_directory_that_is_not_a_store(tmp_path):
   # Prepare

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import time
 from typing import Callable, Optional
 
@@ -240,9 +239,8 @@ class _Job:
       raise UserError(f"{e}. Rerun with other fusion settings, or withdraw a base with "
                       "`python -m cold_fusion_tf.rollback`.") from None
     self.hashes = {store_lib.MODEL: model_sha}
-    for name in sorted(self.manifest["files"]):
-      if name != store_lib.MODEL:
-        shutil.copyfile(os.path.join(self.base_dir, name), os.path.join(out_dir, name))
+    # The base's other files (config, tokenizer), hashed as they are copied.
+    self.store.copy_base(self.iteration, out_dir, skip=(store_lib.MODEL,))
     if state_path is not None:
       fields["fusion"]["server_optimizer"] = {
           **self.settings.server_optimizer, "previous_state_sha256": previous_sha,

@@ -18,6 +18,7 @@ import tempfile
 from typing import Callable, Optional
 
 from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.model import tokenizer as tokenizer_lib
 from cold_fusion_tf.store.backends import local
 
 FORMATS = ("hf", "keras_hub")
@@ -51,7 +52,6 @@ def export_model(store_uri: str, out_dir: str, iteration: Optional[int] = None,
     raise UserError(f"--store={store_uri}: a model directory, not a store; export reads a "
                     "base and its lineage from a store.")
   store, iteration, base_dir = ref.store, ref.iteration, ref.directory
-  manifest = store.manifest(iteration)
   lineage = model_card.lineage(store, iteration)
   try:
     os.makedirs(parent, exist_ok=True)
@@ -59,9 +59,14 @@ def export_model(store_uri: str, out_dir: str, iteration: Optional[int] = None,
   except OSError as e:
     raise _cannot_write(out_dir, e) from None
   try:
-    if fmt == "hf":
-      for name in sorted(manifest["files"]):
-        shutil.copyfile(os.path.join(base_dir, name), os.path.join(staging, name))
+    if fmt == "hf":  # each file hashed as it is copied: exactly what the manifest names
+      store.copy_base(iteration, staging)
+      try:  # no code for its users to run (the copies checked: what is exported)
+        for name in ("config.json", "tokenizer_config.json"):
+          tokenizer_lib.read_settings(staging, name)
+      except UserError as e:
+        raise UserError(str(e).replace(staging, f"{store.uri}/{store.base_prefix(iteration)}")
+                        ) from None
     else:
       from cold_fusion_tf.interop import keras_hub as keras_hub_export  # pylint: disable=g-import-not-at-top
       keras_hub_export.export_preset(base_dir, staging, sequence_length)

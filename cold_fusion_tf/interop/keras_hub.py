@@ -20,13 +20,13 @@ otherwise identical); RoBERTa uses the exact form in both and matches to float32
 
 from __future__ import annotations
 
-import json
 import os
 
 from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.model import hf_config
 from cold_fusion_tf.model import keras_hub_body
 from cold_fusion_tf.model import keras_hub_names
+from cold_fusion_tf.model import tokenizer as tokenizer_lib
 
 
 def read_hf_config(base_dir: str) -> dict:
@@ -61,12 +61,7 @@ def load_tokenizer(base_dir: str):
   if family == "roberta":
     return keras_hub.models.RobertaTokenizer(vocabulary=os.path.join(base_dir, "vocab.json"),
                                              merges=os.path.join(base_dir, "merges.txt"))
-  settings = {}
-  try:
-    with open(os.path.join(base_dir, "tokenizer_config.json"), encoding="utf-8") as f:
-      settings = json.load(f)
-  except (OSError, ValueError):
-    pass
+  settings = tokenizer_lib.read_settings(base_dir)
   lowercase = bool(settings.get("do_lower_case", True))
   strip_accents = settings.get("strip_accents")
   return keras_hub.models.BertTokenizer(

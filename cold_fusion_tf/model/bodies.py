@@ -23,50 +23,61 @@ from cold_fusion_tf.tensors import safetensors_io as weights  # pylint: disable=
 from cold_fusion_tf.model import hf_config
 from cold_fusion_tf.model import hf_names
 from cold_fusion_tf.model import sources
+from cold_fusion_tf.model import tokenizer as tokenizer_lib
+from cold_fusion_tf.store import untrusted
 
 from cold_fusion_tf.errors import UserError  # pylint: disable=g-import-not-at-top
 
 quiet.init_devices()  # before any other TensorFlow work (see cold_fusion_tf.quiet)
 
 SUPPORTED_MODEL_TYPES = hf_config.SUPPORTED_MODEL_TYPES
-read_raw_config = hf_config.read_raw
 
 
 def read_config(model_dir: str) -> transformers.PretrainedConfig:
-  """Parses and checks ``config.json`` of a model directory."""
-  return config_from_dict(*read_raw_config(model_dir))
+  """Parses and checks ``config.json`` of a model directory (against its weights too, see
+  :func:`hf_config.read`)."""
+  return config_from_dict(hf_config.read(model_dir), os.path.join(model_dir, "config.json"))
 
 
 def config_from_dict(raw: dict, source: str) -> transformers.PretrainedConfig:
   return transformers.AutoConfig.for_model(**hf_config.check(raw, source))
 
 
-def build_body(config: transformers.PretrainedConfig):
-  """A freshly initialised, built TF body for ``config``."""
-  with quiet.transformers_tf():
-    body = transformers.TFAutoModel.from_config(config)
-  body(body.dummy_inputs, training=False)
+def build_body(config: transformers.PretrainedConfig, source: str = "the model's config"):
+  """A freshly initialised, built TF body for ``config`` (from ``source``, named in the
+  UserError raised when transformers cannot build it)."""
+  try:
+    with quiet.transformers_tf():
+      body = transformers.TFAutoModel.from_config(config)
+    body(body.dummy_inputs, training=False)
+  except (ValueError, KeyError, TypeError, AttributeError, tf.errors.OpError) as e:
+    raise UserError(f"{source}: transformers cannot build a {config.model_type} body from it "
+                    f"({untrusted.printable(str(e), 200)}).") from None
   return body
 
 
 def load_body(model_dir: str, source: str | None = None):
   """The TF body of a base directory, its weights checked and assigned."""
-  config = read_config(model_dir)
-  body = build_body(config)
+  config = read_config(model_dir)  # checked against model.safetensors before building
+  body = build_body(config, os.path.join(model_dir, "config.json"))
   path = os.path.join(model_dir, "model.safetensors")
-  if not os.path.exists(path):
-    raise UserError(f"{model_dir}: missing model.safetensors.")
   tensors = weights.load_checked(path, hf_names.expected_specs(body), source or path)
   hf_names.assign_body_tensors(body, tensors, source or path)
   return body
 
 
 def load_tokenizer(model_dir: str):
-  """The fast tokenizer saved beside a base (no network)."""
+  """The fast tokenizer saved beside a base (no network, never code of the base's own, only
+  tokenizers of the supported families: see :func:`tokenizer.read_settings`)."""
+  tokenizer_lib.read_settings(model_dir)
   try:
-    return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{model_dir}: cannot load the tokenizer ({e}).") from e
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
+                                                           trust_remote_code=False)
+  except Exception as e:  # pylint: disable=broad-except  (the Rust parser raises Exception)
+    raise UserError(f"{model_dir}: cannot load the tokenizer "
+                    f"({untrusted.printable(str(e), 300)}).") from None
+  tokenizer_lib.check_ids(tokenizer.get_vocab(), model_dir)
+  return tokenizer
 
 
 def load_source_model(source: str):

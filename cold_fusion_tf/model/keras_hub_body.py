@@ -149,12 +149,9 @@ def load(base_dir: str, *, dtype=None, scope=None, source: str | None = None) ->
   ``scope`` (a ``tf.distribute`` strategy's or a ``keras.distribution``'s scope) is entered
   while the variables are created; ``dtype`` is a Keras dtype policy (``mixed_bfloat16``).
   """
-  config, config_path = hf_config.read_raw(base_dir)
-  config = hf_config.check(config, config_path)
+  config, config_path = hf_config.read(base_dir), os.path.join(base_dir, "config.json")
   names.check_config(config, config_path)
   path = os.path.join(base_dir, "model.safetensors")
-  if not os.path.exists(path):
-    raise UserError(f"{base_dir}: missing model.safetensors.")
   where = source or path
   tensors = safetensors_io.load_checked(path, names.hf_specs(config), where)
   if scope is None:

@@ -9,11 +9,11 @@ transformers-TF body's ``AutoTokenizer`` gives: pairs are truncated longest-firs
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional, Sequence
 
 from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.store import untrusted
 
 # The families whose bodies take segment ids (token_type_ids).
 _WITH_SEGMENTS = ("bert", "electra")
@@ -54,25 +54,71 @@ class Tokenizer:
     return out
 
 
+MAX_SETTINGS_BYTES = 4 << 20
+MAX_TOKENIZER_BYTES = 256 << 20
+"""The largest tokenizer.json read (multilingual ones are tens of megabytes)."""
+# The tokenizer classes of the supported families (``tokenizer_class`` of tokenizer_config.json).
+CLASSES = frozenset(f"{family}Tokenizer{fast}" for family in (
+    "Bert", "Roberta", "XLMRoberta", "Electra", "DistilBert") for fast in ("", "Fast")) | {
+        "PreTrainedTokenizerFast"}
+
+
+def read_settings(model_dir: str, name: str = "tokenizer_config.json") -> dict:
+  """A tokenizer's JSON settings file beside a base (``{}`` when there is none), read with
+  limits; a UserError when it names code to run (``auto_map``) or a tokenizer class of
+  another family than the supported ones, which this package never loads."""
+  path = os.path.join(model_dir, name)
+  try:
+    data = untrusted.read_regular(path, MAX_SETTINGS_BYTES, follow_links=True)
+  except FileNotFoundError:
+    return {}
+  settings = untrusted.loads(data, path)
+  if not isinstance(settings, dict):
+    raise UserError(f"{path}: expected a JSON object.")
+  if "auto_map" in settings:
+    raise UserError(f"{path}: names code to run (auto_map); a base never runs code of its own, "
+                    "so this one is refused: use a base without custom code.")
+  kind = settings.get("tokenizer_class")
+  if kind is not None and kind not in CLASSES:
+    raise UserError(f"{path}: tokenizer_class {untrusted.printable(repr(kind), 60)} is not a "
+                    f"tokenizer of the supported families ({', '.join(sorted(CLASSES))}).")
+  return settings
+
+
+def check_ids(vocab: dict, model_dir: str) -> None:
+  """Raises UserError when a tokenizer's ``vocab`` (token -> id, added tokens included) gives
+  ids the embedding table of the base in ``model_dir`` (``vocab_size`` rows) does not have:
+  the first text holding such a token would stop training or evaluation."""
+  from cold_fusion_tf.model import hf_config  # pylint: disable=g-import-not-at-top
+  rows = hf_config.sizes(hf_config.check(*hf_config.read_raw(model_dir)))["vocab_size"]
+  highest = max(vocab.values(), default=-1)
+  if highest >= rows:
+    token = untrusted.printable(repr(max(vocab, key=vocab.get)), 60)
+    raise UserError(f"{model_dir}: the tokenizer gives ids up to {highest} (token {token}), but "
+                    f"the model has {rows} token embeddings (vocab_size); its tokenizer files do "
+                    "not belong to its weights (a damaged or tampered base).")
+
+
 def load(model_dir: str, model_type: str) -> Tokenizer:
   """The tokenizer saved beside a base (``tokenizer.json``; the pad token from
   ``special_tokens_map.json`` or ``tokenizer_config.json``)."""
   import tokenizers  # pylint: disable=g-import-not-at-top
   path = os.path.join(model_dir, "tokenizer.json")
+  read_settings(model_dir)  # refuses custom code and other families' tokenizers
   try:
-    backend = tokenizers.Tokenizer.from_file(path)
+    data = untrusted.read_regular(path, MAX_TOKENIZER_BYTES, follow_links=True)
   except FileNotFoundError:
     raise UserError(f"{path}: missing; the keras_hub body reads the fast tokenizer's "
                     "tokenizer.json (bases written by this package have one).") from None
+  try:
+    backend = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
   except Exception as e:  # the Rust parser's errors are plain Exceptions
-    raise UserError(f"{path}: not a valid tokenizer ({e}).") from e
+    raise UserError(f"{path}: not a valid tokenizer "
+                    f"({untrusted.printable(str(e), 200)}).") from None
+  check_ids(backend.get_vocab(with_added_tokens=True), model_dir)
   pad = _DEFAULT_PAD.get(model_type, "[PAD]")
   for name in ("special_tokens_map.json", "tokenizer_config.json"):
-    try:
-      with open(os.path.join(model_dir, name), encoding="utf-8") as f:
-        value = json.load(f).get("pad_token")
-    except (OSError, ValueError, AttributeError):
-      continue
+    value = read_settings(model_dir, name).get("pad_token")
     if isinstance(value, dict):
       value = value.get("content")
     if isinstance(value, str) and value:

@@ -6,6 +6,7 @@ Reads check everything (schemas, names, sizes, sha256); writes follow the protoc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -43,6 +44,20 @@ def _corrupt(where: str) -> UserError:
   """The error for a base file that does not match its manifest."""
   return UserError(f"{where}: size or sha256 does not match the manifest; the base is corrupt. "
                    "Republish it or restore the file.")
+
+
+def _open_base_file(path: str, where: str) -> int:
+  """A read descriptor of a base's file: a regular file (not a symbolic link, FIFO or device),
+  else a UserError that says the base is damaged."""
+  try:
+    return untrusted.open_regular(path, where)
+  except FileNotFoundError:
+    raise UserError(f"{where}: listed in the manifest but missing.") from None
+  except LimitError:
+    raise
+  except UserError as e:
+    raise UserError(f"{e} The base is damaged or tampered with: restore the file, or "
+                    "withdraw the base with `python -m cold_fusion_tf.rollback`.") from None
 
 
 class Store:
@@ -186,10 +201,11 @@ class Store:
         raise _corrupt(f"{self.uri}/{self.base_prefix(iteration)}/{name}")
     return local, check
 
-  def _base_dir(self, iteration: int, later: Optional[str]) -> tuple[str, Optional[str]]:
+  def _base_dir(self, iteration: int, later: Optional[str],
+                manifest: Optional[dict] = None) -> tuple[str, Optional[str]]:
     """:meth:`base_dir`, and with ``later`` the file of the store's own directory whose
     sha256 is left to the caller: (the directory, that file's expected sha256 or None)."""
-    manifest = self.manifest(iteration)
+    manifest = manifest or self.manifest(iteration)
     deferred = None
     prefix = self.base_prefix(iteration)
     local = self.storage.local_path(prefix)
@@ -205,16 +221,13 @@ class Store:
         if fresh:
           continue
         try:
-          self.storage.download(f"{prefix}/{name}", path)
+          self.storage.download(f"{prefix}/{name}", path, info["size"])
         except FileNotFoundError:
           raise UserError(f"{self.uri}/{prefix}/{name}: listed in the manifest but missing.") from None
-      if not os.path.exists(path):
-        raise UserError(f"{self.uri}/{prefix}/{name}: listed in the manifest but missing.")
-      if name == later and not cached and os.path.getsize(path) == info["size"]:
+      hashed = name != later or cached
+      self._check_file(path, info, f"{self.uri}/{prefix}/{name}", hashed)
+      if not hashed:
         deferred = info["sha256"]
-        continue
-      if os.path.getsize(path) != info["size"] or safetensors_io.sha256_file(path) != info["sha256"]:
-        raise _corrupt(f"{self.uri}/{prefix}/{name}")
     if cached:
       # The cache holds exactly the manifest's files (a store recreated at the same URI may
       # have left others behind); downloads in progress (*.partial) are left alone.
@@ -226,6 +239,48 @@ class Store:
           except FileNotFoundError:
             pass
     return local, deferred
+
+  @staticmethod
+  def _check_file(path: str, info: dict, where: str, hashed: bool = True) -> None:
+    """Raises UserError unless ``path`` is a regular file (not a symbolic link, FIFO or
+    device) of the manifest's size and, when ``hashed``, sha256, read through one descriptor."""
+    fd = _open_base_file(path, where)
+    with os.fdopen(fd, "rb") as f:
+      if os.fstat(fd).st_size != info["size"] or hashed and safetensors_io.sha256_stream(
+          f, 1 << 20) != info["sha256"]:
+        raise _corrupt(where)
+
+  def copy_base(self, iteration: int, out_dir: str, skip: tuple = ()) -> dict:
+    """Copies every file of base ``iteration`` (but those named in ``skip``) into the existing
+    folder ``out_dir`` and returns its manifest: each file is hashed as it is copied, so what
+    lands there is what the manifest names, whatever is done to the store meanwhile (else a
+    UserError)."""
+    manifest, prefix = self.manifest(iteration), self.base_prefix(iteration)
+    local = self.storage.local_path(prefix)
+    if local is None:  # a remote store's base: fetched into the cache and checked there
+      local = self._base_dir(iteration, None, manifest)[0]
+    written = []
+    try:
+      for name, info in sorted(manifest["files"].items()):
+        if name in skip:
+          continue
+        where = f"{self.uri}/{prefix}/{name}"
+        fd = _open_base_file(os.path.join(local, name), where)
+        digest, left = hashlib.sha256(), info["size"] + 1  # one more byte: a file that grew
+        with os.fdopen(fd, "rb") as source, open(os.path.join(out_dir, name), "xb") as target:
+          written.append(target.name)  # (only what this call created is removed on failure)
+          while left > 0 and (block := source.read(min(left, 8 << 20))):
+            digest.update(block)
+            target.write(block)
+            left -= len(block)
+        if left != 1 or digest.hexdigest() != info["sha256"]:
+          raise _corrupt(where)
+    except BaseException:
+      for path in written:  # nothing half copied is left behind
+        with contextlib.suppress(OSError):
+          os.remove(path)
+      raise
+    return manifest
 
   def publish_base(self, iteration: int, local_dir: str, manifest_fields: dict, *,
                    known_sha256: Optional[dict] = None, move: bool = False,

@@ -78,12 +78,13 @@ def loads(data: bytes, where: str, max_depth: int = MAX_DEPTH):
     raise UserError(f"{where}: not valid JSON ({printable(str(e), 200)}).") from None
 
 
-def read_regular(path: str, max_bytes: int, where: str | None = None) -> bytes:
-  """The bytes of the regular file ``path`` (symbolic links not followed), at most
-  ``max_bytes`` of them: FileNotFoundError if it is missing, UserError if it is something
-  else than a regular file or larger than ``max_bytes``."""
+def read_regular(path: str, max_bytes: int, where: str | None = None,
+                 follow_links: bool = False) -> bytes:
+  """The bytes of the regular file ``path`` (symbolic links not followed unless
+  ``follow_links``), at most ``max_bytes`` of them: FileNotFoundError if it is missing,
+  UserError if it is something else than a regular file or larger than ``max_bytes``."""
   where = where or path
-  fd = open_regular(path, where)
+  fd = open_regular(path, where, follow_links)
   try:
     size = os.fstat(fd).st_size
     if size > max_bytes:
@@ -103,12 +104,15 @@ def read_regular(path: str, max_bytes: int, where: str | None = None) -> bytes:
     os.close(fd)
 
 
-def open_regular(path: str, where: str | None = None) -> int:
+def open_regular(path: str, where: str | None = None, follow_links: bool = False) -> int:
   """A read-only descriptor of the regular file ``path``, opened without following a final
-  symbolic link and without blocking (a FIFO does not stall the caller): FileNotFoundError
-  if it is missing, UserError for anything but a regular file."""
+  symbolic link (unless ``follow_links``: a model folder of the user's own, such as a
+  Hugging Face cache snapshot) and without blocking (a FIFO does not stall the caller):
+  FileNotFoundError if it is missing, UserError for anything but a regular file."""
   where = where or path
-  flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+  flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+  if not follow_links:
+    flags |= getattr(os, "O_NOFOLLOW", 0)
   try:
     fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
   except FileNotFoundError:

@@ -6,6 +6,7 @@ and 1 in the loop's format (tests/published.py).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -125,10 +126,10 @@ def test_an_out_that_cannot_be_written_is_one_user_error(fused_store, tmp_path, 
                      r"such file or directory: /proc/nope\)"):
     export.export_model(str(tmp_path / "no_store"), "/proc/nope/x", log=lambda _: None)
   # Prepare: the disk fills up while the model directory is written
-  def full(src, dst):
-    raise OSError(28, "No space left on device", dst)
+  def full(store, iteration, out_dir):
+    raise OSError(28, "No space left on device", os.path.join(out_dir, "model.safetensors"))
 
-  monkeypatch.setattr(export.shutil, "copyfile", full)
+  monkeypatch.setattr(store_lib.Store, "copy_base", full)
   out = tmp_path / "exported"
   # Execute / Assert
   with pytest.raises(UserError, match=rf"^--out={out}: cannot write the model directory \(No "
@@ -136,3 +137,31 @@ def test_an_out_that_cannot_be_written_is_one_user_error(fused_store, tmp_path, 
     export.export_model(fused_store, str(out), log=lambda _: None)
   # Assert: nothing half-written
   assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
+def test_a_base_that_names_code_to_run_is_not_exported(tmp_path, name):
+  # Prepare: a store whose base names a module of its own to run (auto_map), with the manifest
+  # rewritten to match (anyone who may write the store can)
+  import synthetic  # pylint: disable=g-import-not-at-top
+  store = synthetic.new_store(tmp_path)
+  folder = store.storage.local_path("bases/000000")
+  path = os.path.join(folder, name)
+  settings = json.load(open(path)) if os.path.exists(path) else {}
+  settings["auto_map"] = {"AutoModel": "evil.Model", "AutoTokenizer": ["evil.Tok", None]}
+  with open(path, "w") as f:
+    json.dump(settings, f)
+  with open(os.path.join(folder, "evil.py"), "w") as f:
+    f.write("import os\nos.system('touch PWNED')\n")
+  manifest = store.manifest(0)
+  for file in (name, "evil.py"):
+    with open(os.path.join(folder, file), "rb") as f:
+      data = f.read()
+    manifest["files"][file] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+  store.storage.write_bytes("bases/000000/manifest.json", json.dumps(manifest).encode())
+  out = tmp_path / "exported"
+  # Execute / Assert: refused, naming the store's file; nothing exported
+  with pytest.raises(UserError, match=rf"^{store.uri}/bases/000000/{name}: names code to run "
+                     r"\(auto_map\)"):
+    export.export_model(store.uri, str(out), log=lambda _: None)
+  assert not out.exists() and sorted(os.listdir(tmp_path)) == ["store", "store-base0"]

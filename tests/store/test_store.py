@@ -163,6 +163,66 @@ def test_corrupt_or_missing_base_file_is_named(created, tmp_path):
     store_lib.Store(store.uri, cache_dir=str(tmp_path / "cache-2")).base_dir(0)
 
 
+def _relist(store, name: str, sha256: str, size: int) -> None:
+  """Rewrites base 0's manifest so that it lists ``name`` with ``sha256`` and ``size`` (what
+  anyone who can write the store can do)."""
+  manifest = store.manifest(0)
+  manifest["files"][name] = {"sha256": sha256, "size": size}
+  store.storage.write_bytes("bases/000000/manifest.json", json.dumps(manifest).encode())
+
+
+@pytest.mark.parametrize("kind", ["link out of the store", "fifo", "link to a device"])
+def test_a_base_file_that_is_no_regular_file_is_refused_at_once(tmp_path, kind):
+  # Prepare: a local store whose manifest lists, with the right size and sha256, a link to a
+  # local secret (export would copy it), a FIFO or /dev/zero (hashing them never ended)
+  store = store_lib.Store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+  store.create(write_base(tmp_path / "base0"), {"source_model": "tiny"})
+  folder = store.storage.local_path("bases/000000")
+  secret = tmp_path / "secret.txt"
+  secret.write_text("TOP SECRET\n")
+  empty = hashlib.sha256(b"").hexdigest()
+  if kind == "link out of the store":
+    os.symlink(secret, os.path.join(folder, "notes.txt"))
+    _relist(store, "notes.txt", _sha256(secret), secret.stat().st_size)
+  elif kind == "fifo":
+    os.mkfifo(os.path.join(folder, "notes.txt"))
+    _relist(store, "notes.txt", empty, 0)
+  else:
+    os.symlink("/dev/zero", os.path.join(folder, "notes.txt"))
+    _relist(store, "notes.txt", empty, 0)
+  out = tmp_path / "copy"
+  out.mkdir()
+  # Execute / Assert: refused (not read, not hung on), by base_dir and by copy_base
+  what = "a FIFO" if kind == "fifo" else "a symbolic link"
+  for read in (lambda: store.base_dir(0), lambda: store.copy_base(0, str(out))):
+    with pytest.raises(UserError, match=rf"000000/notes\.txt: is {what}, not a regular file\. "
+                       r"The base is damaged or tampered with: restore the file, or withdraw"):
+      read()
+  assert os.listdir(out) == []
+
+
+def test_copy_base_copies_what_the_manifest_names_and_nothing_else(tmp_path):
+  # Prepare: a store whose vocabulary is then rewritten in place (same size)
+  store = store_lib.Store(str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+  store.create(write_base(tmp_path / "base0"), {"source_model": "tiny"})
+  vocab = os.path.join(store.storage.local_path("bases/000000"), "vocab.txt")
+  intact, out, skipped = (tmp_path / name for name in ("intact", "copy", "skipped"))
+  for folder in (intact, out, skipped):
+    folder.mkdir()
+  # Execute
+  store.copy_base(0, str(intact))
+  store.copy_base(0, str(skipped), skip=("model.safetensors",))
+  with open(vocab, "r+b") as f:
+    f.write(b"[EVIL]")
+  # Assert: the clean copies hold every file asked for, bitwise; the tampered one is refused
+  assert sorted(os.listdir(intact)) == ["config.json", "model.safetensors", "vocab.txt"]
+  assert sorted(os.listdir(skipped)) == ["config.json", "vocab.txt"]
+  assert _sha256(intact / "vocab.txt") == store.manifest(0)["files"]["vocab.txt"]["sha256"]
+  with pytest.raises(UserError, match=r"000000/vocab\.txt: size or sha256 does not match the "
+                     "manifest"):
+    store.copy_base(0, str(out))
+
+
 def test_bad_latest_and_manifest_are_user_errors(created):
   # Prepare: a manifest without its file list
   store, _ = created
@@ -302,9 +362,9 @@ def _count_downloads(store):
   counted = []
   original = store.storage.download
 
-  def download(name, local_path):
+  def download(name, local_path, *limit):
     counted.append(name)
-    original(name, local_path)
+    return original(name, local_path, *limit)
 
   store.storage.download = download
   return counted
