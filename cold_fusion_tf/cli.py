@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -203,6 +204,7 @@ def run_main(body: Callable[[], int | None], tensorflow: bool = False) -> None:
   (:func:`cold_fusion_tf.quiet.init_devices`).
   """
   logging.use_python_logging(quiet=True)
+  signal.signal(signal.SIGTERM, _terminate)
   try:
     if tensorflow:
       quiet.init_devices()
@@ -212,7 +214,21 @@ def run_main(body: Callable[[], int | None], tensorflow: bool = False) -> None:
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr, flush=True)
     sys.exit(130)
+  except _Terminated:
+    print("terminated (SIGTERM); what was saved is kept: run the same command again to go on",
+          file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGTERM)
   sys.exit(status or 0)
+
+
+class _Terminated(BaseException):
+  """SIGTERM (a preempted VM, a stopped job), raised where the program is, so that it ends as
+  on Ctrl-C: its clean-ups run, and one line says so."""
+
+
+def _terminate(signum, frame) -> None:
+  del signum, frame
+  raise _Terminated()
 
 
 say = progress.Display()

@@ -4,6 +4,7 @@ written; an interrupted contributor leaves nothing a reader would take as comple
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -132,6 +133,36 @@ def test_a_second_trainer_in_the_same_workdir_stops_at_once(tiny_store, tmp_path
   _assert_clean_error(result, f"--workdir={workdir}: another process is training in it")
   assert sorted(os.listdir(workdir)) == [".lock"]
   assert not os.path.exists(os.path.join(store, "contributions", "000000", "twice"))
+
+
+def test_sigterm_ends_a_trainer_with_one_line_and_nothing_uploaded(tiny_store, tmp_path):
+  # Prepare: a contributor with far more steps than it gets to run
+  store, _ = tiny_store
+  args = [a for a in SMALL if "max_steps" not in a]
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "cold_fusion_tf.train", "--config=configs/demo.py",
+       f"--store={store}", "--config.task=sst2", "--config.contributor_id=stopped",
+       f"--workdir={tmp_path / 'work'}", "--config.recipe.max_steps=100000",
+       "--config.recipe.epochs=1000", *args],
+      cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="3"),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    for line in proc.stdout:  # training has begun once it says how long it is
+      if "steps" in line:
+        break
+    # Execute: what a preempted VM or a stopped job sends
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  # Assert: one line, the conventional status, and no contribution
+  assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+  assert "Traceback" not in stderr
+  assert stderr.strip().splitlines()[-1].startswith("terminated (SIGTERM); what was saved")
+  assert not os.path.exists(os.path.join(store, "contributions", "000000", "stopped"))
+
 
 def test_a_directory_that_is_not_a_store(tmp_path):
   # Prepare
