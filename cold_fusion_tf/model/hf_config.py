@@ -98,14 +98,13 @@ def check(raw, source: str) -> dict:
     if key in raw and raw[key] not in ACTIVATIONS:
       raise UserError(f"{source}: {key}={untrusted.printable(repr(raw[key]), 40)} is not one "
                       f"of {', '.join(ACTIVATIONS)}.")
-  for key in _RATES:
-    if raw.get(key) is not None and not (_number(raw[key]) and 0 <= raw[key] < 1):
+  # Rates may be null (transformers then uses another); the two small numbers may not.
+  fractions = [(key, "rate", raw.get(key) is not None) for key in _RATES] + [
+      (key, "number", key in raw) for key in ("layer_norm_eps", "initializer_range")]
+  for key, what, given in fractions:
+    if given and not (_number(raw[key]) and 0 <= raw[key] < 1):
       raise UserError(f"{source}: {key}={untrusted.printable(repr(raw[key]), 40)} is not a "
-                      "rate in [0, 1).")
-  for key in ("layer_norm_eps", "initializer_range"):
-    if key in raw and not (_number(raw[key]) and 0 <= raw[key] < 1):
-      raise UserError(f"{source}: {key}={untrusted.printable(repr(raw[key]), 40)} is not a "
-                      "number in [0, 1).")
+                      f"{what} in [0, 1).")
   pad = raw.get("pad_token_id")
   if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool)
                           or not 0 <= pad < n["vocab_size"]):

@@ -104,7 +104,7 @@ def load(model_dir: str, model_type: str) -> Tokenizer:
   ``special_tokens_map.json`` or ``tokenizer_config.json``)."""
   import tokenizers  # pylint: disable=g-import-not-at-top
   path = os.path.join(model_dir, "tokenizer.json")
-  read_settings(model_dir)  # refuses custom code and other families' tokenizers
+  settings = read_settings(model_dir)  # refuses custom code and other families' tokenizers
   try:
     data = untrusted.read_regular(path, MAX_TOKENIZER_BYTES, follow_links=True)
   except FileNotFoundError:
@@ -117,8 +117,8 @@ def load(model_dir: str, model_type: str) -> Tokenizer:
                     f"({untrusted.printable(str(e), 200)}).") from None
   check_ids(backend.get_vocab(with_added_tokens=True), model_dir)
   pad = _DEFAULT_PAD.get(model_type, "[PAD]")
-  for name in ("special_tokens_map.json", "tokenizer_config.json"):
-    value = read_settings(model_dir, name).get("pad_token")
+  for found in (read_settings(model_dir, "special_tokens_map.json"), settings):
+    value = found.get("pad_token")
     if isinstance(value, dict):
       value = value.get("content")
     if isinstance(value, str) and value:
