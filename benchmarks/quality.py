@@ -380,7 +380,8 @@ def compare(workdir: str, seeds: int, variants=None, against: str = "") -> str:
       out += [rows[v] for v in members] + [""]
     out += [("reference" if against else "original base") + ": " + ", ".join(
         f"{t} {100 * reference[t]['mean']:.1f} ± {100 * reference[t]['std']:.1f}"
-        for t in tasks), ""]
+        + (f" (not learned: one constant answer scores {100 * summary['constant'][t]:.1f})"
+           if t in summary["not_learned"] else "") for t in tasks), ""]
   return "\n".join(out) or f"no variant evaluated in {workdir} yet"
 
 if __name__ == "__main__":

@@ -76,6 +76,11 @@ def scores_table(summary: Mapping, extra: Mapping[str, str] | None = None,
     if extra is not None:
       cells.append(extra.get(name, "") or "-")
     lines.append(_row(cells))
+  constant = summary.get("constant")
+  if constant:
+    cells = ["(one constant answer)"] + ["-"] * (2 * len(groups))
+    cells += [_pct(constant[t]) for t in tasks] + (["-"] if extra is not None else [])
+    lines.append(_row(cells))
   return lines
 
 
@@ -85,8 +90,10 @@ def gains_table(summary: Mapping, name: str) -> list[str]:
   reference, groups = summary["reference"], summary["groups"]
   membership = {t: g for g in _named_groups(summary) for t in groups[g]}
   gain = summary["gains"][name]
+  not_learned = set(summary.get("not_learned", ()))
   lines = [f"Gain of {name} over {reference} (points, paired by seed, ± standard error over "
-           "seeds; z = gain / standard error; LOSS: below minus two standard errors):", "",
+           "seeds; z = gain / standard error; LOSS: below minus two standard errors; not "
+           f"learned: {reference} no better than one constant answer):", "",
            _row(["task", "group", reference, name, "gain", "z", "seeds", ""]),
            "|---|---|---|---|---|---|---|---|"]
   for task in summary["tasks"]:
@@ -95,7 +102,7 @@ def gains_table(summary: Mapping, name: str) -> list[str]:
                        _pct(summary["scores"][reference]["tasks"][task]["mean"]),
                        _pct(summary["scores"][name]["tasks"][task]["mean"]),
                        _pm(stats["mean"], stats["se"]), _z(stats["mean"], stats["se"]),
-                       stats["n"], "**LOSS**" if stats["loss"] else ""]))
+                       stats["n"], _flags(stats["loss"], task in not_learned)]))
   lines += ["", _row(["group", "tasks", "mean gain", "± over seeds", "± over tasks", "z",
                       "verdict"]), "|---|---|---|---|---|---|---|"]
   for g, stats in gain["groups"].items():
@@ -103,7 +110,26 @@ def gains_table(summary: Mapping, name: str) -> list[str]:
                        _pm(stats["se_seeds"], None).lstrip("+"),
                        _pm(stats["se_tasks"], None).lstrip("+"),
                        _z(stats["mean"], stats["se"]), f"**{stats['verdict']}**"]))
-  return lines + [""] + verdict_lines(summary, name)
+  return lines + [""] + verdict_lines(summary, name) + not_learned_lines(summary)
+
+
+def _flags(loss: bool, not_learned: bool) -> str:
+  return ", ".join(f for f, on in (("**LOSS**", loss), ("not learned", not_learned)) if on)
+
+
+def not_learned_lines(summary: Mapping) -> list[str]:
+  """What a task the reference did not learn means, and how to measure it."""
+  names = summary.get("not_learned") or []
+  if not names:
+    return []
+  scores = summary["scores"][summary["reference"]]["tasks"]
+  listed = ", ".join(f"{t} ({_pct(scores[t]['mean'])} against {_pct(summary['constant'][t])})"
+                     for t in names)
+  return ["", f"Not learned by {summary['reference']} in these fine-tunes: {listed}. Its scores "
+          "are no better than always giving the most common test answer (0 for regression), "
+          "so a gain there is a head start or chance, not a better start; the task is kept in "
+          "the means. To measure it, fine-tune longer (eval.recipe.epochs, "
+          "eval.max_train_examples) or leave it out."]
 
 
 def verdict_lines(summary: Mapping, name: str) -> list[str]:
@@ -168,8 +194,9 @@ def to_csv(summary: Mapping) -> str:
   buffer = io.StringIO()
   writer = csv.writer(buffer)
   writer.writerow(["model", "task", "mean", "std", "n", "gain", "gain_se", "gain_se_seeds",
-                   "gain_se_tasks", "z", "flag"])
+                   "gain_se_tasks", "z", "flag", "constant"])
   nan = math.nan
+  not_learned, constant = set(summary.get("not_learned", ())), summary.get("constant", {})
   for model in summary["models"]:
     name = model["name"]
     row, gain = summary["scores"][name], summary["gains"].get(name)
@@ -178,13 +205,15 @@ def to_csv(summary: Mapping) -> str:
       g = gain["tasks"][task] if gain else {"mean": nan, "se": nan, "loss": False}
       writer.writerow([name, task, _num(stats["mean"]), _num(stats["std"]), stats["n"],
                        _num(g["mean"]), _num(g["se"]), "", "", _z(g["mean"], g["se"]),
-                       "loss" if g["loss"] else ""])
+                       " ".join(f for f, on in (("loss", g["loss"]),
+                                                ("not-learned", task in not_learned)) if on),
+                       _num(constant.get(task, nan))])
     for group in summary["groups"]:
       g = gain["groups"][group] if gain else None
       cells = ([_num(g["mean"]), _num(g["se"]), _num(g["se_seeds"]), _num(g["se_tasks"]),
                 _z(g["mean"], g["se"]), g["verdict"]] if g else [""] * 6)
       writer.writerow([name, f"mean:{group}", _num(row["groups"][group]), "",
-                       g["n_seeds"] if g else ""] + cells)
+                       g["n_seeds"] if g else ""] + cells + [""])
   return buffer.getvalue()
 
 

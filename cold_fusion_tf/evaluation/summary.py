@@ -16,6 +16,13 @@ differences ``d[task, seed] = base - reference``:
   (``se``) and no task of the group is a flagged loss; ``loss`` when the mean is below minus
   two standard errors; ``unclear`` otherwise; ``illustration`` with fewer than two seeds (no
   standard error: one seed is never a finding).
+
+A gain means something only on a task the reference has learned in its fine-tunes. Each task's
+*constant answer* is the test score of always giving one answer (the most common test label's
+share; 0 for regression, where a constant has no rank correlation); a task is *not learned*
+when the reference's mean score is not above it by more than two standard errors over seeds
+(and at least :data:`LEARNED_MARGIN`). Such a task stays in the means and verdicts, flagged:
+a gain there is a head start or chance, and fine-tuning longer is what measures it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 VERDICTS = ("gain", "loss", "unclear", "illustration")
+LEARNED_MARGIN = 0.01
+"""How far above the constant answer (1 point) the reference must score, at the least, for a
+task to count as learned."""
 
 
 def score_stats(scores: Sequence[float]) -> dict:
@@ -56,6 +66,24 @@ def task_gain(diffs: Mapping[int, float]) -> dict:
   stats = mean_and_se(list(diffs.values()))
   stats["loss"] = bool(stats["n"] > 1 and stats["mean"] < -2 * stats["se"])
   return stats
+
+
+def constant_score(task) -> float:
+  """The test score of always giving one answer: the most common test label's share for a
+  classification task, 0 for regression (a constant has no rank correlation)."""
+  labels = np.asarray(task.splits["test"].labels)
+  if task.kind == "regression" or not labels.size:
+    return 0.0
+  return float(np.unique(labels, return_counts=True)[1].max() / labels.size)
+
+
+def learned(stats: Mapping, constant: float) -> bool:
+  """Whether scores ({"mean", "std", "n"}) are above ``constant`` by more than two standard
+  errors over seeds and at least :data:`LEARNED_MARGIN` (True when there is no score)."""
+  if not stats["n"]:
+    return True
+  se = stats["std"] / math.sqrt(stats["n"]) if stats["n"] > 1 else 0.0
+  return stats["mean"] - constant > max(LEARNED_MARGIN, 2 * se)
 
 
 def group_gain(diffs: Mapping[str, Mapping[int, float]]) -> dict:
@@ -129,8 +157,11 @@ def summarize(job, records: Sequence[dict],
     gains[model.name] = {"tasks": {t: task_gain(diffs[t]) for t in tasks},
                          "groups": {g: group_gain({t: diffs[t] for t in members})
                                     for g, members in groups.items()}}
+  constant = {t: constant_score(job.tasks[t]) for t in tasks}
   return {"mode": job.mode, "seeds": job.seed_values, "recipe_key": job.recipe_key,
-          "reference": reference, "tasks": tasks, "groups": groups,
+          "reference": reference, "tasks": tasks, "groups": groups, "constant": constant,
+          "not_learned": [t for t in tasks
+                          if not learned(scores[reference]["tasks"][t], constant[t])],
           "models": [{"name": m.name, "sha256": m.sha256} for m in job.models],
           "scores": scores, "gains": gains}
 

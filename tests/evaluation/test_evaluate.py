@@ -192,6 +192,41 @@ def test_gains_are_paired_by_seed_with_standard_errors(tmp_path):
   assert rows[0].startswith("model,task,mean,std,n,gain") and len(rows) == 1 + 2 * (2 + 3)
 
 
+def test_tasks_the_reference_does_not_learn_are_flagged_against_one_constant_answer(tmp_path):
+  # Prepare: t1 and t2 have test labels 0, 0, 0, 1 (always answering 0 scores 0.75); the
+  # reference scores 0.75-0.78 on t1 (not learned) and 0.9-0.95 on t2; t3 is regression.
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  job = _job(tmp_path)
+  task = job.tasks["t1"]
+  test = dataclasses.replace(task.splits["test"], labels=np.array([0, 0, 0, 1], np.int32))
+  skewed = dataclasses.replace(task, splits={**task.splits, "test": test})
+  scores = dataclasses.replace(test, labels=np.array([0.5, 1.0, 2.0, 4.0], np.float32))
+  regression = dataclasses.replace(task, kind="regression", label_names=[],
+                                   splits={**task.splits, "test": scores})
+  job = recycling.Job(job.models, {"t1": skewed, "t2": skewed, "t3": regression},
+                      job.eval_config, seeds=3)
+  ref, fused = job.models
+  table = {"t1": ((0.75, 0.78, 0.76), (0.9, 0.9, 0.9)), "t2": ((0.9, 0.95, 0.92), (0.9,) * 3),
+           "t3": ((0.4, 0.5, 0.45), (0.5,) * 3)}
+  records = [_record(job, model, task, seed, values[seed])
+             for task, pair in table.items() for model, values in zip((ref, fused), pair)
+             for seed in range(3)]
+  # Execute
+  summary = summary_lib.summarize(job, records, {"held-out": ["t1", "t2", "t3"]})
+  text = report.markdown(summary)
+  rows = report.to_csv(summary).splitlines()
+  # Assert
+  assert summary["constant"] == {"t1": 0.75, "t2": 0.75, "t3": 0.0}
+  assert summary["not_learned"] == ["t1"]
+  assert "| t1 | held-out | 76.3 | 90.0 | +13.67 ± 0.88 | +15.5 | 3 | not learned |" in text
+  assert "| (one constant answer) | - | - | 75.0 | 75.0 | 0.0 |" in text
+  assert "Not learned by orig in these fine-tunes: t1 (76.3 against 75.0)" in text
+  assert "eval.recipe.epochs" in text
+  assert summary["gains"]["fused"]["groups"]["held-out"]["n_tasks"] == 3  # kept in the mean
+  assert rows[1].startswith("orig,t1,") and rows[1].endswith(",not-learned,0.75")
+  assert rows[2].startswith("orig,t2,") and rows[2].endswith(",,0.75")
+
+
 def test_results_file_skips_damaged_lines_and_duplicates(tmp_path):
   # Prepare
   job = _job(tmp_path)

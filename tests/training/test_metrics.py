@@ -102,6 +102,7 @@ def test_gain_lines_flag_losses_and_say_one_seed_is_an_illustration():
   assert "flagged losses: b (-3.00 ± 0.23)" in text
   assert "One seed: an illustration, not a finding" in one_seed
   assert "One seed" not in text
-  assert rows[0] == "model,task,mean,std,n,gain,gain_se,gain_se_seeds,gain_se_tasks,z,flag"
+  assert rows[0] == ("model,task,mean,std,n,gain,gain_se,gain_se_seeds,gain_se_tasks,z,flag,"
+                     "constant")
   assert rows[5].startswith("base 2,b,0.57,0,1,-0.03,0.0023094,,,-13.0,loss")
-  assert rows[6].endswith(",unclear")
+  assert rows[6].endswith(",unclear,")
