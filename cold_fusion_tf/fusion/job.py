@@ -164,7 +164,7 @@ class _Job:
     rejected += self._validate(candidates)
     self.validations.base_checked()  # before anything measured against the base counts
     kept, dropped, scores, clips = trust.select(self.checked, self.settings, self.bounds,
-                                                self._directions, self.log)
+                                                self._directions, self.log, self._gram)
     rejected = sorted(rejected + dropped, key=lambda r: (r["id"], r["reason"]))
     self.valid = len(kept)
     if len(kept) < self.settings.min_contributions:
@@ -179,6 +179,7 @@ class _Job:
                                                          clips.get(c))
                                         for c, w in zip(kept, weights)],
                       "rejected": rejected}}
+    new = plan_lib.fit(new)
     if self.store.write_plan(self.target, new, None if problem is None else token):
       return new, rejected
     if attempts <= 1:
@@ -202,6 +203,11 @@ class _Job:
                                      bodies, self.specs, self.settings, self._early_path(),
                                      clips)
     return self.early.terms
+
+  def _gram(self, ids: list[str], factors: dict) -> np.ndarray:
+    """The dot products of every pair of the updates of ``ids`` (scaled by ``factors``)."""
+    return streaming.gram([self.checked[c].body for c in ids], self.specs, self.base,
+                          [factors.get(c) or {} for c in ids])
 
   def build(self, plan: dict) -> tuple[str, dict]:
     """Fuses as planned into a staging directory: (its path, the manifest fields). Raises

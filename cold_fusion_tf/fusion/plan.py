@@ -16,7 +16,12 @@ from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.fusion.settings import Settings
 from cold_fusion_tf.fusion.validation import entry
+from cold_fusion_tf.store import layout
 from cold_fusion_tf.store import paths
+
+MAX_PLAN_BYTES = layout.MAX_JSON_BYTES - (64 << 10)
+"""The largest plan a fuser writes: its manifest (the plan's sections and a few more fields)
+must stay within what every reader of a store accepts (:data:`layout.MAX_JSON_BYTES`)."""
 
 
 def normalized(obj):
@@ -66,6 +71,42 @@ def check_plan(plan: dict, where: str, iteration: int, base_sha: str, target: in
   return plan
 
 
+def fit(plan: dict) -> dict:
+  """``plan`` made small enough for :data:`MAX_PLAN_BYTES`: however many ids a store lists,
+  the manifest of the base it publishes stays readable. Past the budget, only the first
+  rejections (in id order) are listed and ``rejected_not_listed`` counts the others; then
+  the fused contributions' dev metrics are left out. A UserError, before anything is
+  written, when even that is too large."""
+  fusion = plan["fusion"]
+  rejected = fusion["rejected"]
+
+  def sized(kept: int, metrics: bool = True) -> tuple[dict, int]:
+    section = {**fusion, "rejected": rejected[:kept]}
+    if kept < len(rejected):
+      section["rejected_not_listed"] = len(rejected) - kept
+    if not metrics:
+      section["contributions"] = [{**e, "dev_metrics": {}} for e in fusion["contributions"]]
+    candidate = {**plan, "fusion": section}
+    return candidate, len(layout.json_bytes(candidate))
+
+  candidate, size = sized(len(rejected))
+  if size <= MAX_PLAN_BYTES:
+    return plan
+  low, high = 0, len(rejected)  # the most rejections that fit: in [low, high)
+  while high - low > 1:
+    middle = (low + high) // 2
+    low, high = (middle, high) if sized(middle)[1] <= MAX_PLAN_BYTES else (low, middle)
+  candidate, size = sized(low)
+  if size > MAX_PLAN_BYTES:
+    candidate, size = sized(0, metrics=False)
+  if size > MAX_PLAN_BYTES:
+    raise UserError(f"{len(fusion['contributions'])} contributions to fuse make a plan of "
+                    f"{size} bytes, more than the {MAX_PLAN_BYTES} a store's manifest may "
+                    "hold; nothing was planned or published. Fuse fewer at a time "
+                    "(a smaller config.fusion.min_contributions and an earlier fusion).")
+  return candidate
+
+
 def _number(value) -> bool:
   return (isinstance(value, (int, float)) and not isinstance(value, bool)
           and math.isfinite(value))
@@ -73,7 +114,9 @@ def _number(value) -> bool:
 
 def sameentry(mine: dict, planned: dict) -> bool:
   a, b = dict(mine), dict(planned)
-  for key in ("update_z", "weight", "clip"):  # decided by the plan, given to every attempt
+  # Decided by the plan and given to every attempt (dev metrics: only a record, left out of
+  # a plan too large with them).
+  for key in ("update_z", "weight", "clip", "dev_metrics"):
     a.pop(key, None)
     b.pop(key, None)
   norm_a, norm_b = a.pop("update_norm", None), b.pop("update_norm", None)

@@ -15,8 +15,9 @@ Applied to the contributions that passed :mod:`.validation` (well-formed, finite
    robust aggregators clip updates before averaging).
 3. **Outliers** among 3 or more: robust z-scores of the update norms (:mod:`.robust`).
 4. **Direction**, among 3 or more: the update whose cosine with the mean of the others' is
-   lowest, and below ``min_cosine``, is rejected; then the same among those left, and so on,
-   for at most a minority of the updates.
+   lowest, and below ``min_cosine`` (with up to 64 updates: even once up to half of the others,
+   those most opposed to it, are left out), is rejected; then the same among those left, and
+   so on, for at most a minority of the updates.
 5. **Weights** (``weighted``): each claim of training examples counts at most
    ``max_weight_ratio`` times the median claim.
 
@@ -140,11 +141,15 @@ def cosines(dots: np.ndarray, own: np.ndarray, total: float, ids: list[str]) -> 
 
 
 def select(checked: dict, settings, bounds: Limits,
-           directions: Callable[[list[str], dict], tuple], log) -> tuple[list, list, dict, dict]:
+           directions: Callable[[list[str], dict], tuple], log,
+           gram: Optional[Callable[[list[str], dict], np.ndarray]] = None
+           ) -> tuple[list, list, dict, dict]:
   """The contributions that count: (ids, rejections, {id: z-score}, {id: clip factors}).
 
   ``directions(ids, factors)`` reads those ids' updates for
-  :func:`streaming.direction_terms` (only when the direction check runs).
+  :func:`streaming.direction_terms` (only when the direction check runs); ``gram(ids,
+  factors)`` for :func:`streaming.gram` (only when an update's cosine is below
+  ``min_cosine``).
   """
   rejected: list[dict] = []
   kept, factors = [], {}
@@ -184,31 +189,84 @@ def select(checked: dict, settings, bounds: Limits,
                 f"robust z-score {score:.3g} > {settings.max_update_z:g})", log)
         kept.remove(cid)
   if len(kept) >= 3 and settings.min_cosine > -1:
-    _direction_check(checked, kept, factors, settings, directions, rejected, log)
+    _direction_check(checked, kept, factors, settings, directions, gram, rejected, log)
   return kept, rejected, scores, {c: f for c, f in factors.items() if c in kept}
 
 
+MAX_PAIRWISE = 64
+"""With at most this many updates, the direction check also measures every pair of them
+(:func:`robust_cosines`); with more, each update only against the mean of the others."""
+
+
+def robust_cosines(gram: np.ndarray, alive: list[int]) -> tuple[dict, dict]:
+  """For each update ``i`` of ``alive`` (indices into ``gram``, the matrix of their dot
+  products): (its cosine with the mean of the others, the highest cosine it has with the
+  mean of the others once up to ``len(alive) // 2`` of them are left out, those most opposed
+  to it first). An update against the others only because a few of them point against it
+  has a high second cosine: a minority cannot get it rejected."""
+  plain, robust = {}, {}
+  drop = min(len(alive) // 2, len(alive) - 2)
+  for i in alive:
+    others = [j for j in alive if j != i]
+    sub = gram[np.ix_(others, others)]
+    dot, squared, own = float(gram[i, others].sum()), float(sub.sum()), float(gram[i, i])
+    edge = sub.sum(axis=1)  # d_j . (sum of the others)
+    best = None
+    left = list(range(len(others)))
+    for step in range(drop + 1):
+      value = 1.0 if own <= 0 or squared <= 0 else dot / math.sqrt(own * squared)
+      best = value if best is None else max(best, value)
+      if step == 0:
+        plain[i] = value
+      if step == drop:
+        break
+      worst = min(left, key=lambda k: (gram[i, others[k]], k))  # the most opposed to i
+      left.remove(worst)
+      dot -= float(gram[i, others[worst]])
+      squared += float(sub[worst, worst]) - 2 * float(edge[worst])
+      edge -= sub[:, worst]
+    robust[i] = best
+  return plain, robust
+
+
 def _direction_check(checked: dict, kept: list, factors: dict, settings, directions,
-                     rejected: list, log) -> None:
+                     gram, rejected: list, log) -> None:
   """Rejects from ``kept``, one at a time, the update that points furthest from the mean of
   the others while that is below ``min_cosine``, measuring again among those left after each.
 
   Judged all at once, an update against the others would drag their mean with it, and the
-  honest updates would look as if they pointed away too. Cosines within
-  :data:`COSINE_TIE` of each other are tied, and the larger update goes first. At most a
-  minority, ``(n - 1) // 2`` of the ``n`` updates, is rejected this way.
+  honest updates would look as if they pointed away too. With at most
+  :data:`MAX_PAIRWISE` updates, an update counts as pointing away only if it still does
+  with up to half of the others left out (:func:`robust_cosines`): one id, or a minority,
+  sending the opposite of an honest update (nearly orthogonal to the rest, as fine-tunes on
+  different tasks are) cannot get it rejected. Cosines within :data:`COSINE_TIE` of each
+  other are tied, and the larger update goes first. At most a minority, ``(n - 1) // 2`` of
+  the ``n`` updates, is rejected this way.
   """
-  for _ in range((len(kept) - 1) // 2):
-    found = cosines(*directions(kept, factors), kept)
-    norms = {c: _clipped_norm(checked[c].scan.tensors, factors.get(c, {})) for c in kept}
+  plain = cosines(*directions(kept, factors), kept)
+  if min(plain.values()) >= settings.min_cosine:
+    return  # (the first measure is the cheaper one, and no robust cosine is lower)
+  pairwise = gram is not None and len(kept) <= MAX_PAIRWISE
+  matrix = gram(kept, factors) if pairwise else None
+  ids = list(kept)
+  norms = {c: _clipped_norm(checked[c].scan.tensors, factors.get(c, {})) for c in kept}
+  for round_ in range((len(ids) - 1) // 2):
+    if pairwise:
+      by_index, robust = robust_cosines(matrix, [ids.index(c) for c in kept])
+      found = {ids[i]: v for i, v in robust.items()}
+      plain = {ids[i]: v for i, v in by_index.items()}
+    else:
+      plain = found = plain if round_ == 0 else cosines(*directions(kept, factors), kept)
     lowest = min(found.values())
     worst = min((c for c in kept if found[c] <= lowest + COSINE_TIE),
                 key=lambda c: (-norms[c], c))
     if found[worst] >= settings.min_cosine:
       return
+    also = (f", {found[worst]:.3g} at most with up to {len(kept) // 2} of them left out"
+            if pairwise else "")
     _reject(rejected, checked[worst],
-            f"update points away from the others' (cosine {found[worst]:.3g} with their mean, "
-            f"below config.fusion.min_cosine={settings.min_cosine:g})", log)
+            f"update points away from the others' (cosine {plain[worst]:.3g} with their mean"
+            f"{also}, below config.fusion.min_cosine={settings.min_cosine:g})", log)
     kept.remove(worst)
 
 

@@ -17,6 +17,7 @@ from typing import Optional
 from huggingface_hub import EvalResult, ModelCardData
 
 from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.store import lineage as store_lineage
 from cold_fusion_tf.store import paths
 
 PAPER = "https://arxiv.org/abs/2212.01378"
@@ -46,7 +47,8 @@ def lineage(store, iteration: int) -> dict:
              for c in fusion.get("contributions", []) if isinstance(c, dict)]
     rejected = [str(r.get("id", "")) for r in fusion.get("rejected", []) if isinstance(r, dict)]
     rounds.append({"iteration": it, "method": str(fusion.get("method", "")),
-                   "contributions": fused, "rejected": rejected})
+                   "contributions": fused, "rejected": rejected,
+                   "rejected_not_listed": store_lineage.not_listed(fusion)})
   return {
       "iteration": iteration,
       "model_type": str(info.get("model_type", "")),
@@ -127,6 +129,17 @@ def front_matter(lin: dict, license_name: str, library: str) -> str:
   return "---\n" + card_data(lin, license_name, library).to_yaml() + "\n---\n"
 
 
+MAX_REJECTED_SHOWN = 10
+"""Rejected ids a card names per base; it counts the others."""
+
+
+def _rejected(fusion_round: dict) -> str:
+  shown = fusion_round["rejected"][:MAX_REJECTED_SHOWN]
+  more = (len(fusion_round["rejected"]) - len(shown)
+          + fusion_round.get("rejected_not_listed", 0))
+  return ", ".join(shown) + (f" and {more} more" if more else "")
+
+
 def lineage_section(lin: dict) -> str:
   rounds = lin["rounds"]
   total = sum(len(r["contributions"]) for r in rounds)
@@ -142,7 +155,7 @@ def lineage_section(lin: dict) -> str:
     for r in rounds:
       fused = ", ".join(f"{c['dataset']}: {c['num_examples']}" for c in r["contributions"])
       out.append(f"| {r['iteration']} | {r['method'] or '-'} | {fused or '-'} | "
-                 f"{', '.join(r['rejected']) or '-'} |")
+                 f"{_rejected(r) or '-'} |")
     out.append("")
   else:
     out += ["This is base 0: the source model as published in the store, before any fusion.", ""]

@@ -26,6 +26,7 @@ import time
 from typing import Callable, Mapping, Optional
 
 from cold_fusion_tf.errors import UserError
+from cold_fusion_tf.store import lineage
 
 DIRECTORY = "tensorboard"
 EVENTS = "events.out.tfevents.cold_fusion"
@@ -70,7 +71,8 @@ class RunScalars:
              if isinstance(c.get("update_norm"), (int, float)) and not isinstance(
                  c.get("update_norm"), bool)]
     values = {"fusion/contributions_fused": len(fused),
-              "fusion/contributions_rejected": len(section.get("rejected", []))}
+              "fusion/contributions_rejected": len(section.get("rejected", []))
+                                               + lineage.not_listed(section)}
     if norms:
       values.update({"fusion/update_norm_mean": sum(norms) / len(norms),
                      "fusion/update_norm_max": max(norms)})

@@ -47,6 +47,11 @@ MODEL = "model.safetensors"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 MAX_JSON_BYTES = 4 << 20
 """The largest JSON object of a store (checked by size before it is read)."""
+MAX_CONTRIBUTION_BYTES = 16 << 10
+"""The largest contribution.json (one is about 1 KB): the fuser holds every contribution's
+parsed metadata at once, so its size, not only the store's count of them, bounds the memory."""
+CONTRIBUTION_DEPTH = 3
+"""The deepest nesting of a contribution.json (the object, its dev_metrics, one more)."""
 PLAN = "plan.json"
 STATE = "momentum.safetensors"
 CONTRIBUTORS_FILE = "contributors.json"
@@ -108,11 +113,12 @@ def json_bytes(obj) -> bytes:
   return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
-def parse_json(data: bytes, where: str) -> dict:
+def parse_json(data: bytes, where: str, max_bytes: int = MAX_JSON_BYTES,
+               max_depth: int = untrusted.MAX_DEPTH) -> dict:
   """A store JSON object from untrusted bytes (size, nesting and numbers bounded)."""
-  if len(data) > MAX_JSON_BYTES:
-    raise UserError(f"{where}: larger than {MAX_JSON_BYTES} bytes; not a store file.")
-  obj = untrusted.loads(data, where)
+  if len(data) > max_bytes:
+    raise UserError(f"{where}: larger than {max_bytes} bytes; not a store file.")
+  obj = untrusted.loads(data, where, max_depth)
   if not isinstance(obj, dict):
     raise UserError(f"{where}: expected a JSON object.")
   return obj
@@ -152,6 +158,12 @@ def check_manifest(obj: dict, where: str) -> dict:
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
       raise UserError(f"{where}: files.{name}.size is not a non-negative integer.")
   return obj
+
+
+def read_contribution_meta(data: bytes, where: str) -> dict:
+  """A contribution.json from untrusted bytes: parsed within its own bounds, then checked."""
+  return check_contribution_meta(parse_json(data, where, MAX_CONTRIBUTION_BYTES,
+                                            CONTRIBUTION_DEPTH), where)
 
 
 def check_contribution_meta(obj: dict, where: str) -> dict:

@@ -19,6 +19,13 @@ from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.errors import UserError
 
 
+def not_listed(section: dict) -> int:
+  """How many rejections a manifest's fusion section counts without listing them (a plan
+  too large for every id lists the first ones); 0 when it says nothing valid."""
+  more = section.get("rejected_not_listed")
+  return more if isinstance(more, int) and not isinstance(more, bool) and more > 0 else 0
+
+
 def _text(value, limit: int = 200) -> str:
   """A printable one-line version of an untrusted value."""
   return untrusted.printable(value, limit)
@@ -102,6 +109,7 @@ def lineage(store: store_lib.Store) -> dict:
       row["server_optimizer"] = server if isinstance(server, dict) else None
       row["fused"] = _list_of_dicts(section.get("contributions"))
       row["rejected"] = _list_of_dicts(section.get("rejected"))
+      row["rejected_not_listed"] = not_listed(section)
     row["evaluation"], problem = _evaluation(store, iteration)
     if problem:
       row["problems"].append(problem)
@@ -182,10 +190,13 @@ def format_lineage(data: dict) -> str:
     if "fused" in row:
       lines.append(f"  fused ({len(row['fused'])}):")
       lines.extend(_contribution_line(e) for e in row["fused"])
-      if row["rejected"]:
-        lines.append(f"  rejected ({len(row['rejected'])}):")
+      more = row.get("rejected_not_listed", 0)
+      if row["rejected"] or more:
+        lines.append(f"  rejected ({len(row['rejected']) + more}):")
         for r in row["rejected"]:
           lines.append(f"    {_text(r.get('id'), 40):<20} {_text(r.get('reason'), 300)}")
+        if more:
+          lines.append(f"    and {more} more, not listed (the manifest holds a bounded list)")
     if row.get("evaluation"):
       lines.append("  evaluation:")
       for task, s in row["evaluation"].items():

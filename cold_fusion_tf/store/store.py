@@ -347,6 +347,10 @@ class Store:
     if sign is not None:
       meta["signature"] = sign(meta)
     check_contribution_meta(meta, "new contribution")
+    if len(layout.json_bytes(meta)) > layout.MAX_CONTRIBUTION_BYTES:
+      raise UserError(f"the contribution.json of {contributor_id!r} would be "
+                      f"{len(layout.json_bytes(meta))} bytes, more than the "
+                      f"{layout.MAX_CONTRIBUTION_BYTES} a fuser reads; record fewer dev metrics.")
     taken = (f"{self.uri}/{prefix}: contributor {contributor_id!r} already contributed another "
              f"body to iteration {iteration}; use another --config.contributor_id.")
     stored = self.contribution_meta(iteration, contributor_id)
@@ -365,11 +369,10 @@ class Store:
     """The checked contribution.json of one contributor (None when there is none)."""
     name = f"{self.contribution_prefix(iteration, contributor_id)}/{CONTRIBUTION}"
     try:
-      data = self.storage.read_bytes(name, layout.MAX_JSON_BYTES)
+      data = self.storage.read_bytes(name, layout.MAX_CONTRIBUTION_BYTES)
     except FileNotFoundError:
       return None
-    return check_contribution_meta(layout.parse_json(data, f"{self.uri}/{name}"),
-                                   f"{self.uri}/{name}")
+    return layout.read_contribution_meta(data, f"{self.uri}/{name}")
 
   def stored_body_sha256(self, iteration: int, contributor_id: str) -> Optional[str]:
     """The sha256 of a contributor's stored body.safetensors, read back (None if missing)."""
@@ -422,9 +425,9 @@ class Store:
         info = self.storage.stat(f"{prefix}/{CONTRIBUTION}")
         if info is None:
           continue  # incomplete: invisible
-        data = self.storage.read_bytes(f"{prefix}/{CONTRIBUTION}", layout.MAX_JSON_BYTES)
-        meta = check_contribution_meta(layout.parse_json(data, f"{prefix}/{CONTRIBUTION}"),
-                                       f"{prefix}/{CONTRIBUTION}")
+        data = self.storage.read_bytes(f"{prefix}/{CONTRIBUTION}",
+                                       layout.MAX_CONTRIBUTION_BYTES)
+        meta = layout.read_contribution_meta(data, f"{prefix}/{CONTRIBUTION}")
         if meta["contributor_id"] != cid:
           raise UserError(f"{prefix}/{CONTRIBUTION}: contributor_id {meta['contributor_id']!r} "
                           f"does not match its folder {cid!r}.")

@@ -4,7 +4,7 @@
   The single validation pass over a body (or a group of bodies with one layout, sharing the
   reads of the base): the sha256 of every byte, and per tensor chunk the finiteness of the
   values and the squared distance from the base.
-:func:`squared_norms`, :func:`direction_terms`
+:func:`squared_norms`, :func:`direction_terms`, :func:`gram`
   Per-tensor norms, and the dot products the fuser's direction check needs.
 """
 
@@ -201,6 +201,37 @@ def direction_terms(bodies: Sequence, specs: Specs, reference: BodyFile,
         dots[i] += dot64(delta(i), summed)
       total += dot64(summed, summed)
   return dots, own, total
+
+
+GRAM_BYTES = 32 << 20
+"""Memory for one chunk of every update in :func:`gram`."""
+
+
+def gram(bodies: Sequence, specs: Specs, reference: BodyFile,
+         factors: Optional[Sequence[dict]] = None) -> np.ndarray:
+  """The matrix of dot products ``d_i . d_j`` of the updates ``d_i = f_i * (body_i -
+  reference)`` (``factors`` as in :func:`direction_terms`), in float64, in one pass: each
+  chunk of each body is read once; a chunk of every update is held at a time (at most
+  :data:`GRAM_BYTES`)."""
+  count = len(bodies)
+  factors = factors or [{}] * count
+  out = np.zeros((count, count))
+  chunk = max(1024, GRAM_BYTES // (8 * max(1, count)))
+  held = np.empty((count, chunk))
+  for name in sorted(specs):
+    shape, code = specs[name]
+    if code not in FLOAT_CODES:
+      continue
+    size = math.prod(shape)
+    for start in range(0, size, chunk):
+      length = min(chunk, size - start)
+      ref = reference.read(name, start, length).astype(np.float64)
+      rows = held[:, :length]
+      for i, body in enumerate(bodies):
+        np.subtract(body.read(name, start, length), ref, out=rows[i], dtype=np.float64)
+        rows[i] *= factors[i].get(name, 1.0)
+      out += rows @ rows.T
+  return out
 
 
 def scan(body: BodyFile, specs: Specs, reference: Optional[BodyFile] = None,

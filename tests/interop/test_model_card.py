@@ -57,3 +57,16 @@ def test_license_must_be_an_identifier(license_name):
   # Execute / Assert
   with pytest.raises(UserError, match="--license"):
     model_card.render(LINEAGE, "hf", license_name)
+
+
+def test_a_base_with_many_rejected_ids_names_ten_and_counts_the_rest():
+  # Prepare: base 2 rejected 12 listed ids and 5 more its plan only counts.
+  rounds = [LINEAGE["rounds"][0],
+            {**LINEAGE["rounds"][1], "rejected": [f"id{i:02d}" for i in range(12)],
+             "rejected_not_listed": 5}]
+  # Execute
+  text = model_card.lineage_section(dict(LINEAGE, rounds=rounds))
+  # Assert
+  assert "| 2 | mean | rte: 20 | id00, id01, id02, id03, id04, id05, id06, id07, id08, id09 " \
+         "and 7 more |" in text
+  assert "| 1 | mean | sst2: 10 | - |" in text

@@ -98,3 +98,24 @@ def test_a_waiting_fuser_records_the_fusion_time_not_the_wait(tmp_path):
   assert 0 < seconds[1] < wait
   gcs_store = type("GCSStore", (), {"uri": "gs://bucket/run"})()
   assert scalars.fuser_recorder(gcs_store, None) is None
+
+
+def test_rejections_a_plan_counts_without_listing_them_are_counted(tmp_path):
+  # Prepare: a manifest's fusion section that lists 2 rejections and counts 3 more; a
+  # section whose count is not a number.
+  class Manifests:  # what RunScalars.fusion reads of a store
+    def __init__(self, sections):
+      self.sections = sections
+
+    def manifest(self, iteration):
+      return {"fusion": self.sections[iteration]}
+
+  listed = [{"id": "x", "reason": "r"}, {"id": "y", "reason": "r"}]
+  store = Manifests({1: {"contributions": [], "rejected": listed, "rejected_not_listed": 3},
+                     2: {"contributions": [], "rejected": listed, "rejected_not_listed": "3"}})
+  writer = scalars.RunScalars(str(tmp_path))
+  # Execute
+  writer.fusion(store, 1)
+  writer.fusion(store, 2)
+  # Assert
+  assert writer.read()["fusion/contributions_rejected"] == {1: 5.0, 2: 2.0}

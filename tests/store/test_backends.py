@@ -667,3 +667,23 @@ def test_check_writable_leaves_nothing_behind(tmp_path):
   old.check_writable("--store=old")
   # Assert: the folders made for the test, and the probe files, are gone
   assert sorted(os.listdir(tmp_path)) == ["old"] and os.listdir(tmp_path / "old") == []
+
+
+def test_local_objects_are_ordinary_files_others_may_read(tmp_path):
+  # Prepare: the usual umask (others may read what this user creates).
+  previous = os.umask(0o022)
+  storage = LocalStorage(str(tmp_path / "store"))
+  source = tmp_path / "source"
+  source.write_bytes(b"body")
+  try:
+    # Execute
+    storage.write_bytes("LATEST", b"0\n")
+    storage.create_exclusive("contributions/000000/a/contribution.json", b"{}")
+    storage.upload(str(source), "bases/000000/model.safetensors")
+  finally:
+    os.umask(previous)
+  # Assert: readable by the store's other users (contributors, fusers, readers), as a file
+  # copied by hand would be, not private to whoever wrote it.
+  for name in ("LATEST", "contributions/000000/a/contribution.json",
+               "bases/000000/model.safetensors"):
+    assert os.stat(storage.local_path(name)).st_mode & 0o777 == 0o644, name

@@ -241,7 +241,7 @@ def test_gcs_objects_over_their_limit_are_refused_before_download(gcs_emulator, 
   # Assert
   assert [e["id"] for e in outcome.fused] == ["honest"]
   reasons = {r["id"]: r["reason"] for r in outcome.rejected}
-  assert "5242880 bytes, more than the 4194304 allowed" in reasons["huge-json"]
+  assert "5242880 bytes, more than the 16384 allowed" in reasons["huge-json"]
   assert "67108864 bytes, more than the" in reasons["huge-body"]
   assert not any("huge" in name for name in downloaded)
 

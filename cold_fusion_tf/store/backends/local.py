@@ -83,6 +83,8 @@ class LocalStorage(Storage):
       os.makedirs(os.path.dirname(path), exist_ok=True)
       fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
       try:
+        if hasattr(os, "fchmod"):  # mkstemp makes it private; an object is an ordinary file
+          os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
           fill(f)
           f.flush()
@@ -234,6 +236,18 @@ class LocalStorage(Storage):
         shutil.rmtree(path)
       elif os.path.exists(path):
         os.remove(path)
+
+
+def _umask() -> int:
+  """This process's umask (read without changing it where the system tells it)."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  return 0o022
 
 
 _UNBOUNDED = 1 << 62
