@@ -79,6 +79,8 @@ def _check_data(section) -> None:
     folder.column_names(_mapping(section.columns))
   if "max_examples" in section:
     data.check_caps(_mapping(section.max_examples))
+  if "max_file_mb" in section:
+    _integer(section.max_file_mb, "config.data.max_file_mb", 1, 1 << 30)
 
 
 def _check_eval(section) -> None:
@@ -88,6 +90,10 @@ def _check_eval(section) -> None:
     _integer(section.seeds, "config.eval.seeds", 1)
   if "max_train_examples" in section:
     _integer(section.max_train_examples, "config.eval.max_train_examples", 0)
+  _string(section, "tasks", "config.eval", empty=False)
+  if isinstance(section.get("tasks"), str) and not section.tasks.strip(" ,"):
+    raise UserError(f"config.eval.tasks={section.tasks!r}: names no task; give dataset names, "
+                    "or pool, pool:N, heldout or all.")
   if "enabled" in section and not isinstance(section.enabled, bool):
     raise UserError(f"config.eval.enabled={section.enabled!r}: expected True or False.")
   if "probe_learning_rate" in section:

@@ -36,6 +36,7 @@ def get_config():
       # The column (JSON key) of each record field: --config.data.columns.text=sentence
       columns=dict(text="text", text_pair="text_pair", label="label"),
       max_examples={"train": 0, "dev": 0, "test": 0},  # caps per split (0: all)
+      max_file_mb=1024,       # the largest dataset file read, in MiB (splits are read whole)
   ))
   config.recipe = recipe()
   # One contributor (python -m cold_fusion_tf.train).

@@ -56,6 +56,7 @@ def check_labels(task: TaskData) -> None:
       raise UserError(f"{task.source}: every score in the train split is "
                       f"{float(train.labels[0]):g}; a regression task needs different scores to "
                       "learn from.")
+    check_scored_splits(task)
     return
   seen = set(np.unique(train.labels).tolist())
   if len(seen) < 2:
@@ -64,10 +65,32 @@ def check_labels(task: TaskData) -> None:
                     "classifier needs training examples of at least 2 classes.")
 
 
+def check_scored_splits(task: TaskData, cap: str = "") -> None:
+  """Refuses a regression task whose dev or test scores are all equal (or a single one): its
+  metric, Spearman's rank correlation, is undefined there, and a fine-tune would be scored 0
+  and kept or compared on nothing. ``cap``: the setting that sampled the splits, if any."""
+  if task.kind != "regression":
+    return
+  for split in ("dev", "test"):
+    labels = task.splits[split].labels
+    if len(labels) and np.all(labels == labels[0]):
+      count = f"its {len(labels)} scores are all" if len(labels) > 1 else "its one score is"
+      fix = (f"raise {cap}.{split} (0: all)" if cap else
+             f"give the {split} split examples of different scores")
+      raise UserError(f"{task.source}: the {split} split cannot be scored: {count} "
+                      f"{float(labels[0]):g}, and a regression task is scored by Spearman's rank "
+                      f"correlation, which needs different scores; {fix}.")
+
+
 def dataset_id(name: str) -> str:
   """A path-safe short name for a dataset reference (used for contributor ids and reports)."""
   base = name[len("tfds:"):] if name.startswith("tfds:") else os.path.basename(os.path.normpath(name))
-  return check_path_part(base.replace("/", "."), "Dataset name")
+  try:
+    return check_path_part(base.replace("/", "."), "Dataset name")
+  except UserError as e:
+    if name.startswith("tfds:") or base == name:
+      raise
+    raise UserError(f"{e} Rename the dataset's folder, or link it under such a name.") from None
 
 
 def check_caps(caps, where: str = "config.data.max_examples") -> dict[str, int]:

@@ -16,6 +16,7 @@ import urllib.parse
 from absl import logging
 import numpy as np
 
+from cold_fusion_tf.data.folder import MAX_CLASSES
 from cold_fusion_tf.data.tasks import Split, TaskData
 from cold_fusion_tf.errors import LimitError, UserError
 from cold_fusion_tf.store import untrusted
@@ -57,7 +58,8 @@ def load(name: str, data_dir: str | None = None) -> TaskData:
                     "regression datasets can be used.")
   label_feature = features["label"]
   label_names = list(getattr(label_feature, "names", []) or [])
-  kind = "classification" if label_names else "regression"
+  class_ids = not label_names and _integral(label_feature)  # classes without names
+  kind = "classification" if label_names or class_ids else "regression"
   text_key, pair_key = _text_fields(name, features)
   validation = VALIDATION_SPLIT.get(name.split(":")[0], "validation")
   train = _read(builder, "train", text_key, pair_key, kind, tfds)
@@ -71,6 +73,8 @@ def load(name: str, data_dir: str | None = None) -> TaskData:
       break
   if test is None:
     raise UserError(f"tfds:{name}: needs a validation or test split with labels.")
+  if class_ids:
+    label_names = _id_names(name, np.concatenate([train.labels, test.labels]))
   dev_size = min(1000, max(1, len(train) // 10))
   order = np.random.default_rng(0).permutation(len(train))
   dev, train = _take(train, order[:dev_size]), _take(train, order[dev_size:])
@@ -147,6 +151,26 @@ class _LogLines(io.TextIOBase):
       if line.strip():
         logging.info("%s", line.rstrip())
     return len(text)
+
+
+def _integral(feature) -> bool:
+  """Whether a label feature holds integers (class ids without names, not scores)."""
+  dtype = getattr(feature, "np_dtype", None)
+  if dtype is None:
+    dtype = getattr(getattr(feature, "dtype", None), "as_numpy_dtype", None)
+  try:
+    return dtype is not None and np.issubdtype(np.dtype(dtype), np.integer)
+  except TypeError:
+    return False
+
+
+def _id_names(name: str, labels: np.ndarray) -> list[str]:
+  """Names ``0..max id`` of a label feature of integers (hidden labels, -1, already left out)."""
+  high = int(labels.max()) if len(labels) else 0
+  if high >= MAX_CLASSES:
+    raise UserError(f"tfds:{name}: a label is {high}, but a task has at most {MAX_CLASSES} "
+                    f"classes (ids 0 to {MAX_CLASSES - 1}).")
+  return [str(i) for i in range(max(high + 1, 2))]
 
 
 def _text_fields(name, features):

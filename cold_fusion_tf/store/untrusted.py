@@ -71,9 +71,15 @@ def loads(data: bytes, where: str, max_depth: int = MAX_DEPTH):
   nesting = depth(text)
   if nesting > max_depth:
     raise UserError(f"{where}: JSON nested {nesting} deep (at most {max_depth}); not a store file.")
+  return parse(text, where)
+
+
+def parse(text: str, where: str, object_pairs_hook=None):
+  """JSON ``text`` parsed with the limits of :func:`loads` (digits, number sizes, no NaN or
+  Infinity), its nesting already checked; ``object_pairs_hook`` as in ``json.loads``."""
   try:
     return json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
-                      parse_constant=_refuse_constant)
+                      parse_constant=_refuse_constant, object_pairs_hook=object_pairs_hook)
   except (ValueError, RecursionError, OverflowError) as e:
     raise UserError(f"{where}: not valid JSON ({printable(str(e), 200)}).") from None
 

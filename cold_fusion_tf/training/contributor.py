@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from typing import Callable
 
@@ -23,6 +24,8 @@ import tensorflow as tf
 
 from cold_fusion_tf.training import checkpoints as checkpointing
 from cold_fusion_tf import data as data_lib
+from cold_fusion_tf.data import folder
+from cold_fusion_tf.data import reading
 from cold_fusion_tf.model import body as body_lib
 from cold_fusion_tf.store import paths
 from cold_fusion_tf.store import signing
@@ -38,27 +41,39 @@ def load_task(config, name: str) -> data_lib.TaskData:
 
   A ``gs://`` folder is copied to a local cache first (through ``tf.io.gfile``).
   """
+  max_file_mb = int(config.data.get("max_file_mb", reading.DEFAULT_MAX_FILE_MB))
   if name.startswith("gs://"):
-    name = _fetch_folder(name)
+    name = _fetch_folder(name, max_file_mb << 20)
   return data_lib.load_task(name, dirs=list(config.data.dirs), columns=dict(config.data.columns),
-                            max_examples=dict(config.data.max_examples))
+                            max_examples=dict(config.data.max_examples), max_file_mb=max_file_mb)
 
 
-def _fetch_folder(uri: str) -> str:
-  """Copies the split files of a ``gs://`` dataset folder to a local folder of that name."""
+def _fetch_folder(uri: str, max_bytes: int) -> str:
+  """Copies a ``gs://`` dataset folder's files (``info.json`` and ``<split>.jsonl|csv|tsv``)
+  to a local folder of that name, each checked against ``max_bytes`` before it is copied; the
+  local folder holds only what the remote one holds now."""
   uri = uri.rstrip("/")
   key = hashlib.sha256(uri.encode()).hexdigest()[:16]
   local = os.path.join(tempfile.gettempdir(), "cold_fusion", "datasets", key,
                        data_lib.dataset_id(uri))
+  wanted = {"info.json"} | {s + e for s in data_lib.SPLITS for e in folder.EXTENSIONS}
   try:
-    names = tf.io.gfile.listdir(uri)
+    names = [n for n in (n.rstrip("/") for n in tf.io.gfile.listdir(uri)) if n in wanted]
+    sizes = {n: tf.io.gfile.stat(f"{uri}/{n}").length for n in names}
   except tf.errors.OpError as e:
-    raise UserError(f"Dataset folder {uri}: cannot list it ({e}).") from e
-  os.makedirs(local, exist_ok=True)
-  for name in names:
-    name = name.rstrip("/")
-    if name == "info.json" or name.split(".")[0] in data_lib.SPLITS:
+    raise UserError(f"Dataset folder {uri}: cannot list it ({e.message}).") from None
+  for name, size in sizes.items():
+    if size > max_bytes:
+      raise UserError(f"{uri}/{name}: {size} bytes, more than the {max_bytes} a dataset file "
+                      "may have (config.data.max_file_mb); sample it down, or raise the "
+                      "limit.")
+  shutil.rmtree(local, ignore_errors=True)  # a file deleted remotely is gone here too
+  os.makedirs(local)
+  try:
+    for name in names:
       tf.io.gfile.copy(f"{uri}/{name}", os.path.join(local, name), overwrite=True)
+  except tf.errors.OpError as e:
+    raise UserError(f"Dataset folder {uri}: cannot copy it ({e.message}).") from None
   return local
 
 

@@ -34,6 +34,7 @@ from cold_fusion_tf.data import Split
 CACHE_VERSION = 1
 MEMORY_BYTES = 1 << 30  # tokenized splits kept in memory per process (the newest always)
 PIPELINE_DEPTH = 2      # batches built in parallel, and batches ready ahead of the step
+TOKENIZE_CHUNK = 4096   # examples tokenized per tokenizer call
 
 
 @dataclasses.dataclass
@@ -127,20 +128,30 @@ def _encode(tokenizer, split: Split, max_length: int, cache_dir: str | None,
     cached = _read_cache(path)
     if cached is not None and len(cached) == len(split):
       return cached
-  enc = tokenizer(split.texts, split.pairs, truncation=True, max_length=max_length,
-                  padding=False, return_attention_mask=False)
-  lengths = np.asarray([len(x) for x in enc["input_ids"]], dtype=np.int32)
-  ids = np.fromiter((t for x in enc["input_ids"] for t in x), dtype=np.int32,
-                    count=int(lengths.sum()))
-  types = None
-  if "token_type_ids" in enc:
-    types = np.fromiter((t for x in enc["token_type_ids"] for t in x), dtype=np.int32,
-                        count=int(lengths.sum()))
+  parts = [_tokenize_chunk(tokenizer, split, start, max_length)
+           for start in range(0, len(split), TOKENIZE_CHUNK)] or [_tokenize_chunk(
+               tokenizer, split, 0, max_length)]
+  typed = all(p[1] is not None for p in parts)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  encoded = Encoded(ids, types, lengths, np.asarray(split.labels), int(pad))
+  encoded = Encoded(np.concatenate([p[0] for p in parts]),
+                    np.concatenate([p[1] for p in parts]) if typed else None,
+                    np.concatenate([p[2] for p in parts]), np.asarray(split.labels), int(pad))
   if path:
     _write_cache(path, encoded)
   return encoded
+
+
+def _tokenize_chunk(tokenizer, split: Split, start: int, max_length: int):
+  """(ids, segment ids or None, lengths) of ``TOKENIZE_CHUNK`` examples from ``start``, flat:
+  a tokenizer's per-token objects for a whole large split would take many times its ids."""
+  stop = start + TOKENIZE_CHUNK
+  enc = tokenizer(split.texts[start:stop], split.pairs[start:stop] if split.pairs else None,
+                  truncation=True, max_length=max_length, padding=False,
+                  return_attention_mask=False)
+  lengths = np.asarray([len(x) for x in enc["input_ids"]], dtype=np.int32)
+  flat = lambda key: np.fromiter((t for x in enc[key] for t in x), dtype=np.int32,  # noqa: E731
+                                 count=int(lengths.sum()))
+  return flat("input_ids"), flat("token_type_ids") if "token_type_ids" in enc else None, lengths
 
 
 def _cache_key(tokenizer, split: Split, max_length: int, body_type: str) -> str:

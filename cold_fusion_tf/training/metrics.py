@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cold_fusion_tf.errors import UserError
+
 
 def accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
   """Share of exact matches between class ids."""
@@ -45,7 +47,11 @@ def task_metrics(kind: str, labels: np.ndarray, outputs: np.ndarray) -> dict[str
   """The metrics of a task from model outputs (logits, or scores for regression).
 
   ``score`` is the headline number: accuracy for classification, Spearman for regression.
+  Outputs that are not all finite (a fine-tune that diverged) have no score: a UserError.
   """
+  if not np.all(np.isfinite(outputs)):
+    raise UserError(f"the model's outputs are not finite ({int(np.sum(~np.isfinite(outputs)))} "
+                    "of them): the fine-tune diverged; lower the recipe's learning_rate.")
   if kind == "regression":
     scores = outputs.reshape(-1)
     rho = spearman(labels, scores)

@@ -96,6 +96,18 @@ def test_unknown_dataset_lists_known_ones(tmp_path):
     data.load_task("nope", dirs=[tiny.DATA])
 
 
+def test_a_folder_of_many_folders_lists_twenty_and_counts_the_rest(tmp_path):
+  # Prepare: 25 folders where datasets are searched
+  for i in range(25):
+    (tmp_path / f"d{i:02d}").mkdir()
+  # Execute
+  with pytest.raises(UserError) as raised:
+    data.load_task("nope", dirs=[str(tmp_path)])
+  # Assert
+  assert "Known datasets: d00, d01," in str(raised.value)
+  assert "d19 and 5 more." in str(raised.value) and "d20" not in str(raised.value)
+
+
 @pytest.mark.parametrize("name", ["a b", "", "x\n", "-rm", "caf\u00e9", "a" * 129])
 def test_unsafe_dataset_names_are_refused(name):
   # Execute / Assert

@@ -11,6 +11,7 @@ import pytest
 
 from cold_fusion_tf import store as store_lib
 from cold_fusion_tf.training import contributor
+from cold_fusion_tf.errors import UserError
 import tiny
 
 
@@ -70,3 +71,28 @@ def test_a_keras_hub_run_stopped_before_its_upload_keeps_its_training_state(tmp_
   assert os.listdir(kept / "backup")
   assert (kept / "early_stopping.json").is_file() and (kept / "best_weights.npz").is_file()
   assert not os.path.exists(os.path.join(path, "contributions", "000000", "bob"))
+
+
+def test_a_remote_dataset_folder_is_copied_checked_and_kept_in_step(tmp_path):
+  # Prepare: a folder as tf.io.gfile lists it (a local path here, gs:// for users) with the
+  # three splits, info.json and files that are no part of a dataset.
+  remote = tmp_path / "remote" / "mytask"
+  remote.mkdir(parents=True)
+  line = json.dumps({"text": "a fine film", "label": 1}) + "\n"
+  for split in ("train", "dev", "test"):
+    (remote / f"{split}.jsonl").write_text(line * 4)
+  (remote / "info.json").write_text("{}")
+  (remote / "train.jsonl.gz").write_bytes(b"\x1f\x8b")
+  (remote / "notes.txt").write_text("not data")
+  # Execute
+  local = contributor._fetch_folder(str(remote), 1 << 20)  # pylint: disable=protected-access
+  first = sorted(os.listdir(local))
+  (remote / "info.json").unlink()
+  again = sorted(os.listdir(contributor._fetch_folder(str(remote), 1 << 20)))  # pylint: disable=protected-access
+  with pytest.raises(UserError) as raised:
+    contributor._fetch_folder(str(remote), 10)  # pylint: disable=protected-access
+  # Assert
+  assert first == ["dev.jsonl", "info.json", "test.jsonl", "train.jsonl"]
+  assert again == ["dev.jsonl", "test.jsonl", "train.jsonl"]  # deleted there, gone here
+  assert "dev.jsonl: 144 bytes, more than the 10 a dataset file may have " \
+         "(config.data.max_file_mb)" in str(raised.value)
