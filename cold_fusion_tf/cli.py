@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
 import sys
 from typing import Callable
@@ -29,8 +30,13 @@ PATH_FLAGS = ("store", "workdir", "out", "results", "logdir")
 UTF8_FLAGS = PATH_FLAGS + ("base", "reference")
 """Flags naming stores, folders or models: their names go into the files written (run.json,
 results, model cards), so they must be valid UTF-8."""
+_READ_FLAGS = ("results",)
+"""Path flags a program only reads (no folder is created for them)."""
 _default_config: str | None = None
 _HELP_FLAGS = {"--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml"}
+_KEY_FLAGS = ("config", "store", "workdir")
+"""Flags defined here for every program: listed by its --help like its own."""
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/")
 
 
 def config_names() -> list[str]:
@@ -42,11 +48,18 @@ def config_names() -> list[str]:
 def resolve_config(value: str) -> str:
   """A ``--config`` value as a file path: a path as given, or a shipped config's name."""
   path, colon, arg = value.partition(":")  # ml_collections' ``file.py:argument``
+  if colon and not arg:
+    raise UserError(f"--config={value}: nothing follows ':'; give --config=FILE.py, or "
+                    "--config=FILE.py:ARGUMENT for a get_config(argument).")
   if os.sep in path or path.endswith(".py") or os.path.exists(path):
     if not os.path.isfile(path):
-      what = "is a folder" if os.path.isdir(path) else "does not exist"
+      what = ("is a folder" if os.path.isdir(path) else "is not a regular file"
+              if os.path.exists(path) else "does not exist")
       raise UserError(f"--config={value}: {path} {what}; give a config file (configs/*.py) or "
                       f"a shipped config's name ({', '.join(config_names())}).")
+    if not path.endswith(".py"):
+      raise UserError(f"--config={value}: {path} is not a Python file (.py); a config file "
+                      "defines get_config() (see configs/demo.py).")
     return value
   if path in config_names():
     return os.path.join(CONFIGS_DIR, path + ".py") + colon + arg
@@ -58,8 +71,13 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with config names resolved, the config checked
   (:mod:`cold_fusion_tf.configs.checks`) and every problem one ``error:`` line (exit status
   2) instead of a traceback."""
-  argv = _config_argv(list(argv))
+  argv = _config_argv(_expand_flagfiles(list(argv)))
   config_arg = next((a for a in argv if a.startswith("--config=")), "")
+  if set(argv) & _HELP_FLAGS:
+    argv = ["--help" if a == "-h" and "h" not in flags.FLAGS else a for a in argv]
+    for name in _KEY_FLAGS:  # absl's --help lists the key flags of the module run
+      if name in flags.FLAGS:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
   try:
     rest = flags.FLAGS(argv)
     config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
@@ -76,12 +94,16 @@ def parse_flags(argv: list[str]) -> list[str]:
       _fail(_explain_config_error(argv, e))  # its get_config() failed
     _fail(str(e))
   except Exception as e:  # pylint: disable=broad-except
+    if str(e).startswith("--") and not str(e).startswith("--config"):
+      _fail(f"{e}: a yes/no flag is --NAME or --noNAME, without a value (see --helpshort)."
+            if str(e).endswith("does not take an argument") else str(e))
     _fail(_explain_config_error(argv, e))  # a config file that fails, an unknown field
   if flags.FLAGS["verbosity"].using_default_value:
     flags.FLAGS.verbosity = -1  # warnings and errors (absl would show INFO); --verbosity=0: INFO
   if len(rest) > 1:
-    _fail(f"unexpected argument(s) {' '.join(rest[1:])}: settings are --flags "
-          "(see --helpshort).")
+    shown = " ".join(a if len(a) <= 60 else a[:57] + "..." for a in rest[1:4])
+    more = f" and {len(rest) - 4} more" if len(rest) > 4 else ""
+    _fail(f"unexpected argument(s) {shown}{more}: settings are --flags (see --helpshort).")
   if config is None and config_arg:
     _fail(f"{config_arg}: get_config() returned None; it returns an ml_collections.ConfigDict "
           "(see configs/demo.py).")
@@ -93,12 +115,37 @@ def parse_flags(argv: list[str]) -> list[str]:
     for name in UTF8_FLAGS:
       if name in flags.FLAGS and isinstance(flags.FLAGS[name].value, str):
         untrusted.check_utf8(flags.FLAGS[name].value, prefix=f"--{name}=")
+        for value in flags.FLAGS[name].value.split(",") if name == "base" else \
+            [flags.FLAGS[name].value]:  # --base: comma-separated
+          check_location(value, f"--{name}")
     for name in PATH_FLAGS:
       if name in flags.FLAGS and flags.FLAGS[name].value:
         check_folder(flags.FLAGS[name].value, f"--{name}")
   except UserError as e:
     _fail(str(e))
   return rest
+
+
+def _expand_flagfiles(argv: list[str]) -> list[str]:
+  """``argv`` with absl's ``--flagfile=FILE`` replaced by the flags in FILE (so that a
+  ``--config`` there is resolved like one on the command line); ``sys.argv`` too, which
+  ml_collections reads the ``--config.*`` overrides from."""
+  if not any(a.lstrip("-").startswith("flagfile") for a in argv[1:]):
+    return argv
+  try:
+    argv = argv[:1] + flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+  except flags.Error as e:
+    _fail(_flagfile_error(e))
+  sys.argv[:] = argv
+  return argv
+
+
+def _flagfile_error(error: Exception) -> str:
+  """absl's "ERROR:: Unable to open flagfile: [Errno 2] No such file or directory: 'x'"."""
+  found = re.search(r"\[Errno \d+\] (.*): '(.*)'", str(error))
+  what = f"cannot read {found.group(2)} ({found.group(1)})" if found else \
+      str(error).replace("ERROR:: ", "")
+  return f"--flagfile: {what}; give a readable file of --flags, one a line."
 
 
 def _config_argv(argv: list[str]) -> list[str]:
@@ -151,7 +198,24 @@ def _load_config(value: str):
   spec = importlib.util.spec_from_file_location("cold_fusion_config_check", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_config", None)):
+    raise AttributeError(f"{path} defines no get_config() function; a config file's "
+                         "get_config() returns the config (see configs/demo.py)")
   return module.get_config(arg) if arg else module.get_config()
+
+
+def check_location(value: str, flag: str) -> None:
+  """A path or gs:// URI flag: no control characters (they would end up in file names and
+  records), and no URI but gs:// (``gs:/bucket`` would silently be a local folder)."""
+  bad = sorted({c for c in value if ord(c) < 32 or ord(c) == 127})
+  if bad:
+    raise UserError(f"{flag}={value!r} holds the control character(s) "
+                    f"{', '.join(repr(c) for c in bad)}; give a path without them.")
+  if (_URI.match(value) or value.lower().startswith("gs:")) and not value.startswith("gs://"):
+    hint = ("did you mean gs://BUCKET/PREFIX (two slashes, lower case)?"
+            if value.lower().startswith("gs:") else "only Cloud Storage's gs://bucket/prefix "
+            "URIs are supported; else give a local path")
+    raise UserError(f"{flag}={value}: not a local path or a gs:// URI; {hint}.")
 
 
 def check_folder(value: str, flag: str) -> None:
@@ -164,8 +228,9 @@ def check_folder(value: str, flag: str) -> None:
   if not os.path.isdir(path):
     where = "is a file" if path == os.path.abspath(os.path.expanduser(value)) else \
         f"is inside the file {path}"
-    raise UserError(f"{flag}={value} {where}, not a folder; give a folder (a new one is "
-                    "created).")
+    hint = "the folder to read" if flag.lstrip("-") in _READ_FLAGS else \
+        "a folder (a new one is created)"
+    raise UserError(f"{flag}={value} {where}, not a folder; give {hint}.")
 
 
 def _fail(message: str) -> None:
@@ -187,11 +252,16 @@ def define_flags(default_config: str | None = DEFAULT_CONFIG, workdir: bool = Fa
   """
   global _default_config
   _default_config = default_config
-  config_flags.DEFINE_config_file(
-      "config", None,
-      "Config file (configs/*.py) or a shipped config's name (demo, roberta_base, "
-      "bert_base_uncased; default demo); override fields with --config.<field>=<value>.",
-      lock_config=True)
+  default = os.path.basename(default_config)[:-3] if default_config else None
+  try:  # ml_collections reads sys.argv (and its --flagfile) here already
+    config_flags.DEFINE_config_file(
+        "config", None,
+        "Config file (configs/*.py) or a shipped config's name (demo, roberta_base, "
+        f"bert_base_uncased{f'; default {default}' if default else '; optional'}); override "
+        "fields with --config.<field>=<value>.", lock_config=True)
+  except flags.Error as e:
+    _fail(_flagfile_error(e))
+  flags.FLAGS["config"].default_as_str = None  # not "None": the help text says the default
   flags.DEFINE_string("store", None, "The store: a local directory or gs://bucket/prefix.")
   if workdir:
     flags.DEFINE_string("workdir", None, "Local or gs:// directory for checkpoints and logs.")

@@ -45,7 +45,14 @@ def main(argv):
 
   def body():
     from cold_fusion_tf.evaluation import pipeline as recycling  # pylint: disable=g-import-not-at-top
+    from cold_fusion_tf.errors import UserError  # pylint: disable=g-import-not-at-top
     f = flags.FLAGS
+    if not f.tasks.strip(" ,"):
+      raise UserError(f"--tasks={f.tasks!r} names no task: give dataset names, or pool, "
+                      "pool:N, heldout or all (the default).")
+    if f.base and f.store and f.base != f.store:
+      raise UserError(f"--base={f.base} and --store={f.store}: --store is a shorthand for "
+                      "--base=STORE; give one of them.")
     bases = (f.base or f.store or "").split(",")
     recycling.evaluate(cli.require_config(), bases, f.reference, f.tasks, f.seeds, f.mode,
                        f.out, log=cli.say)

@@ -1,6 +1,6 @@
 """Export a published base as a self-contained model directory with a model card.
 
-  python -m cold_fusion_tf.export --store=stores/demo --out=exported/demo \
+  python -m cold_fusion_tf.export --store=stores/demo --out=exported/demo \\
       [--iteration=N] [--format=hf|keras_hub] [--license=mit]
 
 ``--format=hf`` (default): a Hugging Face directory; ``--format=keras_hub``: a keras-hub preset
@@ -19,7 +19,7 @@ def define_flags() -> None:
   """The program's flags (defined only when run, so importing this module defines none)."""
   cli.define_flags()  # --config (unused here, accepted like every program's) and --store
   flags.DEFINE_string("out", None, "Output directory (new or empty).")
-  flags.DEFINE_integer("iteration", None, "Which base (default: the latest).")
+  flags.DEFINE_integer("iteration", None, "Which base (default: the latest).", lower_bound=0)
   flags.DEFINE_enum("format", "hf", FORMATS, "hf: Hugging Face directory; keras_hub: "
                     "keras-hub preset.")
   flags.DEFINE_string("license", "other", "License named in the model card (that of the "
@@ -38,6 +38,10 @@ def main(argv):
   def body():
     if not config.out:
       raise UserError("--out is required: the directory to write.")
+    if config.sequence_length is not None and config.format != "keras_hub":
+      raise UserError(f"--sequence_length={config.sequence_length} sets the keras-hub "
+                      f"preprocessor; --format={config.format} has none: drop it, or pass "
+                      "--format=keras_hub.")
     export_model(cli.require_store(), config.out, config.iteration, config.format,
                  config.license, config.sequence_length, log=cli.say)
 

@@ -1,7 +1,7 @@
 """The fusion job: fuse the latest iteration's contributions and publish the next base.
 
   python -m cold_fusion_tf.fuse --config=configs/demo.py --store=stores/demo
-  python -m cold_fusion_tf.fuse --config=configs/demo.py --store=gs://bucket/run --watch \
+  python -m cold_fusion_tf.fuse --config=configs/demo.py --store=gs://bucket/run --watch \\
       --config.fusion.min_contributions=8 --config.fusion.max_wait=7200
 
 Once: validates every contribution, fuses the valid ones with ``config.fusion.method`` and

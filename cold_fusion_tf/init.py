@@ -1,6 +1,6 @@
 """Create a store: publish base 0 from config.model.source (a HF directory or hub name).
 
-  python -m cold_fusion_tf.init --config=configs/demo.py --store=gs://bucket/run \
+  python -m cold_fusion_tf.init --config=configs/demo.py --store=gs://bucket/run \\
       [--config.model.source=roberta-base]
 """
 

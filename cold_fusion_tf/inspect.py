@@ -23,6 +23,14 @@ def main(argv):
   del argv
 
   def body():
+    from cold_fusion_tf.errors import UserError  # pylint: disable=g-import-not-at-top
+    if flags.FLAGS.results and (flags.FLAGS.store or flags.FLAGS.json):
+      raise UserError(f"--results shows a results directory of evaluate; "
+                      f"{'--store' if flags.FLAGS.store else '--json'} is for a store's "
+                      "lineage: give one of them.")
+    if flags.FLAGS.results and "://" in flags.FLAGS.results:
+      raise UserError(f"--results={flags.FLAGS.results}: evaluate writes its results to a "
+                      "local directory; give that directory.")
     if flags.FLAGS.results:
       from cold_fusion_tf.evaluation import results as results_dir  # pylint: disable=g-import-not-at-top
       print(results_dir.describe(results_dir.ResultsDir(flags.FLAGS.results)))

@@ -31,6 +31,13 @@ def main(argv):
     if not flags.FLAGS.id:
       raise UserError("--id is required: the contributor id the key is for (e.g. --id=alice).")
     cid = paths.check_path_part(flags.FLAGS.id, "--id")
+    if flags.FLAGS.public_key and flags.FLAGS.private_key:
+      raise UserError("--private_key (create a key pair) and --public_key (list a key in a "
+                      "store) are two different uses: give one of them.")
+    if flags.FLAGS.store and not flags.FLAGS.public_key:
+      raise UserError(f"--store={flags.FLAGS.store} is given without --public_key: pass "
+                      "--public_key=ed25519:... to list a key there, or drop --store to "
+                      "create a key pair.")
     if flags.FLAGS.public_key:
       from cold_fusion_tf import store as store_lib  # pylint: disable=g-import-not-at-top
       store = store_lib.Store(cli.require_store())

@@ -84,7 +84,7 @@ class Display:
   def __call__(self, message: str) -> None:
     stream = self.stream
     if isinstance(message, Status) and self.live:
-      width = shutil.get_terminal_size((100, 20)).columns - 1
+      width = max(shutil.get_terminal_size((100, 20)).columns - 1, 4)  # COLUMNS=1: still short
       text = message if len(message) <= width else message[:width - 3] + "..."
       stream.write("\r" + text + "\x1b[K" + ("\n" if message.final else ""))
       self._open = not message.final

@@ -4,8 +4,10 @@ and errors still show.
 * :func:`before_tensorflow` (called by every program before TensorFlow is imported):
   TensorFlow's C++ INFO lines (oneDNN and CPU-instruction notes, the CUDA stub's "GPU will not
   be used") are off unless ``TF_CPP_MIN_LOG_LEVEL`` is set; its warnings and errors stay. The
-  checkpoint saver's "Sharding callback duration" INFO record is dropped, and so is
-  ml_collections' note that a config's get_config() returned None (the error line says it).
+  checkpoint saver's "Sharding callback duration" INFO record is dropped, and so are
+  ml_collections' note that a config's get_config() returned None (the error line says it) and
+  the "triggered tf.function retracing" warning about functions made per fine-tune (each
+  contributor and evaluation run builds its own model and training step, on purpose).
   (Python logging shows warnings and errors; ``--verbosity=0`` adds INFO records.)
 * :func:`init_devices`: TensorFlow's devices, found once. On a machine without an NVIDIA
   driver there is no GPU to find, and the CUDA plugin's "failed call to cuInit" error line
@@ -34,18 +36,24 @@ _LOADED_ALL = ("Some weights of the PyTorch model were not used",
 _SHARDING = "Sharding callback duration"
 _CONFIG_NONE = "%s:get_config() returned None"  # ml_collections' note; the error says it
 _CUINIT = "failed call to cuInit"
+_RETRACING = "triggered tf.function retracing"
 _devices = None
 
 
 class _Drop(logging.Filter):
-  """Drops records whose message starts with one of ``prefixes``."""
+  """Drops records whose message starts with one of ``prefixes``, and TensorFlow's note that a
+  function made inside another one (``make_train_chunk.<locals>.train_chunk``: one per
+  fine-tune, by design) was traced again."""
 
   def __init__(self, *prefixes: str):
     super().__init__()
     self.prefixes = prefixes
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(self.prefixes)
+    message = str(record.msg)
+    if _RETRACING in message and ".<locals>." in message:
+      return False
+    return not message.startswith(self.prefixes)
 
 
 def before_tensorflow() -> None:

@@ -1,6 +1,6 @@
 """A contributor: fine-tune the store's latest base on one dataset and upload the body.
 
-  python -m cold_fusion_tf.train --config=configs/demo.py --store=stores/demo \
+  python -m cold_fusion_tf.train --config=configs/demo.py --store=stores/demo \\
       --config.task=sst2 [--config.contributor_id=alice-sst2] [--workdir=DIR]
 
 Only the encoder body leaves the machine (contributions/<iteration>/<id>/); the task head

@@ -201,6 +201,7 @@ check_local_contributor() {
   STORE=$(from_caller "$STORE")
   WORKDIR=$(from_caller "$WORKDIR")
   check_path python "$PYTHON"
+  check_config_exists "$CONFIG"
 }
 
 # A config is a file under configs/, given relative to the repository root (it is resolved on
@@ -209,6 +210,15 @@ check_config() {
   local value=$1
   [[ $value =~ ^configs/[A-Za-z0-9_][A-Za-z0-9_.-]*\.py$ ]] ||
     usage_error "--config '$value' must look like configs/<name>.py (relative to the repository root)"
+}
+
+# A config that runs from this checkout (here, or on TPU VMs it is copied to) must be in it.
+check_config_exists() {
+  local value=$1 names
+  [[ -f $REPO_ROOT/$value ]] || {
+    names=$(cd "$REPO_ROOT" && echo configs/*.py)
+    usage_error "--config '$value' is not a file of this checkout ($REPO_ROOT); the configs are: $names"
+  }
 }
 
 # Remote machines (TPU VMs, pods) can only reach a store on Cloud Storage.
@@ -223,6 +233,9 @@ check_any_store() {
   local value=$1
   [[ -n $value && $value != *[[:space:]]* && $value != -* ]] ||
     usage_error "--store '$value' must be a directory or a gs://bucket/prefix URI without spaces"
+  # gs:/bucket (one slash), GS://, s3:// ... would otherwise be taken as a local folder.
+  [[ ! ${value,,} =~ ^(gs:|[a-z][a-z0-9+.-]*:/) || $value == gs://* ]] ||
+    usage_error "--store '$value' is neither a local folder nor a gs://bucket/prefix URI (only gs:// is supported)"
   if [[ $value == gs://* ]]; then
     check_gcs_store "$value"
   fi

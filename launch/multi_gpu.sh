@@ -50,6 +50,7 @@ check_any_store "$STORE"
 check_contributor
 check_local_contributor
 [[ -z $GPUS || $GPUS =~ ^[0-9]+(,[0-9]+)*$ ]] || usage_error "--gpus '$GPUS' must be a list of GPU indices such as 0,1"
+[[ -z $GPUS ]] || split_list gpus GPU_LIST "$GPUS"  # no index twice
 
 cd "$REPO_ROOT"
 TRAIN=("$PYTHON" -m cold_fusion_tf.train "--config=$CONFIG" "--store=$STORE" "--workdir=$WORKDIR"

@@ -64,18 +64,23 @@ parse_flags "$@"
 # Settings and the cluster.
 
 check_positive port "$PORT"
-((10#$PORT < 65536)) || usage_error "--port '$PORT' must be below 65536"
+if ((${#PORT} > 5 || 10#$PORT > 65535)); then usage_error "--port '$PORT' must be below 65536"; fi
+[[ -z $WORKERS || ${#WORKERS} -le 5 ]] || usage_error "--workers '$WORKERS' is too large: a port each is needed"
 ADDRESSES=()
 if [[ -n $HOSTS ]]; then
   split_list hosts HOST_LIST "$HOSTS"
+  [[ -z $WORKERS ]] || check_positive workers "$WORKERS"
   [[ -z $WORKERS || $((10#$WORKERS)) -eq ${#HOST_LIST[@]} ]] ||
     usage_error "--workers=$WORKERS but --hosts names ${#HOST_LIST[@]} hosts"
   WORKERS=${#HOST_LIST[@]}
   for i in "${!HOST_LIST[@]}"; do
     host=${HOST_LIST[$i]}
     if [[ $host =~ ^[A-Za-z0-9][A-Za-z0-9.-]*:[0-9]{1,5}$ ]]; then
+      ((10#${host##*:} > 0 && 10#${host##*:} < 65536)) ||
+        usage_error "--hosts item '$host': a port is 1..65535"
       ADDRESSES+=("$host")
     elif [[ $host =~ ^[A-Za-z0-9][A-Za-z0-9.-]*$ ]]; then
+      ((10#$PORT + i < 65536)) || usage_error "--port=$PORT: worker $i would get port $((10#$PORT + i)), above 65535"
       ADDRESSES+=("$host:$((10#$PORT + i))")
     else
       usage_error "--hosts item '$host' must be a host name or address, optionally with :port"
@@ -85,6 +90,8 @@ else
   WORKERS=${WORKERS:-2}
   check_positive workers "$WORKERS"
   WORKERS=$((10#$WORKERS))
+  ((10#$PORT + WORKERS - 1 < 65536)) ||
+    usage_error "--port=$PORT with --workers=$WORKERS: the last worker would get port $((10#$PORT + WORKERS - 1)), above 65535"
   for ((i = 0; i < WORKERS; i++)); do
     ADDRESSES+=("127.0.0.1:$((10#$PORT + i))")
   done

@@ -147,6 +147,7 @@ check_accelerator_type "$ACCELERATOR_TYPE"
 check_tpu_generation "$ACCELERATOR_TYPE"
 check_gcs_store "$STORE"
 check_contributor
+check_config_exists "$CONFIG"
 NAME=${NAME:-$(slug "cf-$CONTRIBUTOR_ID")}
 check_resource_name name "$NAME"
 [[ $RUNTIME_VERSION == auto ]] || check_word runtime-version "$RUNTIME_VERSION"

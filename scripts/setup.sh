@@ -3,8 +3,16 @@
 # pretrained encoder used by the demo and the tests. Idempotent; fast when all is in place.
 # Usage: bash scripts/setup.sh [--dev]
 set -euo pipefail
+if (($# > 1)) || [[ $# == 1 && $1 != --dev ]]; then
+  echo "setup.sh: unexpected argument(s): $*; usage: bash scripts/setup.sh [--dev]" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 python_bin="${PYTHON:-python3}"
+if [[ ! -x .venv/bin/python ]] && ! command -v "$python_bin" >/dev/null; then
+  echo "setup.sh: PYTHON=$python_bin is not a program on PATH; set PYTHON to a Python 3.11" >&2
+  exit 2
+fi
 if [[ ! -x .venv/bin/python ]]; then
   "$python_bin" -m venv .venv
 fi

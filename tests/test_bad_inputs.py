@@ -161,7 +161,7 @@ def test_config_files_that_return_nothing_exit_or_are_interrupted(body, status, 
 @pytest.mark.parametrize("body,fragment", [
     ("def get_config():\n  raise ValueError('boom')\n", "fails to load: ValueError: boom"),
     ("def get_config(:\n", "fails to load: SyntaxError"),
-    ("x = 1\n", "has no attribute 'get_config'"),
+    ("x = 1\n", "defines no get_config() function"),
     ("def get_config():\n  return 5\n", "get_config() returned int"),
     ("def get_config():\n  return {'model': {'source': 1}}\n", "get_config() returned dict"),
     ("import ml_collections\ndef get_config():\n  return ml_collections.ConfigDict()\n",

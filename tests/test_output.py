@@ -114,6 +114,37 @@ def test_the_unused_weights_block_goes_and_missing_weights_still_warn(tmp_path):
              "encoder.layer.0.output.dense.bias" in line for line in seen.lines), seen.lines
 
 
+def test_retracing_of_functions_made_per_fine_tune_is_not_shown():
+  # Prepare
+  quiet.before_tensorflow()
+  logger = logging.getLogger("tensorflow")
+  seen = _Lines()
+  logger.addHandler(seen)
+  note = ("5 out of the last 5 calls to <function {}.train_chunk at 0x7f> triggered tf.function "
+          "retracing. Tracing is expensive ...")
+  try:
+    # Execute: TensorFlow's note for a function made per fine-tune, for a module-level one, and
+    # a real warning
+    logger.warning(note.format("make_train_chunk.<locals>"))
+    logger.warning(note.format("module"))
+    logger.warning("something real")
+  finally:
+    logger.removeHandler(seen)
+  # Assert
+  assert seen.lines == [note.format("module"), "something real"]
+
+
+def test_a_status_line_on_a_very_narrow_terminal_stays_one_short_line(monkeypatch):
+  # Prepare: COLUMNS as a user may set it
+  monkeypatch.setenv("COLUMNS", "1")
+  stream = io.StringIO()
+  display = progress.Display(stream=stream, terminal=True)
+  # Execute
+  display(progress.Status("training sst2: step 3/10"))
+  # Assert: cut to the width (not to all but its last three characters)
+  assert stream.getvalue() == "\rt...\x1b[K"
+
+
 def test_stderr_lines_dropped_keeps_the_others(capfd):
   # Execute: C-level writes to file descriptor 2, as TensorFlow's C++ logging does.
   with quiet.stderr_lines_dropped(("failed call to cuInit",)):
