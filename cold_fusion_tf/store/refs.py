@@ -17,7 +17,7 @@ from cold_fusion_tf.store.layout import MODEL, RUN_FILE
 from cold_fusion_tf.store.store import Store
 from cold_fusion_tf.tensors import safetensors_io
 
-_STORE_REF = re.compile(r"(.+)@(\d{1,6})")
+_STORE_REF = re.compile(r"(.+)@([0-9]{1,6})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,8 @@ def check(spec: str, what: str = "--base") -> None:
     return
   head, at, number = location.rpartition("@")
   if at and head and os.path.exists(head) and not os.path.exists(location):
+    if os.path.isdir(head) and re.fullmatch(r"[0-9]{1,6}", number):
+      raise UserError(f"{what}={spec}: more than one @N; STORE@N names one base of STORE.")
     if os.path.isdir(head):
       raise UserError(f"{what}={spec}: {number!r} is not a base number; STORE@N takes N, a "
                       "whole number from 0 to 999999 (base N of the store; STORE alone is "

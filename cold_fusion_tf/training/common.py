@@ -48,6 +48,13 @@ def plan_steps(recipe, task_name: str, train_examples: int, replicas: int,
     eval_every = max(1, int(round(recipe.eval_every_examples / global_batch)))
   else:
     eval_every = recipe.eval_every_steps or steps_per_epoch
+  if total <= 1 and recipe.warmup_fraction > 0:
+    raise UserError(
+        f"{task_name}: the recipe makes one training step ({train_examples} examples, batches of "
+        f"{global_batch}, {recipe.epochs:g} epoch(s), max_steps {recipe.max_steps}), and its "
+        f"warm-up (warmup_fraction {recipe.warmup_fraction:g}, at least one step) gives that "
+        "step a learning rate of 0: nothing would be learned. Train longer (more examples, "
+        "epochs or max_steps, or a smaller batch_size), or set warmup_fraction=0.")
   return Steps(global_batch, global_batch // unit, steps_per_epoch, max(total, 1), eval_every,
                notes)
 

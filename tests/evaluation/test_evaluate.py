@@ -282,6 +282,8 @@ def test_a_results_directory_that_cannot_be_written_is_one_user_error(tmp_path):
      "a whole number from 0 to 999999"),
     ("{tmp}/store@-1", "--base={tmp}/store@-1: '-1' is not a base number"),
     ("{tmp}/store@1234567", "'1234567' is not a base number"),
+    ("{tmp}/store@\u0663", "'\u0663' is not a base number"),  # an Arabic-Indic 3
+    ("{tmp}/store@0@1", "--base={tmp}/store@0@1: more than one @N"),
     ("{tmp}/nothere", "--base={tmp}/nothere: {tmp}/nothere does not exist (expected a store "
      "or a model directory)"),
     ("{tmp}/file", "--base={tmp}/file: {tmp}/file is a file (expected a store or a model "

@@ -256,3 +256,22 @@ def test_a_probe_phase_needs_a_positive_learning_rate():
     recipe(probe_epochs=1, probe_learning_rate=0.0)
   with pytest.raises(UserError, match="probe_epochs=-1 is out of range"):
     recipe(probe_epochs=-1)
+
+
+def test_a_single_step_that_warm_up_would_give_no_learning_rate_is_refused():
+  # Prepare: 8 examples in batches of 8 for one epoch: one step; warm-up rounds up to it.
+  from cold_fusion_tf.training import common  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.training.recipe import Recipe  # pylint: disable=g-import-not-at-top
+  from cold_fusion_tf.errors import UserError  # pylint: disable=g-import-not-at-top
+  one = Recipe(batch_size=8, epochs=1.0)
+  # Execute
+  with pytest.raises(UserError) as raised:
+    common.plan_steps(one, "tiny", 8, replicas=1, accumulation=1)
+  steps = common.plan_steps(Recipe(batch_size=8, epochs=1.0, warmup_fraction=0.0), "tiny", 8,
+                            replicas=1, accumulation=1)
+  two = common.plan_steps(Recipe(batch_size=4, epochs=1.0), "tiny", 8, 1, 1)
+  # Assert
+  assert "makes one training step" in str(raised.value)
+  assert "learning rate of 0" in str(raised.value) and "warmup_fraction=0" in str(raised.value)
+  assert steps.total_steps == 1 and two.total_steps == 2
+  assert common.linear_schedule_value(1, 1e-3, 1, 2) > 0  # the second step learns
