@@ -14,6 +14,10 @@ cache, then for each case measures (the fusions each in a fresh process):
   output-sized file (the new base, hashed once); cross-checked with ``sha256sum`` processes,
   the bodies split over the CPUs (the best of 3 each; coreutils' sha256sum may not use the
   CPU's SHA instructions, which hashlib's OpenSSL does: then it is the slower);
+- floor: the least a job that averages the bodies can do, on the same threads: every body
+  read once, each chunk hashed and its float32 values added into a float64 buffer (one add
+  per value; no norms, no output); its ratio to the bodies' hashing bounds what any fuser
+  written with numpy's array operations can reach;
 - read: ``cat`` of the N body files to /dev/null (warm cache; the best of 3);
 - naive: load every file fully (``safetensors.numpy.load_file``), stack, mean, save;
 - fuse: ``cold_fusion_tf.fusion.fuse`` on the store, the whole job, split into validation
@@ -179,6 +183,31 @@ def time_hash_limit(paths, output_like, threads, repeats=3) -> tuple[tuple, tupl
   return _best(bodies, repeats), _best(lambda: sha256_file(output_like, buffer), repeats)
 
 
+def time_floor(paths, threads, repeats=3) -> tuple[float, float]:
+  """(wall, CPU) seconds of the least a fusion job can do on ``threads`` threads: every body
+  read once, a chunk at a time, each chunk hashed and its float32 values added into a float64
+  buffer (one add per value: the least arithmetic an average needs; no norms, no output)."""
+  local = threading.local()
+
+  def one(path):
+    if not hasattr(local, "buffer"):
+      local.buffer = bytearray(HASH_CHUNK_BYTES)
+      local.total = np.zeros(HASH_CHUNK_BYTES // 4, np.float64)
+    digest, view = hashlib.sha256(), memoryview(local.buffer)
+    with open(path, "rb", buffering=0) as f:
+      while count := f.readinto(local.buffer):
+        digest.update(view[:count])
+        values = np.frombuffer(local.buffer, np.float32, count // 4)
+        np.add(local.total[:count // 4], values, out=local.total[:count // 4])
+    return digest.hexdigest()
+
+  def bodies():
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+      list(pool.map(one, paths))
+
+  return _best(bodies, repeats)
+
+
 def time_sha256sum(paths, output_like, processes, repeats=3) -> Optional[float]:
   """Seconds for ``sha256sum`` processes over ``paths`` split ``processes`` ways, then over
   ``output_like``: the limit measured by another program (None without sha256sum)."""
@@ -277,6 +306,7 @@ def run_case(workdir, model, count, naive, repeats, method, workers):
     hash_bodies, hash_output = time_hash_limit(bodies, bodies[0], threads)
     row = {"model": model, "n": count, "body_mib": body_bytes / 2**20, "read_s": read,
            "write_s": write, "threads": threads, "hash_bodies": hash_bodies,
+           "floor": time_floor(bodies, threads),
            "hash_output": hash_output, "sha256sum_s": time_sha256sum(bodies, bodies[0], threads)}
     for kind in ("fuse", "at_quorum"):
       runs = []
@@ -311,6 +341,7 @@ def report(row):
     lines.append((f"  cross-check: sha256sum, {threads} processes", row["sha256sum_s"], None,
                   None))
   lines += [
+      ("floor: bodies read once, hashed, one add", row["floor"][0], row["floor"][1], None),
       ("read (cat > /dev/null)", read, None, None),
       ("write one body to a new file", row["write_s"], None, None),
       ("fuse, whole job", f["wall"], f["cpu"], f["peak_rss"]),
@@ -330,6 +361,10 @@ def report(row):
     print(f"  {label:40} {wall:7.2f} {wall / limit:8.2f} {wall / read:7.2f} {cpu_text}"
           f"{rss_text}")
   hashed = row["n"] * body / hash_wall / 2**30
+  floor_wall, floor_cpu = row["floor"][0] + out_wall, row["floor"][1] + out_cpu
+  print(f"  floor + sha256 of the output = {floor_wall / limit:.2f} x the limit (CPU "
+        f"{floor_cpu / (hash_cpu + out_cpu):.2f}): the least any job that averages the bodies "
+        "does, before norms, checks and writing")
   print(f"  whole job / limit = {f['wall'] / limit:.2f} (target 1.3 or less; CPU time "
         f"{f['cpu'] / (hash_cpu + out_cpu):.2f}); at the quorum / limit = "
         f"{q['wall'] / limit:.2f}; sha256 of the bodies at {hashed:.2f} GiB/s")
