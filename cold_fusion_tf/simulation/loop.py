@@ -21,6 +21,7 @@ from cold_fusion_tf.evaluation import report
 from cold_fusion_tf.evaluation import summary as summary_lib
 from cold_fusion_tf import fusion
 from cold_fusion_tf import progress
+from cold_fusion_tf.simulation import resume
 from cold_fusion_tf.simulation import scalars
 from cold_fusion_tf.model.base_zero import ensure_store
 from cold_fusion_tf import store as store_lib
@@ -64,11 +65,20 @@ def run(config, store_uri: str, log: Callable[[str], None] = logging.info,
            for name in list(config.pool) + list(config.heldout)}
   store = store_lib.Store(store_uri)
   evaluator = _Evaluator(store, config, tasks)  # checks config.eval before the store is made
+  run_scalars = scalars.open_for(store.uri, logdir)  # checks --logdir likewise
+
+  def sample(it: int) -> list[str]:
+    return sample_contributors(list(config.pool), config.contributors_per_iteration,
+                               config.seed, it)
+
+  # A rerun: the same model, no trained-on task held out, the open iteration's settings.
+  resume.check_rerun(store, config, tasks, sample, log)
   ensure_store(store, config, log)
-  run_scalars = scalars.open_for(store.uri, logdir)
 
   iteration = store.require_latest()
   last = max(config.iterations, iteration)
+  if run_scalars is not None:  # bases fused by a run stopped before it recorded them
+    run_scalars.fusions(store, iteration)
   for it in range(iteration + 1):  # base 0, and bases published earlier but not yet evaluated
     if _due(config, it, last):
       evaluator.evaluate(it, log)
@@ -77,8 +87,10 @@ def run(config, store_uri: str, log: Callable[[str], None] = logging.info,
     run_scalars.evaluation(summary, {f"base {it}": it for it in range(iteration + 1)})
   first, run_progress = iteration, progress.Tracker(config.iterations - iteration, "iterations")
   while iteration < config.iterations:
-    chosen = sample_contributors(list(config.pool), config.contributors_per_iteration,
-                                 config.seed, iteration)
+    chosen = sample(iteration)
+    settings = resume.iteration_settings(config, chosen, tasks)
+    if resume.check_open_iteration(store, iteration, settings):  # before its first contributor
+      resume.write_record(store, iteration, settings)
     log(f"=== iteration {iteration}: contributors {', '.join(chosen)}")
     for name in chosen:
       cid = data_lib.dataset_id(name)
@@ -98,7 +110,7 @@ def run(config, store_uri: str, log: Callable[[str], None] = logging.info,
       evaluator.evaluate(iteration, log)
       summary = evaluator.write_report()
       if run_scalars is not None:
-        run_scalars.evaluation(summary, {f"base {iteration}": iteration})
+        run_scalars.evaluation(summary, {f"base {it}": it for it in range(iteration + 1)})
       log("\n" + evaluator.table)
     log(run_progress.line(iteration - first, "the run: "))
   summary = evaluator.write_report()

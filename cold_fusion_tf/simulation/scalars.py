@@ -80,35 +80,52 @@ class RunScalars:
       values["fusion/seconds"] = seconds
     self.add(iteration, values)
 
+  def fusions(self, store, latest: int) -> None:
+    """The fusion points of bases 1..``latest`` that have none (published by a run that was
+    stopped before it recorded them, or before this folder was used; their seconds are not
+    known any more)."""
+    have = self.read().get("fusion/contributions_fused", {})
+    for iteration in range(1, latest + 1):
+      if iteration not in have:
+        try:
+          self.fusion(store, iteration)
+        except UserError:  # no base under this number (withdrawn numbers are skipped)
+          continue
+
   def evaluation(self, summary: Mapping, iterations: Mapping[str, int]) -> None:
     """Scores of an evaluation summary (:func:`cold_fusion_tf.evaluation.summary.summarize`);
-    ``iterations``: the base iteration of each model name."""
+    ``iterations``: the base iteration of each model name. The ``eval/`` points of those
+    bases become the summary's: a point the summary no longer has (a base or task it does not
+    score, a group it does not form) is removed, so the scalars show what the report shows."""
     for name, iteration in iterations.items():
-      scores = summary.get("scores", {}).get(name)
-      if not scores:
-        continue
+      scores = summary.get("scores", {}).get(name) or {"tasks": {}, "groups": {}}
       values = {f"eval/{task}": stats.get("mean") for task, stats in scores["tasks"].items()}
       values.update({f"eval/{group}": mean for group, mean in scores["groups"].items()})
-      self.add(iteration, values)
+      self.add(iteration, values, replace="eval/")
 
-  def add(self, step: int, values: Mapping[str, float]) -> None:
+  def add(self, step: int, values: Mapping[str, float], replace: str = "") -> None:
     """Points at ``step`` (undefined values, such as NaN means, are left out): new points are
-    appended to the event file; a point whose value changed rewrites it."""
+    appended to the event file; a point whose value changed rewrites it. With ``replace`` (a
+    tag prefix), the step's other points under that prefix are removed."""
     events = self._load()
+    defined = {tag: float(value) for tag, value in values.items()
+               if value is not None and math.isfinite(float(value))}
+    kept = [e for e in events if not (replace and e[1] == step and e[2].startswith(replace)
+                                      and e[2] not in defined)]
+    changed = len(kept) != len(events)
+    events = kept
     index = {(e[1], e[2]): i for i, e in enumerate(events)}
-    new, changed = [], False
-    for tag, value in values.items():
-      if value is None or not math.isfinite(float(value)):
-        continue
+    new = []
+    for tag, value in defined.items():
       at = index.get((step, tag))
       if at is None:
-        new.append([time.time(), step, tag, float(value)])
-      elif events[at][3] != float(value):
-        events[at][3], changed = float(value), True
+        new.append([time.time(), step, tag, value])
+      elif events[at][3] != value:
+        events[at][3], changed = value, True
     if new or changed:
       events = events + new
       self._write(events, new if not changed else events, append=not changed)
-      self._events = events
+    self._events = events
 
   def read(self) -> dict[str, dict[int, float]]:
     """Every point: tag -> step -> value."""
@@ -143,7 +160,8 @@ class RunScalars:
     with open(path, "ab" if append else "wb") as f:
       writer = RecordWriter(f)
       if not append:
-        writer.write(event_pb2.Event(wall_time=events[0][0], file_version="brain.Event:2")
+        writer.write(event_pb2.Event(wall_time=events[0][0] if events else time.time(),
+                                     file_version="brain.Event:2")
                      .SerializeToString())
       for wall, step, tag, value in records:
         summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag,

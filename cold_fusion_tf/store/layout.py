@@ -16,6 +16,7 @@ name and every schema, in one place.
     fusion/000004/momentum.safetensors  server optimizer state after base 4 (when enabled)
     contributors.json                 (optional, the owner's) who may contribute: Ed25519 keys
     rollbacks/000005.json             LATEST moved back from base 5: to which base, who, why
+    loop/000003.json                  the settings the run program trains iteration 3 with
     evaluations/000003.json           evaluation runs and scores of base 3 (written by run)
     report.md, report.csv, report.png
 

@@ -119,3 +119,25 @@ def test_rejections_a_plan_counts_without_listing_them_are_counted(tmp_path):
   writer.fusion(store, 2)
   # Assert
   assert writer.read()["fusion/contributions_rejected"] == {1: 5.0, 2: 2.0}
+
+
+def test_evaluation_points_follow_the_report_after_a_rerun(tmp_path):
+  # Prepare: base 0 and base 2 scored on sst2 and rte, with a fusion point of base 2.
+  def summary(tasks, groups, models=("base 0", "base 2")):
+    return {"scores": {m: {"tasks": {t: {"mean": v} for t, v in tasks.items()},
+                           "groups": groups} for m in models}}
+  first = scalars.RunScalars(str(tmp_path))
+  first.add(2, {"fusion/contributions_fused": 2.0})
+  first.evaluation(summary({"sst2": 50.0, "rte": 60.0}, {"held-in": 50.0, "held-out": 60.0}),
+                   {"base 0": 0, "base 2": 2})
+  # Execute: a rerun that evaluates rte only (eval.tasks=heldout), and scores base 2 no more
+  # (its runs were made with another recipe).
+  again = scalars.RunScalars(str(tmp_path))
+  again.evaluation(summary({"rte": 61.0}, {"held-out": 61.0}, models=("base 0",)),
+                   {"base 0": 0, "base 1": 1, "base 2": 2})
+  # Assert: the points are the new report's, in points.json and in the event file alike.
+  expected = {"eval/rte": {0: 61.0}, "eval/held-out": {0: 61.0},
+              "fusion/contributions_fused": {2: 2.0}}
+  assert scalars.RunScalars(str(tmp_path)).read() == expected
+  assert _tensorboard(tmp_path) == {tag: sorted(points.items())
+                                    for tag, points in expected.items()}
