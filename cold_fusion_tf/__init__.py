@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 
 # Loaded on first use, so `import cold_fusion_tf` stays light (no TensorFlow import).
 _LAZY = {"load_base": "interop.keras_api", "keras_classifier": "interop.keras_api",
-         "load_classifier": "interop.keras_api"}
+         "load_classifier": "interop.keras_api",
+         "compile_classifier": "interop.keras_api"}
 
 
 def __getattr__(name):

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 from cold_fusion_tf.errors import UserError
 from cold_fusion_tf.model import tokenizer as tokenizer_lib
 from cold_fusion_tf.store.backends import local
+from cold_fusion_tf.store.layout import RUN_FILE
 
 FORMATS = ("hf", "keras_hub")
 CARD = "README.md"
@@ -32,9 +33,9 @@ def export_model(store_uri: str, out_dir: str, iteration: Optional[int] = None,
                  log: Callable[[str], None] = print) -> str:
   """Writes base ``iteration`` (default: latest) of a store to ``out_dir``; returns it.
 
-  ``out_dir`` must be a local path that does not exist or is an empty directory, in a folder
-  where files can be created (checked before the base is read). The directory is assembled
-  beside it and renamed into place, so it is complete or absent.
+  ``out_dir`` must be a local path that does not exist or is an empty directory, outside any
+  store, in a folder where files can be created (checked before the base is read). The
+  directory is assembled beside it and renamed into place, so it is complete or absent.
   """
   from cold_fusion_tf.interop import model_card  # pylint: disable=g-import-not-at-top
   from cold_fusion_tf.store import refs  # pylint: disable=g-import-not-at-top
@@ -46,6 +47,12 @@ def export_model(store_uri: str, out_dir: str, iteration: Optional[int] = None,
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise UserError(f"--out={out_dir}: exists and is not an empty directory; choose a new one.")
   parent = os.path.dirname(out_dir)
+  folder = out_dir
+  while os.path.dirname(folder) != folder:  # out_dir and every folder above it
+    if os.path.isfile(os.path.join(folder, RUN_FILE)):
+      raise UserError(f"--out={out_dir}: inside the store {folder}, which holds only what runs "
+                      "publish; choose a folder outside it.")
+    folder = os.path.dirname(folder)
   local.check_writable_folder(parent, f"--out={out_dir}")
   ref = refs.resolve(store_uri, iteration, what="--store")
   if ref.store is None:

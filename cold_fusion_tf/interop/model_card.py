@@ -195,7 +195,11 @@ def evaluation_section(lin: dict) -> str:
   return "\n".join(out) + "\n"
 
 
-def usage_section(fmt: str) -> str:
+WORDPIECE_FAMILIES = ("bert", "electra", "distilbert")
+"""Model types whose vocabulary ``keras_classifier(inputs="text")`` tokenizes in the graph."""
+
+
+def usage_section(fmt: str, model_type: str = "bert") -> str:
   if fmt == "keras_hub":
     code = ('import keras_hub\n\n'
             'model_dir = "path/to/this/directory"\n'
@@ -208,8 +212,14 @@ def usage_section(fmt: str) -> str:
             'tokenizer = AutoTokenizer.from_pretrained(model_dir)\n'
             'tf_body = TFAutoModel.from_pretrained(model_dir)  # TensorFlow / Keras\n'
             'pt_body = AutoModel.from_pretrained(model_dir)    # PyTorch\n\n'
-            'import cold_fusion_tf  # a compiled tf-keras classifier with the paper\'s recipe\n'
-            'classifier = cold_fusion_tf.keras_classifier(model_dir, num_labels=2)\n')
+            'import cold_fusion_tf  # a compiled tf-keras classifier with the paper\'s recipe\n')
+    if model_type in WORDPIECE_FAMILIES:  # raw strings, tokenized in the graph
+      code += 'classifier = cold_fusion_tf.keras_classifier(model_dir, num_labels=2)\n'
+    else:  # not WordPiece: the classifier takes the tokenizer's output
+      code += ('classifier = cold_fusion_tf.keras_classifier(model_dir, num_labels=2, '
+               'inputs="ids")\n'
+               'logits = classifier(dict(tokenizer(["a gripping film"], padding=True, '
+               'return_tensors="tf")))\n')
   return ("## How to use\n\nAn encoder without a task head: fine-tune it on your task (the "
           "paper's recipe: AdamW, learning rate 5e-5 (2e-5 for BERT), linear schedule with 0.6% "
           "warm-up, weight decay 0.01).\n\n```python\n" + code + "```\n")
@@ -230,6 +240,6 @@ def render(lin: dict, fmt: str = "hf", license_name: str = "other") -> str:
   else:
     intro += "It is the source model as the run published it, before any fusion.\n"
   parts = [front_matter(lin, license_name, library), title, "", intro, lineage_section(lin),
-           evaluation_section(lin), usage_section(fmt),
+           evaluation_section(lin), usage_section(fmt, lin["model_type"]),
            "## Citation\n\n```bibtex\n" + CITATION + "\n```\n"]
   return "\n".join(p for p in parts if p is not None)

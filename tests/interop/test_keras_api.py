@@ -47,11 +47,13 @@ def tiny_roberta_store():
 def test_import_is_light_and_names_resolve_lazily():
   # Execute / Assert: a fresh interpreter imports the package without TensorFlow
   code = ("import sys, cold_fusion_tf as c; assert 'tensorflow' not in sys.modules; "
-          "assert {'load_base', 'keras_classifier', 'load_classifier'} <= set(dir(c))")
+          "assert {'load_base', 'keras_classifier', 'load_classifier', 'compile_classifier'}"
+          " <= set(dir(c))")
   subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
   # Assert
   assert cold_fusion_tf.load_base is keras_api.load_base
   assert cold_fusion_tf.keras_classifier is keras_api.keras_classifier
+  assert cold_fusion_tf.compile_classifier is keras_api.compile_classifier
   with pytest.raises(AttributeError):
     getattr(cold_fusion_tf, "no_such_name")
 
