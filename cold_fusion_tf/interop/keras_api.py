@@ -243,7 +243,7 @@ def compile_classifier(model, num_labels: Optional[int] = None,
     raise UserError(f"num_labels={num_labels}, but the model gives {outputs} output(s) per "
                     f"example; pass num_labels={outputs} (or leave it out).")
   settings = _settings(recipe, "compile_classifier")
-  _check_steps(train_steps)
+  _check_steps(train_steps, settings)
   if train_steps is not None:
     # The recipe lives in training.make_optimizer; RecipeAdamW keeps its no-decay list
     # across save and reload.
@@ -296,12 +296,16 @@ def _check_num_labels(num_labels) -> None:
                     "regression, the number of classes for classification).")
 
 
-def _check_steps(train_steps) -> None:
+def _check_steps(train_steps, settings: Recipe) -> None:
   if train_steps is not None and (not isinstance(train_steps, int) or isinstance(
       train_steps, bool) or not 1 <= train_steps < 2**63):
     raise UserError(f"train_steps={train_steps!r}: expected a positive integer (epochs x "
                     "batches per epoch, below 2**63: the step counter is int64), or None for a "
                     "constant learning rate.")
+  if train_steps == 1 and settings.warmup_fraction > 0:
+    raise UserError("train_steps=1: the warm-up (at least one step) would give the only step a "
+                    "learning rate of 0; train longer, pass recipe={'warmup_fraction': 0.0}, "
+                    "or None for a constant learning rate.")
 
 
 def keras_classifier(store_or_dir: str, num_labels: int, *, iteration: Optional[int] = None,
@@ -345,9 +349,9 @@ def keras_classifier(store_or_dir: str, num_labels: int, *, iteration: Optional[
   if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
                            or not 0 <= seed < 2**32):
     raise UserError(f"seed={seed!r}: expected an integer from 0 to 2**32 - 1, or None.")
-  _check_steps(train_steps)
   used = OPTIMIZER_FIELDS + (("max_length",) if inputs == "text" else ())
   settings = _settings(recipe, "keras_classifier", used)
+  _check_steps(train_steps, settings)
   if max_length is not None:  # checked as the recipe's field is
     settings = Recipe.from_config({**settings.to_dict(), "max_length": max_length},
                                   "keras_classifier")

@@ -87,6 +87,8 @@ def test_recipe_fields_without_effect_are_refused(tiny_bert_store):
     ({"inputs": "ids", "max_length": 32}, r"max_length=32 applies to inputs='text'"),
     ({"seed": -1}, r"seed=-1: expected an integer from 0 to 2\*\*32 - 1"),
     ({"train_steps": 2**63}, r"train_steps=9223372036854775808: expected a positive integer"),
+    ({"train_steps": 1}, r"train_steps=1: the warm-up \(at least one step\) would give the "
+                         r"only step a learning rate of 0"),
     ({"iteration": True}, r"iteration=True: expected a base number"),
     ({"iteration": -1}, r"iteration=-1: expected a base number"),
 ])
