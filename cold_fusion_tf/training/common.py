@@ -24,6 +24,17 @@ class Steps:
   notes: list[str]       # what differs from the recipe, for the log
 
 
+FINGERPRINT_FIELDS = ("warmup_fraction", "weight_decay", "adam_epsilon", "clip_norm",
+                    "mixed_precision", "patience_evals", "patience_examples")
+"""Recipe fields that change a run's updates or its best step beyond its steps and batch: part
+of a checkpoint's fingerprint, so a run resumed with another of them is refused."""
+
+
+def recipe_fingerprint(recipe) -> dict:
+  """The :data:`FINGERPRINT_FIELDS` of ``recipe``."""
+  return {name: getattr(recipe, name) for name in FINGERPRINT_FIELDS}
+
+
 def plan_steps(recipe, task_name: str, train_examples: int, replicas: int,
                accumulation: int) -> Steps:
   """The batch, steps and evaluation period of a recipe on ``train_examples`` examples.

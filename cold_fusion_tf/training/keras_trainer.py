@@ -55,7 +55,8 @@ from cold_fusion_tf.training.keras_task import (head_weights, make_optimizer, no
                                                 task_model)
 from cold_fusion_tf.training import metrics as metrics_lib
 from cold_fusion_tf.training.common import (FinetuneResult, duration_text,
-                                            linear_schedule_value, plan_steps)
+                                            linear_schedule_value, plan_steps,
+                                            recipe_fingerprint)
 from cold_fusion_tf.training.recipe import Recipe
 
 _STATE = "early_stopping.json"
@@ -190,7 +191,7 @@ class _Run:
         "batch_size": self.global_batch, "accumulation": self.accumulation,
         "total_steps": self.total_steps, "epoch_steps": self.epoch_steps, "seed": recipe.seed,
         "learning_rate": recipe.learning_rate, "max_length": max_length,
-        "buckets": self.buckets, "run_key": run_key}
+        "buckets": self.buckets, "run_key": run_key, **recipe_fingerprint(recipe)}
     if recipe.probe_epochs:
       self.fingerprint.update(probe_epochs=recipe.probe_epochs,
                               probe_learning_rate=recipe.probe_learning_rate)

@@ -37,7 +37,7 @@ import tensorflow as tf
 from cold_fusion_tf import progress
 from cold_fusion_tf.training import checkpoints as checkpointing
 from cold_fusion_tf.training.common import (  # pylint: disable=unused-import
-    FinetuneResult, duration_text, linear_schedule_value, plan_steps)
+    FinetuneResult, duration_text, linear_schedule_value, plan_steps, recipe_fingerprint)
 from cold_fusion_tf.training import inputs
 from cold_fusion_tf.training import metrics as metrics_lib
 from cold_fusion_tf.training import model_cache
@@ -205,7 +205,8 @@ class _Trainer:
         "num_outputs": task.num_outputs, "batch_size": self.global_batch,
         "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
         "seed": recipe.seed, "learning_rate": recipe.learning_rate,
-        "max_length": max_length, "static_shapes": self.static, "run_key": run_key}
+        "max_length": max_length, "static_shapes": self.static, "run_key": run_key,
+        **recipe_fingerprint(recipe)}
     if recipe.probe_epochs:
       self.fingerprint.update(probe_epochs=recipe.probe_epochs,
                               probe_learning_rate=recipe.probe_learning_rate)

@@ -181,6 +181,9 @@ def test_checkpoints_resume_tensorboard_and_refuse_another_run(tmp_path):
   with pytest.raises(UserError, match="different run .*learning_rate"):
     train(recipe(checkpoint_every_steps=2, eval_every_steps=2, learning_rate=5e-4),
           workdir=workdir)
+  with pytest.raises(UserError, match=r"different run \(differs in weight_decay\)"):
+    train(recipe(checkpoint_every_steps=2, eval_every_steps=2, weight_decay=0.1),
+          workdir=workdir)
 
 
 def test_a_local_workdir_that_cannot_be_made_is_found_before_training(tmp_path):
