@@ -84,10 +84,12 @@ def _open_body(store, contribution, workdir, limits: dict) -> safetensors_io.Bod
   return body
 
 
-def make_room_for_files(count: int) -> None:
+def make_room_for_files(count: int, total: int = 0, left: int = 0) -> None:
   """Lets this process hold ``count`` more files open (a fusion keeps every body it validated
-  open until it ends): raises the soft limit on open files up to the hard one where needed,
-  or raises LimitError, before any body is opened, when even that is too few."""
+  open until it ends) by raising the soft limit on open files, up to the hard one. Without
+  ``total`` it makes what room it can. With ``total`` (the contributions being validated,
+  ``left`` of them not opened yet) it raises LimitError, before the body that would not fit
+  is opened, when even the hard limit is too few."""
   try:
     import resource  # pylint: disable=g-import-not-at-top  (POSIX only)
   except ImportError:
@@ -101,10 +103,13 @@ def make_room_for_files(count: int) -> None:
   if soft == resource.RLIM_INFINITY or needed <= soft:
     return
   if hard != resource.RLIM_INFINITY and needed > hard:
-    raise LimitError(f"{count} contributions to validate keep {count} files open at once "
-                     f"beside {in_use} open already, more than this process may open ({hard}: "
-                     f"ulimit -n); raise the limit to at least {needed} (ulimit -n {needed}) "
-                     "and run again. No contribution was rejected.")
+    if total:
+      wanted = in_use + max(left, count) + SPARE_FILES
+      raise LimitError(f"{total} contributions to validate keep their bodies open at once "
+                       f"({in_use} files open now), more than this process may open ({hard}: "
+                       f"ulimit -n); raise the limit to at least {wanted} (ulimit -n {wanted}) "
+                       "and run again. No contribution was rejected.")
+    needed = hard
   resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY
                                                else hard, hard))
 
@@ -139,9 +144,12 @@ def validate(store, contributions, base, specs, workdir, threads, log,
     rejected.append(entry)
     log(f"rejected {printable(c.contributor_id)}: {printable(entry['reason'], _MAX_REASON)}")
 
+  # Room for every body if the limits allow; else a body that fails its header checks is
+  # closed at once, so only the bodies that pass must fit.
   make_room_for_files(len(contributions))
-  for c in contributions:  # downloads in this thread: one storage client, one thread
+  for i, c in enumerate(contributions):  # downloads in this thread: one storage client
     try:
+      make_room_for_files(1, len(contributions), len(contributions) - i)
       body = _open_body(store, c, workdir, limits)
     except LimitError:
       for _, body in opened:

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 import pytest
 
 import faults
@@ -173,6 +175,30 @@ def test_more_contributions_than_open_files_allowed(tmp_path, soft, hard, status
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "150 contributions to validate" in errors[0]
     assert "ulimit -n" in errors[0]
+
+
+def test_bodies_refused_at_their_headers_take_no_room_among_open_files(tmp_path):
+  # Prepare: 150 contributions, 140 of them with a tensor of the wrong shape (refused by the
+  # header check, their files closed at once), under a hard limit of 200 open files.
+  import resource  # pylint: disable=g-import-not-at-top
+  store = h.new_store(tmp_path)
+  base = h.base_tensors(store)
+  name = sorted(base)[0]
+  for i in range(150):
+    body = h.nudged(base, i)
+    if i >= 10:
+      body = {**body, name: np.zeros((1,) + body[name].shape, body[name].dtype)}
+    h.contribute(store, f"c{i:03d}", body)
+  # Execute
+  result = subprocess.run(
+      _command(store), cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
+      timeout=300, check=False,
+      preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200)))
+  # Assert: the 10 honest ones are fused, the 140 rejected for their shape
+  output = result.stdout + result.stderr
+  assert result.returncode == 0, output[-3000:]
+  fusion = store.manifest(1)["fusion"]
+  assert len(fusion["contributions"]) == 10 and len(fusion["rejected"]) == 140
 
 
 def test_method_and_parameters_from_the_command_line(tmp_path):
