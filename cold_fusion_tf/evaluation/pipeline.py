@@ -31,9 +31,11 @@ from cold_fusion_tf.store import layout
 from cold_fusion_tf.training.trainer import duration_text as _duration
 from cold_fusion_tf.errors import UserError
 
-# Recipe fields that do not change what a run computes.
-_NOT_IN_RECIPE_KEY = ("seed", "log_every_seconds", "log_every_steps", "checkpoint_every_steps",
-                      "eval_batch_size")
+NOT_COMPUTING = ("log_every_seconds", "log_every_steps", "checkpoint_every_steps",
+                 "eval_batch_size")
+"""Recipe fields that do not change what a fine-tune computes."""
+# A run's seed is part of its key apart from the recipe.
+_NOT_IN_RECIPE_KEY = ("seed",) + NOT_COMPUTING
 # Rough training speed of a MiniLM-L6-sized model (90 MB of float32 weights) on 2 CPU cores,
 # used for the first time estimate only; later estimates use the measured run times.
 _GUESS_EXAMPLES_PER_SECOND = 30.0

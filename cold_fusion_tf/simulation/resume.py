@@ -25,10 +25,6 @@ from cold_fusion_tf.fusion.settings import Settings as FusionSettings
 from cold_fusion_tf.model import sources
 from cold_fusion_tf.store import paths
 
-# Recipe fields that do not change what a contributor computes.
-_NOT_IN_RECIPE = ("log_every_seconds", "log_every_steps", "checkpoint_every_steps",
-                  "eval_batch_size")
-
 
 def record_name(iteration: int) -> str:
   """``loop/NNNNNN.json``: the settings the loop trains iteration ``iteration`` with."""
@@ -42,7 +38,8 @@ def _plain(value):
 
 def iteration_settings(config, chosen: Sequence[str], tasks: Mapping) -> dict:
   """What makes the contributions and the fusion of one iteration (see the module doc)."""
-  recipe = {k: v for k, v in config.recipe.to_dict().items() if k not in _NOT_IN_RECIPE}
+  recipe = {k: v for k, v in config.recipe.to_dict().items()
+            if k not in pipeline.NOT_COMPUTING}
   return _plain({
       "contributors": [data_lib.dataset_id(n) for n in chosen],
       "data": {data_lib.dataset_id(n): pipeline.task_key(tasks[n]) for n in chosen},
